@@ -1,0 +1,257 @@
+//! CNI_ARGS and the validation of every runtime-supplied value that ends up
+//! in an interface name or a file path.
+
+use crate::error::CniError;
+
+/// `CNI_ARGS`: `K=V;K2=V2`, in order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct CniArgs {
+    pairs: Vec<(String, String)>,
+}
+
+impl CniArgs {
+    pub fn parse(s: &str) -> Result<CniArgs, CniError> {
+        let mut pairs = Vec::new();
+        for pair in s.split(';').filter(|p| !p.is_empty()) {
+            let Some((k, v)) = pair.split_once('=') else {
+                return Err(CniError::invalid_env(format!(
+                    "CNI_ARGS: invalid pair {pair:?}"
+                )));
+            };
+            if k.is_empty() || v.contains('=') {
+                return Err(CniError::invalid_env(format!(
+                    "CNI_ARGS: invalid pair {pair:?}"
+                )));
+            }
+            pairs.push((k.to_string(), v.to_string()));
+        }
+        Ok(CniArgs { pairs })
+    }
+
+    /// The last value given for `key`.
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .rev()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
+    }
+
+    pub fn pairs(&self) -> &[(String, String)] {
+        &self.pairs
+    }
+
+    /// `IgnoreUnknown=1` (or `true`) lets a plugin skip keys it does not know.
+    pub fn ignore_unknown(&self) -> bool {
+        matches!(
+            self.get("IgnoreUnknown")
+                .map(str::to_ascii_lowercase)
+                .as_deref(),
+            Some("1" | "true")
+        )
+    }
+
+    /// Fails with code 2 (unsupported field) on a key outside `known`, unless
+    /// `IgnoreUnknown` is set, as the reference plugins do.
+    pub fn check_known(&self, known: &[&str]) -> Result<(), CniError> {
+        if self.ignore_unknown() {
+            return Ok(());
+        }
+        for (k, _) in &self.pairs {
+            if k != "IgnoreUnknown" && !known.contains(&k.as_str()) {
+                return Err(CniError::new(
+                    crate::error::ErrorCode::UnsupportedField,
+                    format!("CNI_ARGS: unknown key {k:?}"),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Linux IFNAMSIZ less the terminating NUL.
+pub const MAX_IFNAME_LEN: usize = 15;
+
+/// An interface name the kernel accepts and that is safe in /proc/sys paths.
+pub fn validate_ifname(name: &str) -> Result<(), CniError> {
+    let bad = |why: &str| {
+        Err(CniError::invalid_env(format!(
+            "invalid interface name {name:?}: {why}"
+        )))
+    };
+    if name.is_empty() {
+        return bad("empty");
+    }
+    if name.len() > MAX_IFNAME_LEN {
+        return bad("longer than 15 bytes");
+    }
+    if name == "." || name == ".." {
+        return bad("reserved name");
+    }
+    if name
+        .chars()
+        .any(|c| c == '/' || c == ':' || c == '\0' || c.is_whitespace())
+    {
+        return bad("contains '/', ':', NUL or whitespace");
+    }
+    Ok(())
+}
+
+/// A container ID as runtimes generate them (libcni's rule): starts with an
+/// alphanumeric, then alphanumerics, `_`, `.`, `-`. This also makes it safe
+/// as a file name.
+pub fn validate_container_id(id: &str) -> Result<(), CniError> {
+    if id.is_empty() {
+        return Err(CniError::invalid_env("empty CNI_CONTAINERID"));
+    }
+    if !is_safe_name(id) {
+        return Err(CniError::invalid_env(format!(
+            "invalid CNI_CONTAINERID {id:?}: must match [a-zA-Z0-9][a-zA-Z0-9_.-]*"
+        )));
+    }
+    Ok(())
+}
+
+/// A network name: it becomes a directory name (IPAM data dir, nft chain).
+pub fn validate_network_name(name: &str) -> Result<(), CniError> {
+    if !is_safe_name(name) {
+        return Err(CniError::invalid_config(format!(
+            "invalid network name {name:?}: must match [a-zA-Z0-9][a-zA-Z0-9_.-]*"
+        )));
+    }
+    Ok(())
+}
+
+/// A plugin `type`: a file name looked up in CNI_PATH, never a path.
+pub fn validate_plugin_type(t: &str) -> Result<(), CniError> {
+    validate_path_component(t)
+        .map_err(|why| CniError::invalid_config(format!("invalid plugin type {t:?}: {why}")))
+}
+
+/// Whether `s` can be used as one path component without leaving its
+/// directory: not empty, not `.`/`..`, no `/` and no NUL.
+pub fn validate_path_component(s: &str) -> Result<(), &'static str> {
+    if s.is_empty() {
+        Err("empty")
+    } else if s == "." || s == ".." {
+        Err("refers to a directory")
+    } else if s.contains('/') {
+        Err("contains '/'")
+    } else if s.contains('\0') {
+        Err("contains NUL")
+    } else {
+        Ok(())
+    }
+}
+
+fn is_safe_name(s: &str) -> bool {
+    let mut chars = s.chars();
+    matches!(chars.next(), Some(c) if c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cni_args_table() {
+        let ok: &[(&str, &[(&str, &str)])] = &[
+            ("", &[]),
+            ("IgnoreUnknown=1", &[("IgnoreUnknown", "1")]),
+            (
+                "K8S_POD_NAMESPACE=default;K8S_POD_NAME=web-0",
+                &[("K8S_POD_NAMESPACE", "default"), ("K8S_POD_NAME", "web-0")],
+            ),
+            ("IP=10.1.0.5;", &[("IP", "10.1.0.5")]),
+            ("A=", &[("A", "")]),
+        ];
+        for (input, want) in ok {
+            let got = CniArgs::parse(input).unwrap();
+            let got: Vec<(&str, &str)> = got
+                .pairs()
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            assert_eq!(&got, want, "{input}");
+        }
+        for bad in ["A", "=x", "A=b=c", "A=1;B"] {
+            assert_eq!(CniArgs::parse(bad).unwrap_err().code.as_u32(), 4, "{bad}");
+        }
+    }
+
+    #[test]
+    fn unknown_keys() {
+        let a = CniArgs::parse("IP=10.0.0.2;K8S_POD_NAME=x").unwrap();
+        assert_eq!(a.check_known(&["IP"]).unwrap_err().code.as_u32(), 2);
+        a.check_known(&["IP", "K8S_POD_NAME"]).unwrap();
+        let a = CniArgs::parse("IgnoreUnknown=true;Z=1").unwrap();
+        assert!(a.ignore_unknown());
+        a.check_known(&[]).unwrap();
+        assert_eq!(a.get("Z"), Some("1"));
+        assert_eq!(a.get("Y"), None);
+    }
+
+    #[test]
+    fn ifname_table() {
+        let cases = [
+            ("eth0", true),
+            ("lo", true),
+            ("a", true),
+            ("abcdefghijklmno", true),
+            ("abcdefghijklmnop", false),
+            ("", false),
+            (".", false),
+            ("..", false),
+            ("eth/0", false),
+            ("eth 0", false),
+            ("eth\t0", false),
+            ("eth:0", false),
+            ("net.1", true),
+        ];
+        for (name, ok) in cases {
+            let r = validate_ifname(name);
+            assert_eq!(r.is_ok(), ok, "{name:?}");
+            if let Err(e) = r {
+                assert_eq!(e.code.as_u32(), 4);
+            }
+        }
+    }
+
+    #[test]
+    fn container_id_table() {
+        let cases = [
+            ("abc123", true),
+            (
+                "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+                true,
+            ),
+            ("a_b.c-d", true),
+            ("", false),
+            ("-abc", false),
+            ("../etc", false),
+            ("a/b", false),
+            ("a b", false),
+            ("ä", false),
+        ];
+        for (id, ok) in cases {
+            assert_eq!(validate_container_id(id).is_ok(), ok, "{id:?}");
+        }
+    }
+
+    #[test]
+    fn path_components() {
+        for ok in ["host-local", "ferry-ipam", "a.b"] {
+            validate_plugin_type(ok).unwrap();
+        }
+        for bad in ["", ".", "..", "../x", "/usr/bin/x", "a\0b"] {
+            assert_eq!(
+                validate_plugin_type(bad).unwrap_err().code.as_u32(),
+                7,
+                "{bad:?}"
+            );
+        }
+        assert!(validate_network_name("k8s-pod-network").is_ok());
+        assert!(validate_network_name("..").is_err());
+    }
+}
