@@ -192,11 +192,12 @@ impl CniResult {
             });
         }
         for r in wire.routes {
+            let dst: IpNetwork = r.dst.parse().map_err(|e| {
+                CniError::decoding(format!("invalid route destination {:?}", r.dst)).with_details(e)
+            })?;
             out.routes.push(Route {
-                dst: r.dst.parse().map_err(|e| {
-                    CniError::decoding(format!("invalid route destination {:?}", r.dst))
-                        .with_details(e)
-                })?,
+                // A destination is a network: libcni masks "10.1.2.3/24" to "10.1.2.0/24".
+                dst: IpNetwork::new(dst.network(), dst.prefix()).expect("same prefix is valid"),
                 gw: parse_opt_ip(r.gw.as_deref(), "route gateway")?,
                 mtu: r.mtu,
                 advmss: r.advmss,
@@ -372,6 +373,15 @@ mod tests {
         let r = full_result();
         let back = CniResult::from_json(&r.to_json(SpecVersion::V1_1_0)).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn route_destination_is_masked() {
+        let r = CniResult::from_json(
+            &json!({"cniVersion": "1.0.0", "routes": [{"dst": "10.1.2.3/24"}]}),
+        )
+        .unwrap();
+        assert_eq!(r.routes[0].dst.to_string(), "10.1.2.0/24");
     }
 
     #[test]
