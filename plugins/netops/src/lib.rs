@@ -1,1 +1,27 @@
-//! placeholder
+//! Kernel operations for ferry, all through netlink, each in the right
+//! network namespace.
+//!
+//! The one rule this crate exists to enforce (DESIGN.md, "The netns rule"): a
+//! netlink socket acts in the namespace it was *created* in, and `setns`
+//! changes only the calling thread. So a namespace is entered only by a
+//! short-lived `std::thread` that dies afterwards ([`in_netns`]), either to do
+//! blocking work there (sysctls) or to give birth to a netlink socket that is
+//! then driven from the async runtime ([`NsHandle::new`]). No thread of the
+//! runtime ever calls `setns`.
+//!
+//! Every `rtnetlink` type stays inside this crate: plugins and the daemon see
+//! [`NsHandle`], [`Link`] and [`NetopsError`] only.
+
+mod error;
+mod handle;
+mod link;
+mod netns;
+pub mod sysctl;
+
+pub use error::{NetopsError, to_cni};
+pub use handle::{NsHandle, block_on};
+pub use link::{Link, OperState};
+pub use netns::{NetNs, in_netns};
+
+/// Shorthand used across the crate.
+pub type Result<T, E = NetopsError> = std::result::Result<T, E>;

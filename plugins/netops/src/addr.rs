@@ -1,0 +1,73 @@
+//! Interface addresses.
+
+use crate::link::is_errno;
+use crate::{NsHandle, Result};
+use futures::TryStreamExt;
+use ipnetwork::IpNetwork;
+use rtnetlink::packet_route::address::{AddressAttribute, AddressScope};
+
+impl NsHandle {
+    /// `ip addr replace <addr> dev <index>`: idempotent.
+    pub async fn replace_address(&self, index: u32, addr: IpNetwork) -> Result<()> {
+        self.handle
+            .address()
+            .add(index, addr.ip(), addr.prefix())
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| self.err("add address", format!("#{index} {addr}"), e))
+    }
+
+    /// The global (non link-local) addresses of a link.
+    pub async fn addresses(&self, index: u32) -> Result<Vec<IpNetwork>> {
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| self.err("list addresses", format!("#{index}"), e))?;
+        let mut out = Vec::new();
+        for m in msgs {
+            if m.header.index != index || m.header.scope != AddressScope::Universe {
+                continue;
+            }
+            for a in &m.attributes {
+                if let AddressAttribute::Address(ip) = a
+                    && let Ok(net) = IpNetwork::new(*ip, m.header.prefix_len)
+                {
+                    out.push(net);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Removes one address; `Ok(false)` when it was not there.
+    pub async fn delete_address(&self, index: u32, addr: IpNetwork) -> Result<bool> {
+        let msgs: Vec<_> = self
+            .handle
+            .address()
+            .get()
+            .set_link_index_filter(index)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| self.err("list addresses", format!("#{index}"), e))?;
+        for m in msgs {
+            let hit = m.header.index == index
+                && m.header.prefix_len == addr.prefix()
+                && m.attributes.iter().any(|a| matches!(a, AddressAttribute::Address(ip) if *ip == addr.ip()));
+            if hit {
+                return match self.handle.address().del(m).execute().await {
+                    Ok(()) => Ok(true),
+                    Err(e) if is_errno(&e, libc::EADDRNOTAVAIL) => Ok(false),
+                    Err(e) => Err(self.err("delete address", format!("#{index} {addr}"), e)),
+                };
+            }
+        }
+        Ok(false)
+    }
+}
