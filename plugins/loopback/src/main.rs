@@ -1,1 +1,3 @@
-fn main() {}
+fn main() {
+    ferry_cni::skel::main(&ferry_loopback::Loopback)
+}

@@ -34,6 +34,10 @@ pub enum NetopsError {
         source: Box<rtnetlink::Error>,
     },
 
+    /// A link that must exist does not.
+    #[error("link {ifname} not found in netns {netns}")]
+    LinkNotFound { ifname: String, netns: String },
+
     /// Any other system call: creating the socket, the runtime, a sysctl.
     #[error("{op} in netns {netns}: {source}")]
     Io {
@@ -65,6 +69,7 @@ impl NetopsError {
                 source.raw_os_error()
             }
             NetopsError::NetnsNotFound { .. } => Some(libc::ENOENT),
+            NetopsError::LinkNotFound { .. } => Some(libc::ENODEV),
             _ => None,
         }
     }
@@ -92,7 +97,9 @@ pub fn to_cni(e: NetopsError) -> CniError {
         NetopsError::NetnsNotFound { .. }
         | NetopsError::NotANetns { .. }
         | NetopsError::OpenNetns { .. } => ErrorCode::InvalidNetns,
-        NetopsError::Netlink { .. } | NetopsError::Io { .. } => ErrorCode::Internal,
+        NetopsError::Netlink { .. } | NetopsError::LinkNotFound { .. } | NetopsError::Io { .. } => {
+            ErrorCode::Internal
+        }
     };
     // The message already reads "<op> <ifname> in netns <path>: <errno text>";
     // the details keep the raw errno for tools that match on it.

@@ -106,6 +106,17 @@ impl NsHandle {
         self.lookup(req.execute(), name.to_string()).await
     }
 
+    /// Like [`link_by_name`](Self::link_by_name), but absence is an error
+    /// ([`NetopsError::LinkNotFound`](crate::NetopsError::LinkNotFound)).
+    pub async fn require_link(&self, name: &str) -> Result<Link> {
+        self.link_by_name(name)
+            .await?
+            .ok_or_else(|| crate::NetopsError::LinkNotFound {
+                ifname: name.to_string(),
+                netns: self.netns.clone(),
+            })
+    }
+
     /// The link with ifindex `index`, or `None`.
     pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>> {
         let req = self.handle.link().get().match_index(index);

@@ -1,0 +1,142 @@
+//! nftables: one table owned by ferry (`inet ferry`), per-network state
+//! created once, atomically.
+//!
+//! Two halves, chosen by measurement (docs/nftables.md): the hot-path question
+//! "is this network's chain there?" is one nf_tables netlink request (tens of
+//! microseconds), asked on every ADD; creating the state is one `nft -f -`
+//! transaction (about 15 ms, paid once per network per boot). Writing the rule
+//! expressions as raw nf_tables netlink would save that one exec but not
+//! change ADD latency, so ferry keeps the readable nft script.
+
+use crate::{NetopsError, Result};
+use rtnetlink::sys::{Socket, SocketAddr};
+use std::io::{self, Write};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+const NETLINK_NETFILTER: isize = 12;
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFT_MSG_GETCHAIN: u16 = 4;
+const NFTA_CHAIN_TABLE: u16 = 1;
+const NFTA_CHAIN_NAME: u16 = 3;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+const NLM_F_REQUEST: u16 = 1;
+const NLM_F_ACK: u16 = 4;
+
+/// nftables address families (`NFPROTO_*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NftFamily {
+    Inet = 1,
+    Ip = 2,
+    Bridge = 7,
+    Ip6 = 10,
+}
+
+/// Whether chain `chain` of table `table` exists in the caller's namespace.
+pub fn chain_exists(family: NftFamily, table: &str, chain: &str) -> Result<bool> {
+    let fail = |op: &str, e: io::Error| NetopsError::io(format!("{op} nft chain {table}/{chain}"), "host", e);
+    let mut sock = Socket::new(NETLINK_NETFILTER).map_err(|e| fail("open netfilter socket for", e))?;
+    sock.bind_auto().map_err(|e| fail("bind netfilter socket for", e))?;
+    sock.connect(&SocketAddr::new(0, 0)).map_err(|e| fail("connect netfilter socket for", e))?;
+
+    let mut attrs = Vec::new();
+    push_str_attr(&mut attrs, NFTA_CHAIN_TABLE, table);
+    push_str_attr(&mut attrs, NFTA_CHAIN_NAME, chain);
+    let len = 16 + 4 + attrs.len();
+    let mut msg = Vec::with_capacity(len);
+    msg.extend_from_slice(&(len as u32).to_ne_bytes());
+    msg.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETCHAIN).to_ne_bytes());
+    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it
+    msg.push(family as u8); // nfgenmsg.nfgen_family
+    msg.push(0); // NFNETLINK_V0
+    msg.extend_from_slice(&0u16.to_be_bytes()); // res_id
+    msg.extend_from_slice(&attrs);
+    sock.send(&msg, 0).map_err(|e| fail("query", e))?;
+
+    let mut found = false;
+    let mut buf = vec![0u8; 16384];
+    loop {
+        let n = sock.recv(&mut &mut buf[..], 0).map_err(|e| fail("read answer for", e))?;
+        let mut off = 0;
+        while off + 16 <= n {
+            let mlen = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
+            let mtype = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes"));
+            if mlen < 16 || off + mlen > n {
+                return Err(fail("parse answer for", io::Error::from(io::ErrorKind::InvalidData)));
+            }
+            match mtype {
+                NLMSG_ERROR => {
+                    let errno = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4 bytes"));
+                    return match -errno {
+                        0 => Ok(found),
+                        libc::ENOENT => Ok(false),
+                        e => Err(fail("query", io::Error::from_raw_os_error(e))),
+                    };
+                }
+                NLMSG_DONE => return Ok(found),
+                _ => found = true,
+            }
+            off += (mlen + 3) & !3;
+        }
+    }
+}
+
+fn push_str_attr(buf: &mut Vec<u8>, kind: u16, s: &str) {
+    let len = 4 + s.len() + 1;
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(s.as_bytes());
+    buf.push(0);
+    while buf.len() % 4 != 0 {
+        buf.push(0);
+    }
+}
+
+/// Applies an nft script as one atomic transaction (`nft -f -`): all of it
+/// or nothing.
+pub fn apply_script(script: &str) -> Result<()> {
+    let nft = find_nft().ok_or_else(|| {
+        NetopsError::io(
+            "find the nft binary (install the nftables package)",
+            "host",
+            io::Error::from(io::ErrorKind::NotFound),
+        )
+    })?;
+    let mut child = Command::new(&nft)
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| NetopsError::io(format!("run {}", nft.display()), "host", e))?;
+    child
+        .stdin
+        .take()
+        .expect("stdin is piped")
+        .write_all(script.as_bytes())
+        .map_err(|e| NetopsError::io("write nft script", "host", e))?;
+    let out = child
+        .wait_with_output()
+        .map_err(|e| NetopsError::io("wait for nft", "host", e))?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(NetopsError::io(
+            format!("nft transaction failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
+            "host",
+            io::Error::other(out.status.to_string()),
+        ))
+    }
+}
+
+/// Plugins run with whatever PATH the runtime gives them, often without /usr/sbin.
+fn find_nft() -> Option<PathBuf> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    std::env::split_paths(&path)
+        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"].map(PathBuf::from))
+        .map(|d| d.join("nft"))
+        .find(|p| p.is_file())
+}
