@@ -59,7 +59,9 @@ impl NsHandle {
         for m in msgs {
             let hit = m.header.index == index
                 && m.header.prefix_len == addr.prefix()
-                && m.attributes.iter().any(|a| matches!(a, AddressAttribute::Address(ip) if *ip == addr.ip()));
+                && m.attributes
+                    .iter()
+                    .any(|a| matches!(a, AddressAttribute::Address(ip) if *ip == addr.ip()));
             if hit {
                 return match self.handle.address().del(m).execute().await {
                     Ok(()) => Ok(true),

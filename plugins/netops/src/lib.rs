@@ -12,16 +12,22 @@
 //! Every `rtnetlink` type stays inside this crate: plugins and the daemon see
 //! [`NsHandle`], [`Link`] and [`NetopsError`] only.
 
+mod addr;
 mod error;
 mod handle;
 mod link;
 mod netns;
+pub mod nft;
+mod pod_link;
+mod route;
 pub mod sysctl;
 
 pub use error::{NetopsError, to_cni};
 pub use handle::{NsHandle, block_on};
 pub use link::{Link, OperState};
 pub use netns::{NetNs, in_netns};
+pub use pod_link::{BridgeSpec, VethPair};
+pub use route::RouteSpec;
 
 /// Shorthand used across the crate.
 pub type Result<T, E = NetopsError> = std::result::Result<T, E>;

@@ -35,10 +35,15 @@ pub enum NftFamily {
 
 /// Whether chain `chain` of table `table` exists in the caller's namespace.
 pub fn chain_exists(family: NftFamily, table: &str, chain: &str) -> Result<bool> {
-    let fail = |op: &str, e: io::Error| NetopsError::io(format!("{op} nft chain {table}/{chain}"), "host", e);
-    let mut sock = Socket::new(NETLINK_NETFILTER).map_err(|e| fail("open netfilter socket for", e))?;
-    sock.bind_auto().map_err(|e| fail("bind netfilter socket for", e))?;
-    sock.connect(&SocketAddr::new(0, 0)).map_err(|e| fail("connect netfilter socket for", e))?;
+    let fail = |op: &str, e: io::Error| {
+        NetopsError::io(format!("{op} nft chain {table}/{chain}"), "host", e)
+    };
+    let mut sock =
+        Socket::new(NETLINK_NETFILTER).map_err(|e| fail("open netfilter socket for", e))?;
+    sock.bind_auto()
+        .map_err(|e| fail("bind netfilter socket for", e))?;
+    sock.connect(&SocketAddr::new(0, 0))
+        .map_err(|e| fail("connect netfilter socket for", e))?;
 
     let mut attrs = Vec::new();
     push_str_attr(&mut attrs, NFTA_CHAIN_TABLE, table);
@@ -59,17 +64,23 @@ pub fn chain_exists(family: NftFamily, table: &str, chain: &str) -> Result<bool>
     let mut found = false;
     let mut buf = vec![0u8; 16384];
     loop {
-        let n = sock.recv(&mut &mut buf[..], 0).map_err(|e| fail("read answer for", e))?;
+        let n = sock
+            .recv(&mut &mut buf[..], 0)
+            .map_err(|e| fail("read answer for", e))?;
         let mut off = 0;
         while off + 16 <= n {
             let mlen = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
             let mtype = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes"));
             if mlen < 16 || off + mlen > n {
-                return Err(fail("parse answer for", io::Error::from(io::ErrorKind::InvalidData)));
+                return Err(fail(
+                    "parse answer for",
+                    io::Error::from(io::ErrorKind::InvalidData),
+                ));
             }
             match mtype {
                 NLMSG_ERROR => {
-                    let errno = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4 bytes"));
+                    let errno =
+                        i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4 bytes"));
                     return match -errno {
                         0 => Ok(found),
                         libc::ENOENT => Ok(false),
@@ -125,7 +136,10 @@ pub fn apply_script(script: &str) -> Result<()> {
         Ok(())
     } else {
         Err(NetopsError::io(
-            format!("nft transaction failed: {}", String::from_utf8_lossy(&out.stderr).trim()),
+            format!(
+                "nft transaction failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
             "host",
             io::Error::other(out.status.to_string()),
         ))

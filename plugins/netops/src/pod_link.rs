@@ -4,7 +4,7 @@ use crate::link::is_errno;
 use crate::{Link, NetNs, NetopsError, NsHandle, Result};
 use rtnetlink::packet_route::link::{InfoData, InfoVeth};
 use rtnetlink::{LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth};
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 /// What a bridge should look like.
 #[derive(Debug, Clone)]
@@ -60,7 +60,10 @@ impl NsHandle {
         };
         if link.kind.as_deref() != Some("bridge") {
             return Err(NetopsError::io(
-                format!("{} exists and is not a bridge (kind {:?})", spec.name, link.kind),
+                format!(
+                    "{} exists and is not a bridge (kind {:?})",
+                    spec.name, link.kind
+                ),
                 &self.netns,
                 std::io::Error::from_raw_os_error(libc::EEXIST),
             ));
@@ -76,7 +79,7 @@ impl NsHandle {
     /// host end.
     pub async fn create_veth(&self, pair: &VethPair<'_>) -> Result<Link> {
         let mut peer = LinkUnspec::new_with_name(pair.pod_name)
-            .setns_by_fd(pair.pod_ns.as_raw_fd())
+            .setns_by_fd(pair.pod_ns.as_fd().as_raw_fd())
             .mtu(pair.mtu);
         if let Some(mac) = pair.pod_mac {
             peer = peer.address(mac.to_vec());
@@ -87,12 +90,13 @@ impl NsHandle {
             .controller(pair.controller)
             .up()
             .build();
-        self.handle
-            .link()
-            .add(msg)
-            .execute()
-            .await
-            .map_err(|e| self.err("create veth pair", format!("{}/{}", pair.host_name, pair.pod_name), e))?;
+        self.handle.link().add(msg).execute().await.map_err(|e| {
+            self.err(
+                "create veth pair",
+                format!("{}/{}", pair.host_name, pair.pod_name),
+                e,
+            )
+        })?;
         self.link_by_name(pair.host_name).await?.ok_or_else(|| {
             NetopsError::io(
                 format!("veth {} vanished right after creation", pair.host_name),

@@ -25,7 +25,9 @@ impl RouteSpec {
             .map_err(|e| rtnetlink::Error::InvalidNla(e.to_string()))?
             .output_interface(self.oif);
         if let Some(gw) = self.gw {
-            b = b.gateway(gw).map_err(|e| rtnetlink::Error::InvalidNla(e.to_string()))?;
+            b = b
+                .gateway(gw)
+                .map_err(|e| rtnetlink::Error::InvalidNla(e.to_string()))?;
         }
         if self.onlink {
             b = b.onlink();
@@ -38,7 +40,9 @@ impl NsHandle {
     /// `ip route replace …`: idempotent.
     pub async fn replace_route(&self, route: &RouteSpec) -> Result<()> {
         let what = format!("{} via {:?} dev #{}", route.dst, route.gw, route.oif);
-        let msg = route.message().map_err(|e| self.err("build route", what.clone(), e))?;
+        let msg = route
+            .message()
+            .map_err(|e| self.err("build route", what.clone(), e))?;
         self.handle
             .route()
             .add(msg)
@@ -51,7 +55,9 @@ impl NsHandle {
     /// Deletes a route; `Ok(false)` when it was not there.
     pub async fn delete_route(&self, route: &RouteSpec) -> Result<bool> {
         let what = format!("{} via {:?} dev #{}", route.dst, route.gw, route.oif);
-        let msg = route.message().map_err(|e| self.err("build route", what.clone(), e))?;
+        let msg = route
+            .message()
+            .map_err(|e| self.err("build route", what.clone(), e))?;
         match self.handle.route().del(msg).execute().await {
             Ok(()) => Ok(true),
             Err(e) if is_errno(&e, libc::ESRCH) => Ok(false),
@@ -87,7 +93,8 @@ impl NsHandle {
                     match a {
                         RouteAttribute::Destination(d) => {
                             if let Some(ip) = route_ip(d)
-                                && let Ok(n) = IpNetwork::new(ip, m.header.destination_prefix_length)
+                                && let Ok(n) =
+                                    IpNetwork::new(ip, m.header.destination_prefix_length)
                             {
                                 spec.dst = n;
                             }

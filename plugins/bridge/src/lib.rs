@@ -1,0 +1,480 @@
+//! `ferry-bridge`: every pod gets a veth pair whose host end sits on the node
+//! bridge, and addresses and routes from the IPAM plugin.
+//!
+//! An ADD is a handful of netlink round trips: look up (or create) the
+//! bridge, one RTM_NEWLINK for the whole veth pair (pod end born inside the
+//! pod namespace, host end enslaved and up), the pod's addresses and routes,
+//! and, only for the first pod of a network, the gateway address and the
+//! masquerade state. Anything that fails after a step succeeded is undone
+//! before the error is returned.
+//!
+//! The host veth's name is derived from (container ID, ifname), so DEL finds
+//! it without the pod's namespace, and a retried ADD finds its leftover.
+
+pub mod config;
+pub mod masq;
+
+use config::{BridgeConf, first_host, format_mac};
+use ferry_cni::delegate::exec_ipam;
+use ferry_cni::{
+    CmdArgs, CniError, CniResult, Command, ErrorCode, Interface, NetConf, Plugin, Route,
+};
+use ferry_netops::{
+    BridgeSpec, NetNs, NetopsError, NsHandle, RouteSpec, VethPair, block_on, in_netns, sysctl,
+    to_cni,
+};
+use ipnetwork::IpNetwork;
+use std::net::IpAddr;
+
+pub struct Bridge;
+
+/// Host-side veth name: "veth" + 11 hex digits of a hash of (container ID,
+/// ifname). 44 bits: a collision needs millions of pods on one node.
+pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
+    // FNV-1a: stable across releases and platforms, unlike std's hasher.
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in container_id.bytes().chain([0]).chain(ifname.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("veth{:011x}", h & 0xfff_ffff_ffff)
+}
+
+/// A locally administered unicast MAC derived from the bridge name, so the
+/// bridge keeps one MAC for its life and across re-creations.
+pub fn bridge_mac(bridge: &str) -> [u8; 6] {
+    let name = host_veth_name(bridge, "bridge");
+    let h = u64::from_str_radix(&name[4..], 16).expect("hex");
+    let b = h.to_be_bytes();
+    [0x02, b[3], b[4], b[5], b[6], b[7]]
+}
+
+fn plugin_error(code: u32, msg: impl Into<String>) -> CniError {
+    CniError::new(ErrorCode::Plugin(code), msg)
+}
+
+/// What a failed ADD has to undo.
+#[derive(Default)]
+struct Progress {
+    ipam_done: bool,
+    host_veth: Option<u32>,
+}
+
+impl Plugin for Bridge {
+    fn add(&self, args: &CmdArgs, conf: &NetConf) -> Result<CniResult, CniError> {
+        let bc = BridgeConf::load(conf, args)?;
+        let netns_path = args
+            .netns
+            .clone()
+            .expect("the skeleton requires CNI_NETNS for ADD");
+        let pod_ns = NetNs::open(&netns_path).map_err(to_cni)?;
+        let mut progress = Progress::default();
+        let outcome = block_on(async {
+            let host = NsHandle::host()?;
+            Ok(add(&host, &pod_ns, args, conf, &bc, &mut progress).await)
+        })
+        .map_err(to_cni)
+        .and_then(|r| r);
+        if let Err(e) = &outcome {
+            undo(args, conf, &progress, e);
+        }
+        outcome
+    }
+
+    fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
+        let _ = BridgeConf::load(conf, args)?;
+        // The link first: with the namespace gone it is gone too; otherwise
+        // deleting the host end removes the pod end with it.
+        let link_result = block_on(async {
+            let host = NsHandle::host()?;
+            if let Some(l) = host
+                .link_by_name(&host_veth_name(&args.container_id, &args.ifname))
+                .await?
+            {
+                host.delete_link(l.index).await?;
+            }
+            Ok(())
+        })
+        .map_err(to_cni);
+        // Always release the address, whatever happened to the link.
+        let ipam_result = exec_ipam(Command::Del, args, conf).map(|_| ());
+        link_result.and(ipam_result)
+    }
+
+    fn check(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
+        let bc = BridgeConf::load(conf, args)?;
+        let prev = conf
+            .prev_result
+            .as_ref()
+            .ok_or_else(|| CniError::invalid_config("CHECK needs prevResult"))?;
+        let prev = CniResult::from_json(prev)?;
+        let netns_path = args
+            .netns
+            .clone()
+            .expect("the skeleton requires CNI_NETNS for CHECK");
+        let pod_ns = NetNs::open(&netns_path).map_err(to_cni)?;
+        block_on(async { Ok(check(&pod_ns, args, &bc, &prev).await) })
+            .map_err(to_cni)
+            .and_then(|r| r)?;
+        exec_ipam(Command::Check, args, conf)?;
+        if bc.ip_masq && !masq::present(&bc.network).map_err(to_cni)? {
+            return Err(plugin_error(
+                110,
+                format!(
+                    "masquerade chain {} missing from table inet ferry",
+                    masq::chain_name(&bc.network)
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    fn gc(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
+        exec_ipam(Command::Gc, args, conf).map(|_| ())
+    }
+
+    fn status(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
+        exec_ipam(Command::Status, args, conf).map(|_| ())
+    }
+}
+
+async fn add(
+    host: &NsHandle,
+    pod_ns: &NetNs,
+    args: &CmdArgs,
+    conf: &NetConf,
+    bc: &BridgeConf,
+    progress: &mut Progress,
+) -> Result<CniResult, CniError> {
+    let br = host
+        .ensure_bridge(&BridgeSpec {
+            name: &bc.bridge,
+            mtu: bc.mtu,
+            mac: bridge_mac(&bc.bridge),
+            promisc: bc.promisc_mode,
+        })
+        .await
+        .map_err(to_cni)?;
+
+    let ipam = exec_ipam(Command::Add, args, conf)?
+        .ok_or_else(|| CniError::decoding("IPAM returned no result"))?;
+    progress.ipam_done = true;
+    if ipam.ips.is_empty() {
+        return Err(CniError::invalid_config(
+            "IPAM plugin returned no IP addresses",
+        ));
+    }
+
+    // A leftover of an earlier, interrupted ADD of the same pod would make
+    // the create fail with EEXIST: remove it first.
+    let host_name = host_veth_name(&args.container_id, &args.ifname);
+    if let Some(old) = host.link_by_name(&host_name).await.map_err(to_cni)? {
+        host.delete_link(old.index).await.map_err(to_cni)?;
+    }
+    let host_veth = host
+        .create_veth(&VethPair {
+            host_name: &host_name,
+            pod_name: &args.ifname,
+            pod_ns,
+            mtu: bc.mtu,
+            pod_mac: bc.mac,
+            controller: br.index,
+        })
+        .await
+        .map_err(|e| match e.errno() {
+            Some(libc::EEXIST) => CniError::new(
+                ErrorCode::Internal,
+                format!(
+                    "interface {} already exists in {}",
+                    args.ifname,
+                    pod_ns.path().display()
+                ),
+            ),
+            _ => to_cni(e),
+        })?;
+    progress.host_veth = Some(host_veth.index);
+
+    let pod = NsHandle::new(pod_ns).map_err(to_cni)?;
+    let eth = pod
+        .link_by_name(&args.ifname)
+        .await
+        .map_err(to_cni)?
+        .ok_or_else(|| {
+            CniError::new(
+                ErrorCode::Internal,
+                format!("{} missing in pod after creation", args.ifname),
+            )
+        })?;
+
+    // Gateways: from IPAM, or the subnet's first host when we are the gateway.
+    let ips: Vec<(IpNetwork, Option<IpAddr>)> = ipam
+        .ips
+        .iter()
+        .map(|ip| {
+            (
+                ip.address,
+                ip.gateway
+                    .or_else(|| bc.is_gateway.then(|| first_host(ip.address))),
+            )
+        })
+        .collect();
+    let has_v6 = ips.iter().any(|(a, _)| a.is_ipv6());
+
+    if has_v6 && !bc.enable_dad {
+        // Without DAD the address is usable at once instead of after ~1 s.
+        let key = format!("net/ipv6/conf/{}/accept_dad", args.ifname);
+        in_netns(pod_ns, move || ignore_missing(sysctl::write(&key, "0"))).map_err(|e| {
+            to_cni(NetopsError::Io {
+                op: "disable DAD".into(),
+                netns: pod_ns.path().display().to_string(),
+                source: e,
+            })
+        })?;
+    }
+    for (addr, _) in &ips {
+        pod.replace_address(eth.index, *addr)
+            .await
+            .map_err(to_cni)?;
+    }
+    pod.set_up(eth.index).await.map_err(to_cni)?;
+
+    let mut routes: Vec<Route> = ipam.routes.clone();
+    if bc.is_default_gateway {
+        for (addr, gw) in &ips {
+            let default: IpNetwork = if addr.is_ipv4() { "0.0.0.0/0" } else { "::/0" }
+                .parse()
+                .expect("valid");
+            if gw.is_some() && !routes.iter().any(|r| r.dst == default) {
+                routes.push(Route::new(default, *gw));
+            }
+        }
+    }
+    for r in &routes {
+        let gw = r.gw.or_else(|| {
+            ips.iter()
+                .find(|(a, _)| a.is_ipv4() == r.dst.is_ipv4())
+                .and_then(|(_, g)| *g)
+        });
+        pod.replace_route(&RouteSpec {
+            dst: r.dst,
+            gw,
+            oif: eth.index,
+            onlink: false,
+        })
+        .await
+        .map_err(to_cni)?;
+    }
+
+    if bc.hairpin_mode {
+        host.set_hairpin(host_veth.index, true)
+            .await
+            .map_err(to_cni)?;
+    }
+
+    if bc.is_gateway {
+        ensure_gateways(host, br.index, &bc.bridge, bc.force_address, &ips).await?;
+        let families = (ips.iter().any(|(a, _)| a.is_ipv4()), has_v6);
+        enable_forwarding(families)?;
+    }
+
+    if bc.ip_masq {
+        let subnets: Vec<IpNetwork> = ips
+            .iter()
+            .map(|(a, _)| IpNetwork::new(a.network(), a.prefix()).expect("same prefix"))
+            .collect();
+        masq::ensure(&bc.network, &subnets).map_err(to_cni)?;
+    }
+
+    let br_now = host
+        .link_by_index(br.index)
+        .await
+        .map_err(to_cni)?
+        .unwrap_or(br);
+    let mut result = CniResult {
+        interfaces: vec![
+            Interface {
+                name: br_now.name.clone(),
+                mac: format_mac(&br_now.mac),
+                ..Default::default()
+            },
+            Interface {
+                name: host_veth.name.clone(),
+                mac: format_mac(&host_veth.mac),
+                ..Default::default()
+            },
+            Interface {
+                name: args.ifname.clone(),
+                mac: format_mac(&eth.mac),
+                mtu: Some(bc.mtu),
+                sandbox: pod_ns.path().display().to_string(),
+                ..Default::default()
+            },
+        ],
+        ips: ipam.ips.clone(),
+        routes: ipam.routes.clone(),
+        dns: ipam.dns.clone(),
+    };
+    for (ip, (_, gw)) in result.ips.iter_mut().zip(&ips) {
+        ip.interface = Some(2);
+        ip.gateway = *gw;
+    }
+    Ok(result)
+}
+
+/// The gateway address of each pod subnet on the bridge. Another address of
+/// the same subnet there is an error unless `forceAddress` says to replace it.
+async fn ensure_gateways(
+    host: &NsHandle,
+    br: u32,
+    br_name: &str,
+    force: bool,
+    ips: &[(IpNetwork, Option<IpAddr>)],
+) -> Result<(), CniError> {
+    let present = host.addresses(br).await.map_err(to_cni)?;
+    for (addr, gw) in ips {
+        let Some(gw) = gw else { continue };
+        let want = IpNetwork::new(*gw, addr.prefix())
+            .map_err(|e| CniError::invalid_config(e.to_string()))?;
+        if present.contains(&want) {
+            continue;
+        }
+        for other in present
+            .iter()
+            .filter(|p| p.is_ipv4() == want.is_ipv4() && p.contains(want.ip()))
+        {
+            if !force {
+                return Err(plugin_error(
+                    111,
+                    format!(
+                        "bridge {br_name} already has address {other}, not {want} (set forceAddress to replace it)"
+                    ),
+                ));
+            }
+            host.delete_address(br, *other).await.map_err(to_cni)?;
+        }
+        host.replace_address(br, want).await.map_err(to_cni)?;
+    }
+    Ok(())
+}
+
+fn enable_forwarding((v4, v6): (bool, bool)) -> Result<(), CniError> {
+    let io = |e: std::io::Error| CniError::io("enable IP forwarding").with_details(e);
+    if v4 {
+        sysctl::write("net/ipv4/ip_forward", "1").map_err(io)?;
+    }
+    if v6 {
+        ignore_missing(sysctl::write("net/ipv6/conf/all/forwarding", "1")).map_err(io)?;
+    }
+    Ok(())
+}
+
+/// IPv6 may be disabled: its sysctls are then missing, which is fine.
+fn ignore_missing(r: std::io::Result<()>) -> std::io::Result<()> {
+    match r {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+/// Undo after a failed ADD: the veth (which takes the pod end with it), then
+/// the address. Failures here are logged, the original error is returned.
+fn undo(args: &CmdArgs, conf: &NetConf, progress: &Progress, cause: &CniError) {
+    if let Some(index) = progress.host_veth {
+        let r = block_on(async { NsHandle::host()?.delete_link(index).await });
+        if let Err(e) = r {
+            eprintln!("ferry-bridge: undo after \"{cause}\": delete veth: {e}");
+        }
+    }
+    if progress.ipam_done
+        && let Err(e) = exec_ipam(Command::Del, args, conf)
+    {
+        eprintln!("ferry-bridge: undo after \"{cause}\": release address: {e}");
+    }
+}
+
+async fn check(
+    pod_ns: &NetNs,
+    args: &CmdArgs,
+    bc: &BridgeConf,
+    prev: &CniResult,
+) -> Result<(), CniError> {
+    let fail = |msg: String| plugin_error(112, msg);
+    let nsname = pod_ns.path().display().to_string();
+    let host = NsHandle::host().map_err(to_cni)?;
+    let pod = NsHandle::new(pod_ns).map_err(to_cni)?;
+
+    let eth = pod
+        .link_by_name(&args.ifname)
+        .await
+        .map_err(to_cni)?
+        .ok_or_else(|| fail(format!("interface {} missing in {nsname}", args.ifname)))?;
+    if !eth.is_up {
+        return Err(fail(format!(
+            "interface {} is down in {nsname}",
+            args.ifname
+        )));
+    }
+    let have = pod.addresses(eth.index).await.map_err(to_cni)?;
+    for ip in &prev.ips {
+        if !have.contains(&ip.address) {
+            return Err(fail(format!(
+                "address {} missing on {} in {nsname}",
+                ip.address, args.ifname
+            )));
+        }
+    }
+    let routes = pod.routes_via(eth.index).await.map_err(to_cni)?;
+    for r in &prev.routes {
+        if !routes
+            .iter()
+            .any(|have| have.dst == r.dst && (r.gw.is_none() || have.gw == r.gw))
+        {
+            return Err(fail(format!("route to {} missing in {nsname}", r.dst)));
+        }
+    }
+
+    let br = host
+        .link_by_name(&bc.bridge)
+        .await
+        .map_err(to_cni)?
+        .ok_or_else(|| fail(format!("bridge {} missing", bc.bridge)))?;
+    let host_name = host_veth_name(&args.container_id, &args.ifname);
+    let veth = host
+        .link_by_name(&host_name)
+        .await
+        .map_err(to_cni)?
+        .ok_or_else(|| fail(format!("host veth {host_name} missing")))?;
+    if veth.controller != Some(br.index) {
+        return Err(fail(format!(
+            "host veth {host_name} is not attached to bridge {}",
+            bc.bridge
+        )));
+    }
+    if !veth.is_up {
+        return Err(fail(format!("host veth {host_name} is down")));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn veth_names_are_stable_and_valid() {
+        let a = host_veth_name("0123456789abcdef", "eth0");
+        assert_eq!(a, host_veth_name("0123456789abcdef", "eth0"));
+        assert_ne!(a, host_veth_name("0123456789abcdef", "eth1"));
+        assert_ne!(a, host_veth_name("0123456789abcdee", "eth0"));
+        assert!(a.starts_with("veth") && a.len() == 15, "{a}");
+        ferry_cni::args::validate_ifname(&a).unwrap();
+    }
+
+    #[test]
+    fn bridge_mac_is_local_unicast() {
+        let m = bridge_mac("cni0");
+        assert_eq!(m[0] & 0b11, 0b10);
+        assert_eq!(m, bridge_mac("cni0"));
+        assert_ne!(m, bridge_mac("cni1"));
+    }
+}
