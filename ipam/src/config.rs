@@ -42,7 +42,11 @@ impl Range {
     /// Allocatable addresses (the gateway excluded when inside), saturating.
     pub fn capacity(&self) -> u128 {
         let n = (self.end_key() - self.start_key()).saturating_add(1);
-        if self.contains(self.gateway) { n - 1 } else { n }
+        if self.contains(self.gateway) {
+            n - 1
+        } else {
+            n
+        }
     }
 }
 
@@ -122,11 +126,15 @@ impl IpamConfig {
             || raw.shorthand.range_end.is_some()
             || raw.shorthand.gateway.is_some()
         {
-            return Err(bad("ipam: rangeStart/rangeEnd/gateway given without subnet"));
+            return Err(bad(
+                "ipam: rangeStart/rangeEnd/gateway given without subnet",
+            ));
         }
         raw_sets.extend(raw.ranges);
         if raw_sets.is_empty() {
-            return Err(bad("ipam: no IP ranges specified (\"ranges\" or \"subnet\")"));
+            return Err(bad(
+                "ipam: no IP ranges specified (\"ranges\" or \"subnet\")",
+            ));
         }
         let mut ranges = Vec::new();
         for (i, set) in raw_sets.iter().enumerate() {
@@ -169,12 +177,11 @@ impl IpamConfig {
                 .parse()
                 .map_err(|_| bad(format!("route dst {:?} is not a CIDR", r.dst)))?;
             let dst = IpNetwork::new(dst.network(), dst.prefix()).expect("same prefix");
-            let gw = r
-                .gw
-                .as_deref()
-                .filter(|g| !g.is_empty())
-                .map(|g| parse_ip(g, "route gw"))
-                .transpose()?;
+            let gw =
+                r.gw.as_deref()
+                    .filter(|g| !g.is_empty())
+                    .map(|g| parse_ip(g, "route gw"))
+                    .transpose()?;
             routes.push(ferry_cni::Route::new(dst, gw));
         }
         Ok(IpamConfig {
@@ -257,7 +264,8 @@ fn canonicalize(r: &RawRange) -> Result<Range, String> {
     };
     let start = field(&r.range_start, "rangeStart")?.unwrap_or(from_key(net + 1, v4));
     // host-local: the last address for IPv6, the one before broadcast for IPv4.
-    let end = field(&r.range_end, "rangeEnd")?.unwrap_or(from_key(if v4 { last - 1 } else { last }, v4));
+    let end =
+        field(&r.range_end, "rangeEnd")?.unwrap_or(from_key(if v4 { last - 1 } else { last }, v4));
     let gateway = field(&r.gateway, "gateway")?.unwrap_or(from_key(net + 1, v4));
     if key(start) > key(end) {
         return Err(format!("rangeStart {start} is after rangeEnd {end}"));
@@ -301,7 +309,10 @@ pub fn requested_ips(conf: &NetConf, args: &CniArgs) -> Result<Vec<IpAddr>, Ipam
         conf.args.get("cni").and_then(|c| c.get("ips")),
         "args.cni.ips",
     )?);
-    raw.extend(strings(conf.runtime_config.get("ips"), "runtimeConfig.ips")?);
+    raw.extend(strings(
+        conf.runtime_config.get("ips"),
+        "runtimeConfig.ips",
+    )?);
     let mut out: Vec<IpAddr> = Vec::new();
     for s in raw {
         let addr = s.split_once('/').map(|(a, _)| a).unwrap_or(&s);
@@ -326,21 +337,46 @@ mod tests {
     fn defaults_table() {
         // (ipam range, start, end, gateway)
         let cases = [
-            (json!({"subnet": "10.88.0.0/16"}), "10.88.0.1", "10.88.255.254", "10.88.0.1"),
-            (json!({"subnet": "10.1.2.0/29"}), "10.1.2.1", "10.1.2.6", "10.1.2.1"),
+            (
+                json!({"subnet": "10.88.0.0/16"}),
+                "10.88.0.1",
+                "10.88.255.254",
+                "10.88.0.1",
+            ),
+            (
+                json!({"subnet": "10.1.2.0/29"}),
+                "10.1.2.1",
+                "10.1.2.6",
+                "10.1.2.1",
+            ),
             (
                 json!({"subnet": "10.1.2.0/24", "rangeStart": "10.1.2.100", "rangeEnd": "10.1.2.200", "gateway": "10.1.2.254"}),
                 "10.1.2.100",
                 "10.1.2.200",
                 "10.1.2.254",
             ),
-            (json!({"subnet": "fd00:1::/64"}), "fd00:1::1", "fd00:1::ffff:ffff:ffff:ffff", "fd00:1::1"),
-            (json!({"subnet": "fd00::/120", "gateway": "fd00::fe"}), "fd00::1", "fd00::ff", "fd00::fe"),
+            (
+                json!({"subnet": "fd00:1::/64"}),
+                "fd00:1::1",
+                "fd00:1::ffff:ffff:ffff:ffff",
+                "fd00:1::1",
+            ),
+            (
+                json!({"subnet": "fd00::/120", "gateway": "fd00::fe"}),
+                "fd00::1",
+                "fd00::ff",
+                "fd00::fe",
+            ),
         ];
         for (r, start, end, gw) in cases {
-            let c = IpamConfig::parse(&json!({"type": "ferry-ipam", "ranges": [[r.clone()]]})).unwrap();
+            let c =
+                IpamConfig::parse(&json!({"type": "ferry-ipam", "ranges": [[r.clone()]]})).unwrap();
             let got = &c.ranges[0][0];
-            assert_eq!((got.start, got.end, got.gateway), (ip(start), ip(end), ip(gw)), "{r}");
+            assert_eq!(
+                (got.start, got.end, got.gateway),
+                (ip(start), ip(end), ip(gw)),
+                "{r}"
+            );
             assert_eq!(c.data_dir, PathBuf::from(DEFAULT_DATA_DIR));
         }
     }
@@ -376,18 +412,54 @@ mod tests {
             (json!({"type": "t", "subnet": "bogus"}), "not a CIDR"),
             (json!({"type": "t", "subnet": "10.0.0.1/24"}), "host bits"),
             (json!({"type": "t", "subnet": "10.0.0.0/31"}), "too small"),
-            (json!({"type": "t", "subnet": "10.0.0.0/24", "rangeStart": "10.0.1.1"}), "rangeStart 10.0.1.1 not in network"),
-            (json!({"type": "t", "subnet": "10.0.0.0/24", "rangeEnd": "10.0.1.1"}), "rangeEnd 10.0.1.1 not in network"),
-            (json!({"type": "t", "subnet": "10.0.0.0/24", "gateway": "10.9.0.1"}), "gateway 10.9.0.1 not in network"),
-            (json!({"type": "t", "subnet": "10.0.0.0/24", "gateway": "fd00::1"}), "not in network"),
-            (json!({"type": "t", "subnet": "10.0.0.0/24", "rangeStart": "10.0.0.9", "rangeEnd": "10.0.0.3"}), "after rangeEnd"),
-            (json!({"type": "t", "subnet": "10.0.0.0/24", "rangeStart": "x"}), "not an IP"),
-            (json!({"type": "t", "gateway": "10.0.0.1"}), "without subnet"),
-            (json!({"type": "t", "ranges": [[{"subnet": "10.0.0.0/24"}], [{"subnet": "10.0.0.0/25"}]]}), "range set 1 overlaps with range set 0"),
-            (json!({"type": "t", "ranges": [[{"subnet": "10.0.0.0/24"}, {"subnet": "10.0.0.0/24", "rangeStart": "10.0.0.200"}]]}), "overlaps"),
-            (json!({"type": "t", "ranges": [[{"subnet": "10.0.0.0/24"}, {"subnet": "fd00::/64"}]]}), "mixes IP families"),
-            (json!({"type": "t", "subnet": "10.0.0.0/24", "routes": [{"dst": "nope"}]}), "route dst"),
-            (json!({"type": "t", "subnet": "10.0.0.0/24", "routes": [{"dst": "0.0.0.0/0", "gw": "x"}]}), "route gw"),
+            (
+                json!({"type": "t", "subnet": "10.0.0.0/24", "rangeStart": "10.0.1.1"}),
+                "rangeStart 10.0.1.1 not in network",
+            ),
+            (
+                json!({"type": "t", "subnet": "10.0.0.0/24", "rangeEnd": "10.0.1.1"}),
+                "rangeEnd 10.0.1.1 not in network",
+            ),
+            (
+                json!({"type": "t", "subnet": "10.0.0.0/24", "gateway": "10.9.0.1"}),
+                "gateway 10.9.0.1 not in network",
+            ),
+            (
+                json!({"type": "t", "subnet": "10.0.0.0/24", "gateway": "fd00::1"}),
+                "not in network",
+            ),
+            (
+                json!({"type": "t", "subnet": "10.0.0.0/24", "rangeStart": "10.0.0.9", "rangeEnd": "10.0.0.3"}),
+                "after rangeEnd",
+            ),
+            (
+                json!({"type": "t", "subnet": "10.0.0.0/24", "rangeStart": "x"}),
+                "not an IP",
+            ),
+            (
+                json!({"type": "t", "gateway": "10.0.0.1"}),
+                "without subnet",
+            ),
+            (
+                json!({"type": "t", "ranges": [[{"subnet": "10.0.0.0/24"}], [{"subnet": "10.0.0.0/25"}]]}),
+                "range set 1 overlaps with range set 0",
+            ),
+            (
+                json!({"type": "t", "ranges": [[{"subnet": "10.0.0.0/24"}, {"subnet": "10.0.0.0/24", "rangeStart": "10.0.0.200"}]]}),
+                "overlaps",
+            ),
+            (
+                json!({"type": "t", "ranges": [[{"subnet": "10.0.0.0/24"}, {"subnet": "fd00::/64"}]]}),
+                "mixes IP families",
+            ),
+            (
+                json!({"type": "t", "subnet": "10.0.0.0/24", "routes": [{"dst": "nope"}]}),
+                "route dst",
+            ),
+            (
+                json!({"type": "t", "subnet": "10.0.0.0/24", "routes": [{"dst": "0.0.0.0/0", "gw": "x"}]}),
+                "route gw",
+            ),
             (json!({"type": "t", "ranges": "10.0.0.0/24"}), "ipam:"),
         ];
         for (conf, needle) in cases {
@@ -422,6 +494,9 @@ mod tests {
             .collect();
         assert_eq!(got, want);
         let bad_args = CniArgs::parse("IP=10.0.0.300").unwrap();
-        assert!(matches!(requested_ips(&conf, &bad_args), Err(IpamError::Config(_))));
+        assert!(matches!(
+            requested_ips(&conf, &bad_args),
+            Err(IpamError::Config(_))
+        ));
     }
 }

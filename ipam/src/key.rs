@@ -123,11 +123,21 @@ mod tests {
 
     #[test]
     fn keys_round_trip() {
-        for s in ["10.0.0.1", "255.255.255.255", "0.0.0.0", "fd00::1", "::", "2001:db8::ff"] {
+        for s in [
+            "10.0.0.1",
+            "255.255.255.255",
+            "0.0.0.0",
+            "fd00::1",
+            "::",
+            "2001:db8::ff",
+        ] {
             let ip: IpAddr = s.parse().unwrap();
             assert_eq!(from_key(key(ip), ip.is_ipv4()), ip);
         }
-        assert_eq!(key("10.0.0.2".parse().unwrap()) - key("10.0.0.1".parse().unwrap()), 1);
+        assert_eq!(
+            key("10.0.0.2".parse().unwrap()) - key("10.0.0.1".parse().unwrap()),
+            1
+        );
     }
 
     #[test]
@@ -144,12 +154,22 @@ mod tests {
         assert_eq!(s.count_in(0, 100), 6);
         assert_eq!(s.count_in(6, 9), 3);
         s.remove(6);
-        assert_eq!(s.runs().collect::<Vec<_>>(), vec![(1, 2), (5, 5), (7, 7), (9, 9)]);
+        assert_eq!(
+            s.runs().collect::<Vec<_>>(),
+            vec![(1, 2), (5, 5), (7, 7), (9, 9)]
+        );
         s.remove(6);
         s.remove(1);
-        assert_eq!(s.runs().collect::<Vec<_>>(), vec![(2, 2), (5, 5), (7, 7), (9, 9)]);
+        assert_eq!(
+            s.runs().collect::<Vec<_>>(),
+            vec![(2, 2), (5, 5), (7, 7), (9, 9)]
+        );
         assert_eq!(RunSet::from_runs(s.runs()), Some(s.clone()));
-        assert_eq!(RunSet::from_runs([(1, 2), (3, 4)]), None, "adjacent runs are not canonical");
+        assert_eq!(
+            RunSet::from_runs([(1, 2), (3, 4)]),
+            None,
+            "adjacent runs are not canonical"
+        );
         assert_eq!(RunSet::from_runs([(5, 6), (1, 2)]), None);
         let mut m = RunSet::default();
         m.insert(u128::MAX);

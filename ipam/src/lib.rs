@@ -87,7 +87,10 @@ impl Ipam {
             ..Default::default()
         };
         for (set, ip) in cfg.ranges.iter().zip(ips) {
-            let range = set.iter().find(|r| r.contains(ip)).expect("allocated inside");
+            let range = set
+                .iter()
+                .find(|r| r.contains(ip))
+                .expect("allocated inside");
             result.ips.push(IpConfig {
                 interface: None,
                 address: IpNetwork::new(ip, range.subnet.prefix()).expect("prefix of subnet"),

@@ -71,7 +71,10 @@ pub struct JsonRecord {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Record {
-    Held { owner: Owner, meta: Option<Meta> },
+    Held {
+        owner: Owner,
+        meta: Option<Meta>,
+    },
     /// Empty, torn, unreadable or not a record at all: provably stale.
     Garbage,
 }
@@ -129,9 +132,7 @@ impl Record {
         match self {
             Record::Garbage => Some("unreadable record".into()),
             Record::Held { meta: None, .. } => None,
-            Record::Held {
-                meta: Some(m), ..
-            } => {
+            Record::Held { meta: Some(m), .. } => {
                 if let Some(b) = boot_id
                     && !m.boot_id.is_empty()
                     && m.boot_id != b
@@ -168,27 +169,95 @@ mod tests {
         };
         let x = serde_json::to_vec(&meta).unwrap();
         let json = br#"{"containerID":"c3","ifname":"net1","netns":"/","bootID":"b"}"#;
-        let cases: Vec<(&[u8], Option<&[u8]>, Record)> = vec![
-            (b"c1\r\neth0", None, Record::Held { owner: Owner::new("c1", "eth0"), meta: None }),
-            (b"c1\r\neth0\n", None, Record::Held { owner: Owner::new("c1", "eth0"), meta: None }),
-            (b"c1\r\neth0", Some(&x), Record::Held { owner: Owner::new("c1", "eth0"), meta: Some(meta.clone()) }),
+        type Case<'a> = (&'a [u8], Option<&'a [u8]>, Record);
+        let cases: Vec<Case> = vec![
+            (
+                b"c1\r\neth0",
+                None,
+                Record::Held {
+                    owner: Owner::new("c1", "eth0"),
+                    meta: None,
+                },
+            ),
+            (
+                b"c1\r\neth0\n",
+                None,
+                Record::Held {
+                    owner: Owner::new("c1", "eth0"),
+                    meta: None,
+                },
+            ),
+            (
+                b"c1\r\neth0",
+                Some(&x),
+                Record::Held {
+                    owner: Owner::new("c1", "eth0"),
+                    meta: Some(meta.clone()),
+                },
+            ),
             // A broken xattr does not spoil a good record: it is host-local-like.
-            (b"c1\r\neth0", Some(b"{nope"), Record::Held { owner: Owner::new("c1", "eth0"), meta: None }),
-            (b"c2", None, Record::Held { owner: Owner { id: "c2".into(), ifname: None }, meta: None }),
-            (json, None, Record::Held { owner: Owner::new("c3", "net1"), meta: Some(Meta { netns: "/".into(), boot_id: "b".into() }) }),
+            (
+                b"c1\r\neth0",
+                Some(b"{nope"),
+                Record::Held {
+                    owner: Owner::new("c1", "eth0"),
+                    meta: None,
+                },
+            ),
+            (
+                b"c2",
+                None,
+                Record::Held {
+                    owner: Owner {
+                        id: "c2".into(),
+                        ifname: None,
+                    },
+                    meta: None,
+                },
+            ),
+            (
+                json,
+                None,
+                Record::Held {
+                    owner: Owner::new("c3", "net1"),
+                    meta: Some(Meta {
+                        netns: "/".into(),
+                        boot_id: "b".into(),
+                    }),
+                },
+            ),
             (b"", None, Record::Garbage),
             (b"   \n", None, Record::Garbage),
             (b"\xff\xfe\x00", None, Record::Garbage),
             (b"{\"containerID\":", None, Record::Garbage),
-            (br#"{"containerID":"","ifname":"eth0"}"#, None, Record::Garbage),
+            (
+                br#"{"containerID":"","ifname":"eth0"}"#,
+                None,
+                Record::Garbage,
+            ),
             // host-local trims content too: this is its id-only format.
-            (b"c1\r\n", None, Record::Held { owner: Owner { id: "c1".into(), ifname: None }, meta: None }),
+            (
+                b"c1\r\n",
+                None,
+                Record::Held {
+                    owner: Owner {
+                        id: "c1".into(),
+                        ifname: None,
+                    },
+                    meta: None,
+                },
+            ),
             (b"c1\r\neth0\r\nmore", None, Record::Garbage),
             (b"../etc\r\neth0", None, Record::Garbage),
             (b"a b c", None, Record::Garbage),
         ];
         for (content, xattr, want) in cases {
-            assert_eq!(Record::parse(content, xattr), want, "{:?}", String::from_utf8_lossy(content));
+            assert_eq!(
+                Record::parse(content, xattr),
+                want,
+                "{:?}",
+                String::from_utf8_lossy(content)
+            );
         }
     }
 
@@ -196,7 +265,10 @@ mod tests {
     fn stale_proofs() {
         let held = |netns: &str, boot: &str| Record::Held {
             owner: Owner::new("c", "eth0"),
-            meta: Some(Meta { netns: netns.into(), boot_id: boot.into() }),
+            meta: Some(Meta {
+                netns: netns.into(),
+                boot_id: boot.into(),
+            }),
         };
         let cases = [
             (held("/", BOOT), None),
@@ -205,7 +277,13 @@ mod tests {
             (held("/", "other-boot"), Some("boot other-boot")),
             (held("/nonexistent/netns/x", BOOT), Some("no longer exists")),
             (Record::Garbage, Some("unreadable")),
-            (Record::Held { owner: Owner::new("c", "eth0"), meta: None }, None),
+            (
+                Record::Held {
+                    owner: Owner::new("c", "eth0"),
+                    meta: None,
+                },
+                None,
+            ),
         ];
         for (r, want) in cases {
             let got = r.stale_reason(Some(BOOT));
@@ -222,7 +300,13 @@ mod tests {
     fn owner_matching_and_content() {
         assert!(Owner::new("c", "eth0").matches("c", "eth0"));
         assert!(!Owner::new("c", "eth0").matches("c", "eth1"));
-        assert!(Owner { id: "c".into(), ifname: None }.matches("c", "eth1"));
+        assert!(
+            Owner {
+                id: "c".into(),
+                ifname: None
+            }
+            .matches("c", "eth1")
+        );
         assert_eq!(Owner::new("c", "eth0").content(), "c\r\neth0");
     }
 }

@@ -86,8 +86,7 @@ impl Store {
     }
 
     fn open_inner(data_dir: &Path, network: &str, create: bool) -> Result<Option<Store>> {
-        ferry_cni::args::validate_network_name(network)
-            .map_err(|e| IpamError::Config(e.msg))?;
+        ferry_cni::args::validate_network_name(network).map_err(|e| IpamError::Config(e.msg))?;
         let dir = data_dir.join(network);
         if !create && !dir.is_dir() {
             return Ok(None);
@@ -557,7 +556,11 @@ impl Store {
             segments.push((ri, set[ri].start_key(), set[ri].end_key()));
         }
         if start_pos > r0.start_key() {
-            segments.push((first, r0.start_key(), start_pos.min(r0.end_key().saturating_add(1)) - 1));
+            segments.push((
+                first,
+                r0.start_key(),
+                start_pos.min(r0.end_key().saturating_add(1)) - 1,
+            ));
         }
         for (ri, lo, hi) in segments {
             let r: &Range = &set[ri];
@@ -638,8 +641,10 @@ impl Store {
     /// CNI GC: releases every reservation (ferry's, host-local's, unreadable
     /// ones) whose attachment is not in `valid`. Returns what was released.
     pub fn gc(&mut self, valid: &[(String, String)]) -> Result<Vec<IpAddr>> {
-        let valid: HashSet<(&str, &str)> =
-            valid.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        let valid: HashSet<(&str, &str)> = valid
+            .iter()
+            .map(|(a, b)| (a.as_str(), b.as_str()))
+            .collect();
         let ids: HashSet<&str> = valid.iter().map(|(a, _)| *a).collect();
         let mut released = Vec::new();
         for ip in self.scan()? {
@@ -772,4 +777,304 @@ fn get_xattr(f: &File) -> Option<Vec<u8>> {
     }
     buf.truncate(n as usize);
     Some(buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::IpamConfig;
+    use serde_json::json;
+
+    /// A temp data dir removed on drop, even when the test panics.
+    struct TempDir(PathBuf);
+    impl TempDir {
+        fn new(tag: &str) -> TempDir {
+            static N: AtomicU64 = AtomicU64::new(0);
+            let p = std::env::temp_dir().join(format!(
+                "ferry-ipam-unit-{}-{}-{tag}",
+                std::process::id(),
+                N.fetch_add(1, Ordering::Relaxed)
+            ));
+            fs::create_dir_all(&p).unwrap();
+            TempDir(p)
+        }
+    }
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn sets(ipam: serde_json::Value) -> Vec<RangeSet> {
+        IpamConfig::parse(&ipam).unwrap().ranges
+    }
+
+    fn meta() -> Meta {
+        Meta {
+            netns: "/".into(),
+            boot_id: current_boot_id().unwrap_or_default(),
+        }
+    }
+
+    fn ips(v: &[&str]) -> Vec<IpAddr> {
+        v.iter().map(|s| s.parse().unwrap()).collect()
+    }
+
+    fn add(d: &TempDir, s: &[RangeSet], id: &str, req: &[IpAddr]) -> Result<Vec<IpAddr>> {
+        let mut st = Store::open(&d.0, "net")?;
+        let r = st.allocate(s, id, "eth0", &meta(), req);
+        st.commit();
+        r
+    }
+
+    #[test]
+    fn allocation_order_round_robin_skips_gateway() {
+        let d = TempDir::new("order");
+        let s = sets(json!({"type": "t", "ranges": [
+            [{"subnet": "10.0.0.0/29", "gateway": "10.0.0.3"}],
+            [{"subnet": "fd00::/125"}]]}));
+        let got: Vec<Vec<IpAddr>> = ["a", "b", "c"]
+            .iter()
+            .map(|id| add(&d, &s, id, &[]).unwrap())
+            .collect();
+        assert_eq!(
+            got,
+            vec![
+                ips(&["10.0.0.1", "fd00::2"]),
+                ips(&["10.0.0.2", "fd00::3"]),
+                ips(&["10.0.0.4", "fd00::4"]),
+            ]
+        );
+        // Idempotent retry: same addresses, nothing new reserved.
+        assert_eq!(
+            add(&d, &s, "b", &[]).unwrap(),
+            ips(&["10.0.0.2", "fd00::3"])
+        );
+        // Round robin: a released address is not reused before the range wraps.
+        Store::open(&d.0, "net")
+            .unwrap()
+            .release("a", "eth0")
+            .unwrap();
+        assert_eq!(
+            add(&d, &s, "d", &[]).unwrap(),
+            ips(&["10.0.0.5", "fd00::5"])
+        );
+        assert_eq!(
+            add(&d, &s, "e", &[]).unwrap(),
+            ips(&["10.0.0.6", "fd00::6"])
+        );
+        // Wraps to the start and finds the released .1.
+        assert_eq!(
+            add(&d, &s, "f", &[]).unwrap(),
+            ips(&["10.0.0.1", "fd00::7"])
+        );
+        let last = fs::read_to_string(d.0.join("net/last_reserved_ip.0")).unwrap();
+        assert_eq!(last, "10.0.0.1");
+        // Exhausted: the v4 set (.1 .2 .4 .5 .6) is full; nothing leaks from set 1.
+        let e = add(&d, &s, "g", &[]).unwrap_err();
+        assert!(matches!(e, IpamError::Exhausted { set: 0, .. }), "{e}");
+        assert_eq!(ferry_cni::CniError::from(e).code.as_u32(), 50);
+        let st = Store::open(&d.0, "net").unwrap();
+        assert_eq!(
+            st.records().unwrap().len(),
+            10,
+            "g's v6 address was rolled back"
+        );
+        assert!(st.held_by("g", "eth0").is_empty());
+    }
+
+    #[test]
+    fn multi_range_sets_continue_into_next_range() {
+        let d = TempDir::new("multi");
+        let s = sets(json!({"type": "t", "ranges": [[
+            {"subnet": "10.0.0.0/24", "rangeStart": "10.0.0.10", "rangeEnd": "10.0.0.11"},
+            {"subnet": "10.0.1.0/24", "rangeStart": "10.0.1.20", "rangeEnd": "10.0.1.20"}]]}));
+        let got: Vec<IpAddr> = ["a", "b", "c"]
+            .iter()
+            .map(|id| add(&d, &s, id, &[]).unwrap()[0])
+            .collect();
+        assert_eq!(got, ips(&["10.0.0.10", "10.0.0.11", "10.0.1.20"]));
+        assert!(add(&d, &s, "d", &[]).is_err());
+    }
+
+    #[test]
+    fn requested_ips_table() {
+        let d = TempDir::new("req");
+        let s = sets(json!({"type": "t", "ranges": [
+            [{"subnet": "10.0.0.0/24"}], [{"subnet": "fd00::/64"}]]}));
+        add(&d, &s, "holder", &ips(&["10.0.0.50"])).unwrap();
+        // (requested, Ok(result) or Err(code))
+        let cases: Vec<(&str, Vec<IpAddr>, std::result::Result<Vec<IpAddr>, u32>)> = vec![
+            (
+                "one v4",
+                ips(&["10.0.0.7"]),
+                Ok(ips(&["10.0.0.7", "fd00::3"])),
+            ),
+            (
+                "both",
+                ips(&["10.0.0.8", "fd00::8"]),
+                Ok(ips(&["10.0.0.8", "fd00::8"])),
+            ),
+            ("outside", ips(&["10.9.0.1"]), Err(100)),
+            ("two per set", ips(&["10.0.0.9", "10.0.0.10"]), Err(100)),
+            ("gateway", ips(&["10.0.0.1"]), Err(100)),
+            ("broadcast", ips(&["10.0.0.255"]), Err(100)),
+            ("taken", ips(&["10.0.0.50"]), Err(101)),
+        ];
+        for (i, (name, req, want)) in cases.into_iter().enumerate() {
+            let id = format!("c{i}");
+            let got =
+                add(&d, &s, &id, &req).map_err(|e| ferry_cni::CniError::from(e).code.as_u32());
+            assert_eq!(got, want, "{name}");
+            if got.is_err() {
+                assert!(
+                    Store::open(&d.0, "net")
+                        .unwrap()
+                        .held_by(&id, "eth0")
+                        .is_empty(),
+                    "{name}: rolled back"
+                );
+            }
+        }
+        // Retrying with the same request is idempotent; another address for
+        // the same attachment is refused.
+        assert_eq!(
+            add(&d, &s, "c0", &ips(&["10.0.0.7"])).unwrap(),
+            ips(&["10.0.0.7", "fd00::3"])
+        );
+        assert_eq!(
+            add(&d, &s, "c0", &ips(&["10.0.0.70"]))
+                .map_err(|e| ferry_cni::CniError::from(e).code.as_u32()),
+            Err(100)
+        );
+    }
+
+    fn write_foreign(d: &TempDir, ip: &str, content: &[u8], xattr: Option<&[u8]>) {
+        let p = d.0.join("net").join(ip);
+        fs::write(&p, content).unwrap();
+        if let Some(x) = xattr {
+            set_xattr(&File::options().write(true).open(&p).unwrap(), x).unwrap();
+        }
+    }
+
+    #[test]
+    fn stale_reclaim_only_with_proof() {
+        let d = TempDir::new("stale");
+        let s = sets(json!({"type": "t", "subnet": "10.0.0.0/29"}));
+        // .2-.6 allocatable (.1 gateway): fill with five kinds of record.
+        Store::open(&d.0, "net").unwrap().commit();
+        let boot = current_boot_id().unwrap_or_default();
+        let cur = format!(r#"{{"netns":"/","bootID":"{boot}"}}"#);
+        write_foreign(&d, "10.0.0.2", b"hl\r\neth0", None); // host-local: no proof
+        write_foreign(
+            &d,
+            "10.0.0.3",
+            b"old\r\neth0",
+            Some(br#"{"netns":"/","bootID":"previous-boot"}"#),
+        );
+        write_foreign(&d, "10.0.0.4", b"live\r\neth0", Some(cur.as_bytes())); // live
+        write_foreign(&d, "10.0.0.5", b"", None); // torn / empty
+        write_foreign(
+            &d,
+            "10.0.0.6",
+            b"gone\r\neth0",
+            Some(format!(r#"{{"netns":"/nonexistent/ns","bootID":"{boot}"}}"#).as_bytes()),
+        );
+        let mut st = Store::open(&d.0, "net").unwrap();
+        assert_eq!(
+            st.free_per_set(&s).unwrap(),
+            vec![3],
+            "stale counted as free"
+        );
+        drop(st);
+        let mut got: Vec<IpAddr> = ["n1", "n2", "n3"]
+            .iter()
+            .map(|id| add(&d, &s, id, &[]).unwrap()[0])
+            .collect();
+        got.sort();
+        assert_eq!(got, ips(&["10.0.0.3", "10.0.0.5", "10.0.0.6"]));
+        assert!(matches!(
+            add(&d, &s, "n4", &[]),
+            Err(IpamError::Exhausted { .. })
+        ));
+        let st = Store::open(&d.0, "net").unwrap();
+        assert_eq!(
+            st.held_by("hl", "eth0"),
+            ips(&["10.0.0.2"]),
+            "host-local record honoured"
+        );
+        assert_eq!(st.held_by("live", "eth0"), ips(&["10.0.0.4"]));
+        assert!(st.held_by("old", "eth0").is_empty());
+    }
+
+    #[test]
+    fn index_follows_foreign_changes_and_crashes() {
+        let d = TempDir::new("index");
+        let s = sets(json!({"type": "t", "subnet": "10.0.0.0/24"}));
+        add(&d, &s, "a", &[]).unwrap();
+        // A foreign writer (host-local) reserves the next address: the
+        // directory stamp changes, the index is rebuilt, nothing is reused.
+        write_foreign(&d, "10.0.0.3", b"hl\r\neth1", None);
+        assert_eq!(add(&d, &s, "b", &[]).unwrap(), ips(&["10.0.0.4"]));
+        // Garbage index: rebuilt, still correct.
+        fs::write(d.0.join("net/.ferry/index"), "junk").unwrap();
+        assert_eq!(add(&d, &s, "c", &[]).unwrap(), ips(&["10.0.0.5"]));
+        // Index that claims a stale stamp but wrong content is never trusted
+        // over the link(2) arbiter: an index saying "all free" still cannot
+        // cause a double allocation.
+        let st = Store::open(&d.0, "net").unwrap();
+        let stamp = st.stamp().unwrap();
+        drop(st);
+        fs::write(
+            d.0.join("net/.ferry/index"),
+            format!("{INDEX_MAGIC}\n{stamp}\n"),
+        )
+        .unwrap();
+        fs::write(d.0.join("net/last_reserved_ip.0"), "10.0.0.1").unwrap();
+        let st = Store::open(&d.0, "net").unwrap();
+        let stamp = st.stamp().unwrap();
+        drop(st);
+        fs::write(
+            d.0.join("net/.ferry/index"),
+            format!("{INDEX_MAGIC}\n{stamp}\n"),
+        )
+        .unwrap();
+        assert_eq!(add(&d, &s, "d", &[]).unwrap(), ips(&["10.0.0.6"]));
+        let st = Store::open(&d.0, "net").unwrap();
+        assert_eq!(st.held_by("hl", "eth1"), ips(&["10.0.0.3"]));
+        assert_eq!(st.records().unwrap().len(), 5);
+    }
+
+    #[test]
+    fn gc_and_release() {
+        let d = TempDir::new("gc");
+        let s = sets(json!({"type": "t", "subnet": "10.0.0.0/24"}));
+        for id in ["a", "b", "c"] {
+            add(&d, &s, id, &[]).unwrap();
+        }
+        write_foreign(&d, "10.0.0.100", b"hl\r\neth0", None);
+        write_foreign(&d, "10.0.0.101", b"hlold", None);
+        write_foreign(&d, "10.0.0.102", b"\x00garbage", None);
+        let mut st = Store::open(&d.0, "net").unwrap();
+        let valid = vec![
+            ("b".to_string(), "eth0".to_string()),
+            ("hlold".to_string(), "eth3".to_string()),
+        ];
+        let mut rel = st.gc(&valid).unwrap();
+        rel.sort();
+        assert_eq!(
+            rel,
+            ips(&["10.0.0.2", "10.0.0.4", "10.0.0.100", "10.0.0.102"])
+        );
+        assert_eq!(st.records().unwrap().len(), 2);
+        // Release is idempotent, also for host-local's id-only record.
+        assert_eq!(st.release("hlold", "eth9").unwrap(), ips(&["10.0.0.101"]));
+        assert!(st.release("hlold", "eth9").unwrap().is_empty());
+        assert_eq!(st.release("b", "eth0").unwrap(), ips(&["10.0.0.3"]));
+        assert!(st.records().unwrap().is_empty());
+        st.commit();
+        assert!(Store::open_existing(&d.0, "nope").unwrap().is_none());
+        assert!(!d.0.join("nope").exists());
+        assert!(matches!(Store::open(&d.0, ".."), Err(IpamError::Config(_))));
+    }
 }
