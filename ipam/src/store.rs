@@ -904,7 +904,12 @@ mod tests {
             [{"subnet": "10.0.0.0/24"}], [{"subnet": "fd00::/64"}]]}));
         add(&d, &s, "holder", &ips(&["10.0.0.50"])).unwrap();
         // (requested, Ok(result) or Err(code))
-        let cases: Vec<(&str, Vec<IpAddr>, std::result::Result<Vec<IpAddr>, u32>)> = vec![
+        type Case = (
+            &'static str,
+            Vec<IpAddr>,
+            std::result::Result<Vec<IpAddr>, u32>,
+        );
+        let cases: Vec<Case> = vec![
             (
                 "one v4",
                 ips(&["10.0.0.7"]),
