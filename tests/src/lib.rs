@@ -37,7 +37,13 @@ pub fn skip(why: &str) -> bool {
     if std::env::var_os("CI").is_some() {
         panic!("test cannot run ({why}) and CI is set: refusing to skip");
     }
-    eprintln!("\n*** SKIPPED: {why} ***\n");
+    // Written to the real stderr: libtest captures `eprintln!` of passing
+    // tests, and a skip must be seen.
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n*** SKIPPED: {} ({why}) ***",
+        std::thread::current().name().unwrap_or("?")
+    );
     false
 }
 

@@ -262,3 +262,23 @@ fn same_result_as_reference_plugin() {
     assert_eq!(ours.1.ips, theirs.1.ips);
     assert_eq!(ours.1, theirs.1);
 }
+
+/// The harness can run a plugin from inside a fake host namespace (what the
+/// bridge tests need); the plugin still reaches the pod by its CNI_NETNS path
+/// and leaves the fake host's own lo alone.
+#[test]
+fn runs_from_a_fake_host_namespace() {
+    if !require_root() {
+        return;
+    }
+    let host = TestNetns::new();
+    let pod = TestNetns::new();
+    let path = pod.path_str();
+    let env = [
+        ("CNI_NETNS", Some(path.as_str())),
+        ("CNI_IFNAME", Some("lo")),
+    ];
+    ferry_tests::run_plugin_in(&host, &plugin(), "ADD", &env, &conf("1.1.0")).ok_json();
+    assert!(pod.ip_link_is_up("lo"));
+    assert!(!host.ip_link_is_up("lo"));
+}

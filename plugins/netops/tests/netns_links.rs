@@ -1,6 +1,8 @@
 //! Root tests: each one works in its own anonymous namespace (kept alive by
 //! its fd, nothing mounted), so nothing is left behind even on panic.
 
+use std::io::Write;
+
 use ferry_netops::{NetNs, NetopsError, NsHandle, block_on, in_netns, sysctl};
 
 /// Loud skip when not root; under CI (env `CI` set) a skip is a failure.
@@ -11,7 +13,12 @@ fn root() -> bool {
     if std::env::var_os("CI").is_some() {
         panic!("these tests need root and CI is set: refusing to skip");
     }
-    eprintln!("\n*** SKIPPED: needs root (ferry-netops namespace tests) ***\n");
+    // The real stderr: libtest captures `eprintln!` of passing tests.
+    let _ = writeln!(
+        std::io::stderr(),
+        "\n*** SKIPPED: {}: needs root ***",
+        std::thread::current().name().unwrap_or("?")
+    );
     false
 }
 
