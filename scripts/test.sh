@@ -20,7 +20,7 @@ fi
 # --- system packages (skipped when all are installed, to keep reruns fast) ---
 PKGS=(iproute2 nftables iputils-ping jq containernetworking-plugins etcd-server
       protobuf-compiler iperf3
-      build-essential ca-certificates curl)   # a C linker, and curl for rustup
+      build-essential iptables)   # a C linker; iptables for the reference plugins in the differential tests and bench
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -34,17 +34,11 @@ else
     echo "== system packages already installed"
 fi
 
-# --- Rust toolchain (rustup when cargo is absent) ---
-if ! command -v cargo >/dev/null 2>&1; then
-    if [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]; then
-        export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
-    else
-        echo "== installing the Rust toolchain with rustup"
-        curl --proto '=https' --tlsv1.2 -sSf https://sh.rustup.rs |
-            sh -s -- -y --profile minimal --component clippy,rustfmt
-        export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
-    fi
+# --- Rust toolchain: cargo with clippy and rustfmt must already be installed ---
+if ! command -v cargo >/dev/null 2>&1 && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/cargo" ]; then
+    export PATH="${CARGO_HOME:-$HOME/.cargo}/bin:$PATH"
 fi
+command -v cargo >/dev/null 2>&1 || { echo "scripts/test.sh: cargo not found (install a Rust toolchain with clippy and rustfmt)" >&2; exit 1; }
 
 # --- the checks: every one runs, the summary says which failed ---
 results=()
