@@ -311,7 +311,7 @@ async fn add(
             },
         ],
         ips: ipam.ips.clone(),
-        routes: ipam.routes.clone(),
+        routes,
         dns: ipam.dns.clone(),
     };
     for (ip, (_, gw)) in result.ips.iter_mut().zip(&ips) {

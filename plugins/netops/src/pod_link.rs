@@ -68,8 +68,18 @@ impl NsHandle {
                 std::io::Error::from_raw_os_error(libc::EEXIST),
             ));
         }
-        if !link.is_up {
-            self.set_up(link.index).await?;
+        // A changed network MTU must reach a bridge created before the change.
+        if link.mtu != spec.mtu || !link.is_up {
+            let msg = LinkUnspec::new_with_index(link.index)
+                .mtu(spec.mtu)
+                .up()
+                .build();
+            self.handle
+                .link()
+                .set(msg)
+                .execute()
+                .await
+                .map_err(|e| self.err("set bridge mtu/up", spec.name, e))?;
         }
         Ok(link)
     }
