@@ -292,13 +292,19 @@ pub fn run_plugin_in(
     run(Some(host.netns()), bin, cmd, env, stdin)
 }
 
-fn run(
-    host: Option<&NetNs>,
+/// The process [`run_plugin`] / [`run_plugin_in`] would start, not yet
+/// spawned (stdin/stdout/stderr piped): for tests that need the child itself,
+/// e.g. to kill it mid-flight.
+pub fn plugin_command(
+    host: Option<&TestNetns>,
     bin: &Path,
     cmd: &str,
     env: &[(&str, Option<&str>)],
-    stdin: &str,
-) -> PluginOutput {
+) -> Command {
+    command(host.map(TestNetns::netns), bin, cmd, env)
+}
+
+fn command(host: Option<&NetNs>, bin: &Path, cmd: &str, env: &[(&str, Option<&str>)]) -> Command {
     let mut c = Command::new(bin);
     let bin_dir = bin.parent().unwrap_or(Path::new("."));
     c.env_clear()
@@ -319,6 +325,17 @@ fn run(
     if let Some(ns) = host {
         in_netns_cmd(&mut c, ns);
     }
+    c
+}
+
+fn run(
+    host: Option<&NetNs>,
+    bin: &Path,
+    cmd: &str,
+    env: &[(&str, Option<&str>)],
+    stdin: &str,
+) -> PluginOutput {
+    let mut c = command(host, bin, cmd, env);
     let mut child = c
         .spawn()
         .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
@@ -349,4 +366,326 @@ fn run(
             panic!("{} {cmd} timed out after {PLUGIN_TIMEOUT:?}", bin.display());
         }
     }
+}
+
+/// A process-wide counter for unique object names and subnets (each call
+/// returns a new value).
+pub fn unique_index() -> u32 {
+    static N: AtomicU32 = AtomicU32::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+/// A temp directory owned by the test, removed on drop (also on panic).
+pub struct TestDir(PathBuf);
+
+impl TestDir {
+    pub fn new(tag: &str) -> TestDir {
+        let p = std::env::temp_dir().join(format!(
+            "ferry-test-{}-{}-{tag}",
+            std::process::id(),
+            unique_index()
+        ));
+        std::fs::create_dir_all(&p).unwrap_or_else(|e| panic!("mkdir {}: {e}", p.display()));
+        TestDir(p)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Polls `f` every 20 ms until it is true or `timeout` passed; returns the
+/// last answer.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if std::time::Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+impl TestNetns {
+    /// `ping -c 1 -W 2 <addr>` from inside this namespace, up to `tries`
+    /// times (the first packets after an ADD may meet a tentative IPv6
+    /// address or a neighbour still being resolved).
+    pub fn ping(&self, addr: std::net::IpAddr, tries: u32) -> bool {
+        let a = addr.to_string();
+        (0..tries.max(1)).any(|_| {
+            let mut cmd = Command::new("ping");
+            cmd.args(["-n", "-c", "1", "-W", "2", &a])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null());
+            in_netns_cmd(&mut cmd, &self.ns);
+            cmd.status().map(|s| s.success()).unwrap_or(false)
+        })
+    }
+
+    /// Like [`exec`](Self::exec) but returns the exit status and output
+    /// instead of panicking on failure.
+    pub fn try_exec(&self, program: &str, args: &[&str]) -> std::process::Output {
+        let mut cmd = Command::new(program);
+        cmd.args(args);
+        in_netns_cmd(&mut cmd, &self.ns);
+        cmd.output()
+            .unwrap_or_else(|e| panic!("run {program}: {e}"))
+    }
+
+    /// Names of the links of `kind` (`veth`, `bridge`, …) in this namespace.
+    pub fn links_of_kind(&self, kind: &str) -> Vec<String> {
+        let v = self.ip_json(&["-d", "link", "show", "type", kind]);
+        let mut names: Vec<String> = v
+            .as_array()
+            .expect("ip -j prints an array")
+            .iter()
+            .map(|l| l["ifname"].as_str().expect("ifname").to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Names of the links enslaved to `bridge` in this namespace.
+    pub fn bridge_ports(&self, bridge: &str) -> Vec<String> {
+        let v = self.ip_json(&["link", "show", "master", bridge]);
+        let mut names: Vec<String> = v
+            .as_array()
+            .expect("ip -j prints an array")
+            .iter()
+            .map(|l| l["ifname"].as_str().expect("ifname").to_string())
+            .collect();
+        names.sort();
+        names
+    }
+}
+
+/// One reservation of an IPAM store (host-local's layout, which ferry-ipam
+/// keeps): the file named by the address, "<containerID>\r\n<ifname>".
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reservation {
+    pub container_id: String,
+    /// `None` for host-local's oldest format (container ID only).
+    pub ifname: Option<String>,
+}
+
+/// The reservations in the store directory `dir` (`<dataDir>/<network>`):
+/// every file whose name is an IP address. A file that does not parse as a
+/// record panics (a consistent store has none). Missing dir: empty.
+pub fn reservations(dir: &Path) -> std::collections::BTreeMap<std::net::IpAddr, Reservation> {
+    let mut out = std::collections::BTreeMap::new();
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Ok(ip) = name.parse::<std::net::IpAddr>() else {
+            continue;
+        };
+        let text = std::fs::read_to_string(e.path())
+            .unwrap_or_else(|err| panic!("read reservation {}: {err}", e.path().display()));
+        let r = if let Ok(j) = serde_json::from_str::<Value>(&text) {
+            // ferry-ipam's JSON form (filesystems without user xattrs).
+            Reservation {
+                container_id: j["containerID"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("reservation {name}: no containerID: {text:?}"))
+                    .to_string(),
+                ifname: j["ifname"].as_str().map(str::to_string),
+            }
+        } else {
+            let mut lines = text.lines();
+            let id = lines.next().unwrap_or("").trim().to_string();
+            let ifname = lines.next().map(|l| l.trim().to_string());
+            assert!(
+                !id.is_empty() && lines.next().is_none(),
+                "reservation {name} does not parse: {text:?}"
+            );
+            Reservation {
+                container_id: id,
+                ifname,
+            }
+        };
+        out.insert(ip, r);
+    }
+    out
+}
+
+/// Sends `SIGKILL` to a child we spawned (no-op if already reaped).
+pub fn kill_child(child: &std::process::Child) {
+    // SAFETY: plain syscall on the pid of our own, not yet waited-for child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+}
+
+/// A small xorshift64* generator: reproducible from its printed seed,
+/// without a dependency.
+pub struct XorShift(u64);
+
+impl XorShift {
+    /// Seeded from `FERRY_TEST_SEED` if set, else from time and pid; the
+    /// seed is printed (to the real stderr) so a failure can be replayed.
+    pub fn from_env_or_time(what: &str) -> XorShift {
+        let seed = std::env::var("FERRY_TEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                let t = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map(|d| d.as_nanos() as u64)
+                    .unwrap_or(0);
+                t ^ (u64::from(std::process::id()) << 32)
+            });
+        let _ = writeln!(
+            std::io::stderr(),
+            "{what}: FERRY_TEST_SEED={seed} (set it to replay)"
+        );
+        XorShift::new(seed)
+    }
+
+    pub fn new(seed: u64) -> XorShift {
+        XorShift(seed.max(1))
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        let mut x = self.0;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.0 = x;
+        x.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform-ish in `0..n` (n > 0).
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next_u64() % n
+    }
+}
+
+/// One ferry-bridge network of a test, in a fake host namespace of its own:
+/// unique network name, bridge name (≤ 15 chars), IPv4 /24 and IPv6 /64
+/// subnets, and an IPAM `dataDir` removed on drop. Everything the plugin
+/// creates on the "host" (bridge, veths, nft table) lives in [`host`](Self::host)
+/// and vanishes with it.
+pub struct BridgeNet {
+    pub host: TestNetns,
+    pub data: TestDir,
+    /// The network name (`name` in the config; the nft chain is `net-<name>`).
+    pub name: String,
+    pub bridge: String,
+    /// e.g. `10.123.7.0/24`
+    pub subnet4: String,
+    /// e.g. `fd00:7b:7::/64`
+    pub subnet6: String,
+    pub ip_masq: bool,
+    /// Binary called for the plugin (`ferry-bridge` unless changed).
+    pub plugin: PathBuf,
+    /// `type` of the plugin and of `ipam`.
+    pub plugin_type: String,
+    pub ipam_type: String,
+}
+
+impl BridgeNet {
+    /// ferry-bridge + ferry-ipam, dual stack.
+    pub fn new(ip_masq: bool) -> BridgeNet {
+        let i = unique_index();
+        let pid = std::process::id();
+        // The second octet from the pid, the third from the counter: unique
+        // among the tests of one process, unlikely to repeat across processes.
+        let (a, b) = (100 + pid % 100, i % 256);
+        BridgeNet {
+            host: TestNetns::new(),
+            data: TestDir::new("ipam"),
+            name: format!("ft{pid}-{i}"),
+            bridge: format!("fbr{}x{i}", pid % 100_000),
+            subnet4: format!("10.{a}.{b}.0/24"),
+            subnet6: format!("fd00:{a:x}:{b:x}::/64"),
+            ip_masq,
+            plugin: bin("ferry-bridge"),
+            plugin_type: "ferry-bridge".into(),
+            ipam_type: "ferry-ipam".into(),
+        }
+    }
+
+    /// The network configuration for `version`.
+    pub fn conf(&self, version: &str) -> Value {
+        serde_json::json!({
+            "cniVersion": version,
+            "name": self.name,
+            "type": self.plugin_type,
+            "bridge": self.bridge,
+            "isGateway": true,
+            "ipMasq": self.ip_masq,
+            "ipam": {
+                "type": self.ipam_type,
+                "dataDir": self.data.path(),
+                "ranges": [[{"subnet": self.subnet4}], [{"subnet": self.subnet6}]],
+                "routes": [{"dst": "0.0.0.0/0"}, {"dst": "::/0"}],
+            }
+        })
+    }
+
+    /// Runs the plugin in the fake host namespace for one attachment.
+    pub fn call(
+        &self,
+        cmd: &str,
+        container_id: &str,
+        netns: Option<&str>,
+        ifname: &str,
+        conf: &Value,
+    ) -> PluginOutput {
+        run_plugin_in(
+            &self.host,
+            &self.plugin,
+            cmd,
+            &[
+                ("CNI_CONTAINERID", Some(container_id)),
+                ("CNI_NETNS", netns),
+                ("CNI_IFNAME", Some(ifname)),
+            ],
+            &conf.to_string(),
+        )
+    }
+
+    /// The IPAM store of this network: `<dataDir>/<name>`.
+    pub fn store_dir(&self) -> PathBuf {
+        self.data.path().join(&self.name)
+    }
+
+    pub fn reservations(&self) -> std::collections::BTreeMap<std::net::IpAddr, Reservation> {
+        reservations(&self.store_dir())
+    }
+
+    /// The gateway addresses (first host of each subnet).
+    pub fn gateways(&self) -> (std::net::IpAddr, std::net::IpAddr) {
+        let first = |net: &str| -> std::net::IpAddr {
+            let base: std::net::IpAddr = net.split('/').next().unwrap().parse().expect("subnet");
+            match base {
+                std::net::IpAddr::V4(a) => std::net::Ipv4Addr::from(u32::from(a) + 1).into(),
+                std::net::IpAddr::V6(a) => std::net::Ipv6Addr::from(u128::from(a) + 1).into(),
+            }
+        };
+        (first(&self.subnet4), first(&self.subnet6))
+    }
+}
+
+/// ferry-bridge's host-side veth name for (container ID, ifname): "veth" +
+/// 11 hex digits of FNV-1a over `id \0 ifname`. Restated here on purpose:
+/// DEL finds the veth of a pod added by an older ferry only if this never
+/// changes, so a change must break a test.
+pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in container_id.bytes().chain([0]).chain(ifname.bytes()) {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("veth{:011x}", h & 0xfff_ffff_ffff)
 }
