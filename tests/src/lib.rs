@@ -335,18 +335,30 @@ fn run(
     env: &[(&str, Option<&str>)],
     stdin: &str,
 ) -> PluginOutput {
-    let mut c = command(host, bin, cmd, env);
-    let mut child = c
+    let child = spawn_plugin(&mut command(host, bin, cmd, env), stdin);
+    wait_plugin(child, &format!("{} {cmd}", bin.display()))
+}
+
+/// Spawns a [`plugin_command`] and feeds `stdin` to it from another thread
+/// (so neither a full pipe nor a plugin killed before reading can block).
+pub fn spawn_plugin(cmd: &mut Command, stdin: &str) -> std::process::Child {
+    let mut child = cmd
         .spawn()
-        .unwrap_or_else(|e| panic!("spawn {}: {e}", bin.display()));
-    let pid = child.id() as i32;
+        .unwrap_or_else(|e| panic!("spawn {:?}: {e}", cmd.get_program()));
     let mut child_stdin = child.stdin.take().expect("piped stdin");
     let input = stdin.to_string();
-    // Feed stdin and collect the output on other threads, so neither a full
-    // pipe nor a hung plugin can block the test beyond the timeout.
     std::thread::spawn(move || {
         let _ = child_stdin.write_all(input.as_bytes());
     });
+    child
+}
+
+/// Waits for a child of [`spawn_plugin`] and collects its output; kills it
+/// and fails the test after [`PLUGIN_TIMEOUT`] (`what` names it then).
+pub fn wait_plugin(child: std::process::Child, what: &str) -> PluginOutput {
+    let pid = child.id() as i32;
+    // Collect the output on another thread, so a hung plugin cannot block
+    // the test beyond the timeout.
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         let _ = tx.send(child.wait_with_output());
@@ -363,9 +375,34 @@ fn run(
         Err(_) => {
             // SAFETY: `pid` is our own child, not yet reaped (the waiter is stuck).
             unsafe { libc::kill(pid, libc::SIGKILL) };
-            panic!("{} {cmd} timed out after {PLUGIN_TIMEOUT:?}", bin.display());
+            panic!("{what} timed out after {PLUGIN_TIMEOUT:?}");
         }
     }
+}
+
+/// Whether any process of process group `pgid` is still running (zombies
+/// waiting for a reaper do not count). For children spawned with
+/// `process_group(0)`: their own children (an IPAM plugin orphaned by a
+/// killed parent) keep the group, so this tells when all of them are done.
+pub fn process_group_alive(pgid: i32) -> bool {
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    rd.flatten().any(|e| {
+        let name = e.file_name();
+        let Some(pid) = name.to_str().and_then(|n| n.parse::<i32>().ok()) else {
+            return false;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return false;
+        };
+        // "pid (comm) state ppid pgrp ...": comm may contain spaces and ')'.
+        let Some(rest) = stat.rfind(')').map(|i| &stat[i + 1..]) else {
+            return false;
+        };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        f.len() > 3 && f[0] != "Z" && f[2].parse::<i32>().ok() == Some(pgid)
+    })
 }
 
 /// A process-wide counter for unique object names and subnets (each call
@@ -528,7 +565,11 @@ pub fn kill_child(child: &std::process::Child) {
 
 /// A small xorshift64* generator: reproducible from its printed seed,
 /// without a dependency.
-pub struct XorShift(u64);
+pub struct XorShift {
+    state: u64,
+    /// The seed it started from.
+    pub seed: u64,
+}
 
 impl XorShift {
     /// Seeded from `FERRY_TEST_SEED` if set, else from time and pid; the
@@ -552,15 +593,18 @@ impl XorShift {
     }
 
     pub fn new(seed: u64) -> XorShift {
-        XorShift(seed.max(1))
+        XorShift {
+            state: seed.max(1),
+            seed,
+        }
     }
 
     pub fn next_u64(&mut self) -> u64 {
-        let mut x = self.0;
+        let mut x = self.state;
         x ^= x >> 12;
         x ^= x << 25;
         x ^= x >> 27;
-        self.0 = x;
+        self.state = x;
         x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
 
@@ -688,4 +732,36 @@ pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
         h = h.wrapping_mul(0x100000001b3);
     }
     format!("veth{:011x}", h & 0xfff_ffff_ffff)
+}
+
+/// Files of an IPAM store directory that are neither host-local's
+/// bookkeeping (`lock`, `last_reserved_ip.<N>`) nor ferry-ipam's index
+/// (`.ferry/index`) — after every attachment is gone there must be none: no
+/// reservation, no per-owner cache entry, no temp file. Paths are relative.
+pub fn store_leftovers(dir: &Path) -> Vec<String> {
+    fn walk(root: &Path, d: &Path, out: &mut Vec<String>) {
+        let Ok(rd) = std::fs::read_dir(d) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            let rel = p
+                .strip_prefix(root)
+                .unwrap_or(&p)
+                .to_string_lossy()
+                .into_owned();
+            if p.is_dir() {
+                walk(root, &p, out);
+            } else if !(rel == "lock"
+                || rel.starts_with("last_reserved_ip.")
+                || rel == ".ferry/index")
+            {
+                out.push(rel);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    walk(dir, dir, &mut out);
+    out.sort();
+    out
 }

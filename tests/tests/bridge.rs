@@ -8,7 +8,7 @@
 use ferry_cni::CniResult;
 use ferry_tests::{
     BridgeNet, CNI_VERSIONS, TestNetns, container_id, host_veth_name, require_root, skip,
-    unique_index, wait_until,
+    store_leftovers, unique_index, wait_until,
 };
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
@@ -100,6 +100,11 @@ fn assert_no_pod_state(net: &BridgeNet, own: &[&str]) {
         Default::default(),
         "reservations left in {}",
         net.store_dir().display()
+    );
+    assert_eq!(
+        store_leftovers(&net.store_dir()),
+        Vec::<String>::new(),
+        "files left in the store"
     );
 }
 
