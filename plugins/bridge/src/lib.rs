@@ -352,7 +352,7 @@ async fn ensure_gateways(
             }
             host.delete_address(br, *other).await.map_err(to_cni)?;
         }
-        host.replace_address(br, want).await.map_err(to_cni)?;
+        host.replace_address_nodad(br, want).await.map_err(to_cni)?;
     }
     Ok(())
 }

@@ -77,7 +77,19 @@ pub fn ensure(network: &str, subnets: &[IpNetwork]) -> ferry_netops::Result<()> 
     if nft::chain_exists(NftFamily::Inet, TABLE, &chain_name(network))? {
         return Ok(());
     }
-    nft::apply_script(&script(network, subnets))
+    let script = script(network, subnets);
+    if nft::apply_script(&script).is_ok() {
+        return Ok(());
+    }
+    // The usual cause: a subnet still mapped to the chain of a network that
+    // was renamed (same bridge and subnet, new conflist name). The new
+    // network takes the subnet over; elements that are not there make their
+    // delete fail, so each goes alone and failures are ignored.
+    for net in subnets {
+        let map = if net.is_ipv4() { "masq-v4" } else { "masq-v6" };
+        let _ = nft::apply_script(&format!("delete element inet ferry {map} {{ {net} }}\n"));
+    }
+    nft::apply_script(&script)
 }
 
 /// CHECK: the network's chain is there.

@@ -4,7 +4,7 @@ use crate::link::is_errno;
 use crate::{NsHandle, Result};
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressScope};
+use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressScope};
 
 impl NsHandle {
     /// `ip addr replace <addr> dev <index>`: idempotent.
@@ -14,6 +14,25 @@ impl NsHandle {
             .add(index, addr.ip(), addr.prefix())
             .replace()
             .execute()
+            .await
+            .map_err(|e| self.err("add address", format!("#{index} {addr}"), e))
+    }
+
+    /// Like [`NsHandle::replace_address`], usable at once: IPv6 skips duplicate
+    /// address detection (a gateway address stays "tentative" for ~2 s
+    /// otherwise, and pods' first packets to it are lost).
+    pub async fn replace_address_nodad(&self, index: u32, addr: IpNetwork) -> Result<()> {
+        let mut req = self
+            .handle
+            .address()
+            .add(index, addr.ip(), addr.prefix())
+            .replace();
+        if addr.is_ipv6() {
+            req.message_mut()
+                .attributes
+                .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        }
+        req.execute()
             .await
             .map_err(|e| self.err("add address", format!("#{index} {addr}"), e))
     }
