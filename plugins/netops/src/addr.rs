@@ -4,7 +4,9 @@ use crate::link::is_errno;
 use crate::{NsHandle, Result};
 use futures::TryStreamExt;
 use ipnetwork::IpNetwork;
-use rtnetlink::packet_route::address::{AddressAttribute, AddressFlags, AddressScope};
+use rtnetlink::packet_route::address::{
+    AddressAttribute, AddressFlags, AddressMessage, AddressScope,
+};
 
 impl NsHandle {
     /// `ip addr replace <addr> dev <index>`: idempotent.
@@ -37,17 +39,20 @@ impl NsHandle {
             .map_err(|e| self.err("add address", format!("#{index} {addr}"), e))
     }
 
-    /// The global (non link-local) addresses of a link.
-    pub async fn addresses(&self, index: u32) -> Result<Vec<IpNetwork>> {
-        let msgs: Vec<_> = self
-            .handle
+    async fn address_messages(&self, index: u32) -> Result<Vec<AddressMessage>> {
+        self.handle
             .address()
             .get()
             .set_link_index_filter(index)
             .execute()
             .try_collect()
             .await
-            .map_err(|e| self.err("list addresses", format!("#{index}"), e))?;
+            .map_err(|e| self.err("list addresses", format!("#{index}"), e))
+    }
+
+    /// The global (non link-local) addresses of a link.
+    pub async fn addresses(&self, index: u32) -> Result<Vec<IpNetwork>> {
+        let msgs = self.address_messages(index).await?;
         let mut out = Vec::new();
         for m in msgs {
             if m.header.index != index || m.header.scope != AddressScope::Universe {
@@ -66,15 +71,7 @@ impl NsHandle {
 
     /// Removes one address; `Ok(false)` when it was not there.
     pub async fn delete_address(&self, index: u32, addr: IpNetwork) -> Result<bool> {
-        let msgs: Vec<_> = self
-            .handle
-            .address()
-            .get()
-            .set_link_index_filter(index)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| self.err("list addresses", format!("#{index}"), e))?;
+        let msgs = self.address_messages(index).await?;
         for m in msgs {
             let hit = m.header.index == index
                 && m.header.prefix_len == addr.prefix()
