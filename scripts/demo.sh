@@ -77,7 +77,7 @@ for from in pod-a pod-b; do
     echo "$row $(printf '%-14s %-14s' $g4 $g6)"
 done
 
-echo "== CHECK pod-a: $(plugin CHECK pod-a 1 "${result[pod-a]}" && echo ok)"
+echo "== CHECK pod-a: loopback $(plugin CHECK pod-a 0 && echo ok), bridge $(plugin CHECK pod-a 1 "${result[pod-a]}" && echo ok)"
 echo "== the node's masquerade state (one table, per network, not per pod):"
 nft list table inet ferry | sed 's/^/   /'
 
