@@ -12,6 +12,7 @@ the peak RSS of each plugin process (wait4's ru_maxrss of the main plugin).
 """
 
 import argparse
+import shutil
 import json
 import os
 import statistics
@@ -150,6 +151,13 @@ def main():
 
     sh("ip", "link", "set", "lo", "up")
     work = tempfile.mkdtemp(prefix="ferry-bench-")
+    try:
+        return run_all(a, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def run_all(a, work):
     bin_dir = os.path.join(work, "bin")
     os.makedirs(bin_dir)
     # One CNI_PATH holding both suites, as on a node that has both installed.
