@@ -481,20 +481,17 @@ impl TestNetns {
 
     /// Names of the links of `kind` (`veth`, `bridge`, …) in this namespace.
     pub fn links_of_kind(&self, kind: &str) -> Vec<String> {
-        let v = self.ip_json(&["-d", "link", "show", "type", kind]);
-        let mut names: Vec<String> = v
-            .as_array()
-            .expect("ip -j prints an array")
-            .iter()
-            .map(|l| l["ifname"].as_str().expect("ifname").to_string())
-            .collect();
-        names.sort();
-        names
+        self.link_names(&["-d", "link", "show", "type", kind])
     }
 
     /// Names of the links enslaved to `bridge` in this namespace.
     pub fn bridge_ports(&self, bridge: &str) -> Vec<String> {
-        let v = self.ip_json(&["link", "show", "master", bridge]);
+        self.link_names(&["link", "show", "master", bridge])
+    }
+
+    /// Sorted `ifname`s of an `ip -j … link show …` listing.
+    fn link_names(&self, args: &[&str]) -> Vec<String> {
+        let v = self.ip_json(args);
         let mut names: Vec<String> = v
             .as_array()
             .expect("ip -j prints an array")
