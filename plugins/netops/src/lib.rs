@@ -13,6 +13,7 @@
 //! [`NsHandle`], [`Link`] and [`NetopsError`] only.
 
 mod addr;
+mod bridge_vlan;
 mod error;
 mod handle;
 mod link;
@@ -22,6 +23,7 @@ mod pod_link;
 mod route;
 pub mod sysctl;
 
+pub use bridge_vlan::PortVlan;
 pub use error::{NetopsError, to_cni};
 pub use handle::{NsHandle, block_on};
 pub use link::{Link, OperState};

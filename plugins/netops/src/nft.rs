@@ -154,3 +154,146 @@ fn find_nft() -> Option<PathBuf> {
         .map(|d| d.join("nft"))
         .find(|p| p.is_file())
 }
+
+// --- Reads for CHECK: a set element by key, the rules of one chain. ---
+
+const NFT_MSG_GETRULE: u16 = 7;
+const NFT_MSG_GETSETELEM: u16 = 13;
+const NFTA_RULE_TABLE: u16 = 1;
+const NFTA_RULE_CHAIN: u16 = 2;
+const NFTA_SET_ELEM_LIST_TABLE: u16 = 1;
+const NFTA_SET_ELEM_LIST_SET: u16 = 2;
+const NFTA_SET_ELEM_LIST_ELEMENTS: u16 = 3;
+const NFTA_LIST_ELEM: u16 = 1;
+const NFTA_SET_ELEM_KEY: u16 = 1;
+const NFTA_DATA_VALUE: u16 = 1;
+const NLA_F_NESTED: u16 = 0x8000;
+const NLM_F_DUMP: u16 = 0x300;
+
+/// Whether set or map `set` of `table` holds an element with key `key`
+/// (raw key bytes, e.g. an `ifname` key zero-padded to 16 bytes). A missing
+/// table or set is `false`.
+pub fn set_has_key(family: NftFamily, table: &str, set: &str, key: &[u8]) -> Result<bool> {
+    let mut value = Vec::new();
+    push_attr(&mut value, NFTA_DATA_VALUE, key);
+    let mut k = Vec::new();
+    push_attr(&mut k, NFTA_SET_ELEM_KEY | NLA_F_NESTED, &value);
+    let mut elem = Vec::new();
+    push_attr(&mut elem, NFTA_LIST_ELEM | NLA_F_NESTED, &k);
+    let mut attrs = Vec::new();
+    push_str_attr(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, table);
+    push_str_attr(&mut attrs, NFTA_SET_ELEM_LIST_SET, set);
+    push_attr(
+        &mut attrs,
+        NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED,
+        &elem,
+    );
+    let what = format!("element of nft set {table}/{set}");
+    let answers = query(
+        NFT_MSG_GETSETELEM,
+        NLM_F_REQUEST | NLM_F_ACK,
+        family,
+        &attrs,
+        &what,
+    )?;
+    Ok(answers.is_some_and(|a| !a.is_empty()))
+}
+
+/// The rules of chain `chain` of `table`, each as its raw nf_tables message
+/// (attributes included), in chain order. A missing table or chain gives
+/// no rules.
+pub fn chain_rules(family: NftFamily, table: &str, chain: &str) -> Result<Vec<Vec<u8>>> {
+    let mut attrs = Vec::new();
+    push_str_attr(&mut attrs, NFTA_RULE_TABLE, table);
+    push_str_attr(&mut attrs, NFTA_RULE_CHAIN, chain);
+    let what = format!("rules of nft chain {table}/{chain}");
+    Ok(query(
+        NFT_MSG_GETRULE,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        family,
+        &attrs,
+        &what,
+    )?
+    .unwrap_or_default())
+}
+
+fn push_attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) {
+    let len = 4 + data.len();
+    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+    buf.extend_from_slice(&kind.to_ne_bytes());
+    buf.extend_from_slice(data);
+    while buf.len() % 4 != 0 {
+        buf.push(0);
+    }
+}
+
+/// One nf_tables request; the answers' bodies (after the netlink header), or
+/// `None` when the kernel says ENOENT (no such table, chain, set, element).
+fn query(
+    msg_type: u16,
+    flags: u16,
+    family: NftFamily,
+    attrs: &[u8],
+    what: &str,
+) -> Result<Option<Vec<Vec<u8>>>> {
+    let fail = |op: &str, e: io::Error| NetopsError::io(format!("{op} {what}"), "host", e);
+    let mut sock =
+        Socket::new(NETLINK_NETFILTER).map_err(|e| fail("open netfilter socket for", e))?;
+    sock.bind_auto()
+        .map_err(|e| fail("bind netfilter socket for", e))?;
+    sock.connect(&SocketAddr::new(0, 0))
+        .map_err(|e| fail("connect netfilter socket for", e))?;
+
+    let len = 16 + 4 + attrs.len();
+    let mut msg = Vec::with_capacity(len);
+    msg.extend_from_slice(&(len as u32).to_ne_bytes());
+    msg.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | msg_type).to_ne_bytes());
+    msg.extend_from_slice(&flags.to_ne_bytes());
+    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
+    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it
+    msg.push(family as u8); // nfgenmsg.nfgen_family
+    msg.push(0); // NFNETLINK_V0
+    msg.extend_from_slice(&0u16.to_be_bytes()); // res_id
+    msg.extend_from_slice(attrs);
+    sock.send(&msg, 0).map_err(|e| fail("query", e))?;
+
+    let mut out = Vec::new();
+    // Dumps come in skbs of up to 32 KiB; a smaller buffer would truncate.
+    let mut buf = vec![0u8; 65536];
+    loop {
+        let n = sock
+            .recv(&mut &mut buf[..], 0)
+            .map_err(|e| fail("read answer for", e))?;
+        let mut off = 0;
+        while off + 16 <= n {
+            let mlen = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
+            let mtype = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes"));
+            if mlen < 16 || off + mlen > n {
+                return Err(fail(
+                    "parse answer for",
+                    io::Error::from(io::ErrorKind::InvalidData),
+                ));
+            }
+            match mtype {
+                NLMSG_ERROR => {
+                    if mlen < 20 {
+                        return Err(fail(
+                            "parse answer for",
+                            io::Error::from(io::ErrorKind::InvalidData),
+                        ));
+                    }
+                    let errno =
+                        i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4 bytes"));
+                    return match -errno {
+                        0 => Ok(Some(out)),
+                        libc::ENOENT => Ok(None),
+                        e => Err(fail("query", io::Error::from_raw_os_error(e))),
+                    };
+                }
+                NLMSG_DONE => return Ok(Some(out)),
+                _ => out.push(buf[off + 16..off + mlen].to_vec()),
+            }
+            off += (mlen + 3) & !3;
+        }
+    }
+}
