@@ -17,19 +17,26 @@ mod bridge_vlan;
 mod error;
 mod handle;
 mod link;
+pub mod monitor;
+mod neigh;
 mod netns;
 pub mod nft;
 mod pod_link;
 mod route;
 pub mod sysctl;
+mod vxlan;
 
 pub use bridge_vlan::PortVlan;
 pub use error::{NetopsError, to_cni};
 pub use handle::{NsHandle, block_on};
 pub use link::{Link, OperState};
+pub use monitor::{KernelEvent, Monitor};
+pub use neigh::{FdbEntry, NeighState, Neighbour};
 pub use netns::{NetNs, in_netns};
 pub use pod_link::{BridgeSpec, VethPair};
 pub use route::RouteSpec;
+pub use route::{FERRY_ROUTE_PROTO, Ipv4Route, RouteFilter};
+pub use vxlan::{Vxlan, VxlanChange, VxlanSpec};
 
 /// Shorthand used across the crate.
 pub type Result<T, E = NetopsError> = std::result::Result<T, E>;

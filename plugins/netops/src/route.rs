@@ -1,13 +1,16 @@
-//! Routes in the main table.
+//! Routes in the main table: the plugins' [`RouteSpec`], and the daemon's
+//! [`Ipv4Route`]s tagged with ferry's own protocol ([`FERRY_ROUTE_PROTO`]).
 
 use crate::link::is_errno;
 use crate::{NsHandle, Result};
 use futures::TryStreamExt;
-use ipnetwork::IpNetwork;
+use ipnetwork::{IpNetwork, Ipv4Network};
 use rtnetlink::RouteMessageBuilder;
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
-use std::net::IpAddr;
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteType,
+};
+use std::net::{IpAddr, Ipv4Addr};
 
 /// A route as ferry programs it: `dst [via gw] dev <index> [onlink]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -118,5 +121,257 @@ fn route_ip(a: &RouteAddress) -> Option<IpAddr> {
         RouteAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
         RouteAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
         _ => None,
+    }
+}
+
+/// The route protocol number ferry stamps on every route the daemon programs
+/// (`ip route … proto 70`). Routes carry it, so ferry finds its own stale
+/// routes after a restart without ever touching anyone else's (a foreign
+/// route to the same prefix has another protocol and is left alone).
+///
+/// 70 is ASCII `F`. It is not in iproute2's `rt_protos` (0–18, 42, 99,
+/// 186–192) nor, as far as we know, used by another CNI (Calico uses 80).
+/// The kernel does not interpret protocols above `RTPROT_STATIC` (4).
+pub const FERRY_ROUTE_PROTO: u8 = 70;
+
+/// `RT_TABLE_MAIN`.
+const MAIN_TABLE: u32 = 254;
+
+/// An IPv4 route of the main table, with its protocol:
+/// `dst [via gw] dev <oif> [onlink] proto <protocol>`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Ipv4Route {
+    pub dst: Ipv4Network,
+    pub gw: Option<Ipv4Addr>,
+    pub oif: u32,
+    pub onlink: bool,
+    pub protocol: u8,
+}
+
+impl Ipv4Route {
+    /// `dst via gw dev oif [onlink]`, tagged with [`FERRY_ROUTE_PROTO`].
+    pub fn ferry(dst: Ipv4Network, gw: Ipv4Addr, oif: u32, onlink: bool) -> Ipv4Route {
+        Ipv4Route {
+            dst,
+            gw: Some(gw),
+            oif,
+            onlink,
+            protocol: FERRY_ROUTE_PROTO,
+        }
+    }
+
+    fn message(&self) -> RouteMessage {
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(self.dst.network(), self.dst.prefix())
+            .output_interface(self.oif)
+            .protocol(RouteProtocol::from(self.protocol));
+        if let Some(gw) = self.gw {
+            b = b.gateway(gw);
+        }
+        if self.onlink {
+            b = b.onlink();
+        }
+        b.build()
+    }
+
+    fn describe(&self) -> String {
+        let mut s = format!("{}", self.dst);
+        if let Some(gw) = self.gw {
+            s.push_str(&format!(" via {gw}"));
+        }
+        s.push_str(&format!(" dev #{}", self.oif));
+        if self.onlink {
+            s.push_str(" onlink");
+        }
+        s.push_str(&format!(" proto {}", self.protocol));
+        s
+    }
+
+    /// The route a dump message describes, if it is a plain IPv4 unicast
+    /// route (multipath and non-unicast routes are `None`).
+    pub(crate) fn from_message(m: &RouteMessage) -> Option<(Ipv4Route, u32)> {
+        if m.header.address_family != AddressFamily::Inet || m.header.kind != RouteType::Unicast {
+            return None;
+        }
+        let mut table = u32::from(m.header.table);
+        let mut dst = Ipv4Addr::UNSPECIFIED;
+        let mut gw = None;
+        let mut oif = 0;
+        for a in &m.attributes {
+            match a {
+                RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
+                RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
+                RouteAttribute::Oif(i) => oif = *i,
+                RouteAttribute::Table(t) => table = *t,
+                _ => {}
+            }
+        }
+        let dst = Ipv4Network::new(dst, m.header.destination_prefix_length).ok()?;
+        let route = Ipv4Route {
+            dst,
+            gw,
+            oif,
+            onlink: m.header.flags.contains(RouteFlags::Onlink),
+            protocol: u8::from(m.header.protocol),
+        };
+        Some((route, table))
+    }
+}
+
+/// Which main-table IPv4 routes [`NsHandle::ipv4_routes`] returns.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RouteFilter {
+    pub protocol: Option<u8>,
+    pub oif: Option<u32>,
+}
+
+impl NsHandle {
+    /// `ip route replace <route>` with its protocol: idempotent, and takes
+    /// over a route to the same prefix and metric whoever added it.
+    pub async fn replace_ipv4_route(&self, route: &Ipv4Route) -> Result<()> {
+        self.handle
+            .route()
+            .add(route.message())
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| self.err("replace route", route.describe(), e))
+    }
+
+    /// `ip route del <route>`, matching its protocol too, so a foreign route
+    /// to the same prefix is never removed. `Ok(false)` when it was not there.
+    pub async fn delete_ipv4_route(&self, route: &Ipv4Route) -> Result<bool> {
+        match self.handle.route().del(route.message()).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if is_errno(&e, libc::ESRCH) => Ok(false),
+            Err(e) => Err(self.err("delete route", route.describe(), e)),
+        }
+    }
+
+    /// The unicast IPv4 routes of the main table matching `filter`, from one
+    /// dump (filtered while it streams, so only the matches are kept).
+    pub async fn ipv4_routes(&self, filter: RouteFilter) -> Result<Vec<Ipv4Route>> {
+        let mut req = RouteMessage::default();
+        req.header.address_family = AddressFamily::Inet;
+        let mut stream = self.handle.route().get(req).execute();
+        let mut out = Vec::new();
+        while let Some(m) = stream
+            .try_next()
+            .await
+            .map_err(|e| self.err("list routes", "<all>", e))?
+        {
+            let Some((r, table)) = Ipv4Route::from_message(&m) else {
+                continue;
+            };
+            if table == MAIN_TABLE
+                && filter.protocol.is_none_or(|p| p == r.protocol)
+                && filter.oif.is_none_or(|o| o == r.oif)
+            {
+                out.push(r);
+            }
+        }
+        Ok(out)
+    }
+
+    /// `ip route get <dst>`: the route the kernel would use, or `None` when
+    /// the destination is unreachable.
+    pub async fn route_get_ipv4(&self, dst: Ipv4Addr) -> Result<Option<Ipv4Route>> {
+        let mut req = RouteMessage::default();
+        req.header.address_family = AddressFamily::Inet;
+        req.header.destination_prefix_length = 32;
+        req.attributes
+            .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+        let mut stream = self.handle.route().get(req).execute();
+        match stream.try_next().await {
+            Ok(Some(m)) => {
+                // The answer describes a cached /32; keep its gateway and oif.
+                let mut r = Ipv4Route {
+                    dst: Ipv4Network::new(dst, 32).expect("/32 is valid"),
+                    gw: None,
+                    oif: 0,
+                    onlink: m.header.flags.contains(RouteFlags::Onlink),
+                    protocol: u8::from(m.header.protocol),
+                };
+                for a in &m.attributes {
+                    match a {
+                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gw = Some(*g),
+                        RouteAttribute::Oif(i) => r.oif = *i,
+                        _ => {}
+                    }
+                }
+                Ok(Some(r))
+            }
+            Ok(None) => Ok(None),
+            Err(e)
+                if is_errno(&e, libc::ENETUNREACH)
+                    || is_errno(&e, libc::EHOSTUNREACH)
+                    || is_errno(&e, libc::EINVAL) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(self.err("look up route", dst.to_string(), e)),
+        }
+    }
+
+    /// The IPv4 default route of the main table with the lowest metric.
+    pub async fn default_ipv4_route(&self) -> Result<Option<Ipv4Route>> {
+        let mut req = RouteMessage::default();
+        req.header.address_family = AddressFamily::Inet;
+        let mut stream = self.handle.route().get(req).execute();
+        let mut best: Option<(u32, Ipv4Route)> = None;
+        while let Some(m) = stream
+            .try_next()
+            .await
+            .map_err(|e| self.err("list routes", "<default>", e))?
+        {
+            let Some((r, table)) = Ipv4Route::from_message(&m) else {
+                continue;
+            };
+            if table != MAIN_TABLE || r.dst.prefix() != 0 || r.oif == 0 {
+                continue;
+            }
+            let metric = m
+                .attributes
+                .iter()
+                .find_map(|a| match a {
+                    RouteAttribute::Priority(p) => Some(*p),
+                    _ => None,
+                })
+                .unwrap_or(0);
+            if best.as_ref().is_none_or(|(b, _)| metric < *b) {
+                best = Some((metric, r));
+            }
+        }
+        Ok(best.map(|(_, r)| r))
+    }
+
+    /// The link holding the local address `ip` (from the kernel's `local`
+    /// table), or `None` when no link has it.
+    pub async fn link_holding(&self, ip: Ipv4Addr) -> Result<Option<u32>> {
+        let mut req = RouteMessage::default();
+        req.header.address_family = AddressFamily::Inet;
+        let mut stream = self.handle.route().get(req).execute();
+        while let Some(m) = stream
+            .try_next()
+            .await
+            .map_err(|e| self.err("list routes", "<local>", e))?
+        {
+            if m.header.kind != RouteType::Local || m.header.destination_prefix_length != 32 {
+                continue;
+            }
+            let mut dst = None;
+            let mut oif = None;
+            for a in &m.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
+                    RouteAttribute::Oif(i) => oif = Some(*i),
+                    _ => {}
+                }
+            }
+            if dst == Some(ip) && oif.is_some() {
+                return Ok(oif);
+            }
+        }
+        Ok(None)
     }
 }

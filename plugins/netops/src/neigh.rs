@@ -1,0 +1,248 @@
+//! Neighbours (ARP entries) and bridge fdb entries of one link, as the
+//! overlay needs them: permanent, replaced in place, dumped per link.
+//!
+//! On a VXLAN device the two together say where a remote pod subnet lives:
+//! the neighbour maps the remote subnet's `.0` to the remote VTEP MAC, the
+//! fdb entry maps that MAC to the remote node's underlay IP
+//! (`ip neigh replace … nud permanent`, `bridge fdb replace … self permanent`).
+
+use crate::link::is_errno;
+use crate::{NsHandle, Result};
+use futures::TryStreamExt;
+use rtnetlink::packet_route::AddressFamily;
+use rtnetlink::packet_route::neighbour::{
+    NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
+};
+use std::net::{IpAddr, Ipv4Addr};
+
+/// An IPv4 neighbour entry of a link (`ip -4 neigh show dev <link>`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Neighbour {
+    pub ifindex: u32,
+    pub ip: Ipv4Addr,
+    /// Absent for unresolved entries (INCOMPLETE, FAILED).
+    pub mac: Option<[u8; 6]>,
+    pub state: NeighState,
+}
+
+/// The NUD states ferry distinguishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NeighState {
+    Permanent,
+    /// NOARP: multicast/broadcast entries the kernel makes and remakes by itself.
+    NoArp,
+    /// Anything the kernel learned or is resolving (REACHABLE, STALE, FAILED, …).
+    Dynamic,
+}
+
+/// A bridge fdb entry of a link (`bridge fdb show dev <link>`). A VXLAN fdb
+/// entry with several remotes is dumped as one entry per remote.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct FdbEntry {
+    pub ifindex: u32,
+    pub mac: [u8; 6],
+    /// The remote (VXLAN `dst`).
+    pub dst: Option<IpAddr>,
+    pub permanent: bool,
+    /// NTF_SELF: the entry belongs to the device itself (VXLAN), not to a
+    /// bridge it is a port of.
+    pub is_self: bool,
+}
+
+fn mac6(v: &[u8]) -> Option<[u8; 6]> {
+    <[u8; 6]>::try_from(v).ok()
+}
+
+pub(crate) fn mac_str(m: &[u8]) -> String {
+    m.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+impl NsHandle {
+    /// `ip neigh replace <ip> lladdr <mac> dev <ifindex> nud permanent`.
+    pub async fn replace_neighbour(&self, ifindex: u32, ip: Ipv4Addr, mac: [u8; 6]) -> Result<()> {
+        self.handle
+            .neighbours()
+            .add(ifindex, IpAddr::V4(ip))
+            .link_layer_address(&mac)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                self.err(
+                    "replace neighbour",
+                    format!("{ip} lladdr {} dev #{ifindex}", mac_str(&mac)),
+                    e,
+                )
+            })
+    }
+
+    /// `ip neigh del <ip> dev <ifindex>`; `Ok(false)` when it was not there.
+    pub async fn delete_neighbour(&self, ifindex: u32, ip: Ipv4Addr) -> Result<bool> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Inet;
+        msg.header.ifindex = ifindex;
+        msg.attributes
+            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        match self.handle.neighbours().del(msg).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if is_errno(&e, libc::ENOENT) => Ok(false),
+            Err(e) => Err(self.err("delete neighbour", format!("{ip} dev #{ifindex}"), e)),
+        }
+    }
+
+    /// The IPv4 neighbours of link `ifindex`, from one dump (the kernel
+    /// filters by NDA_IFINDEX; the filter is applied here too).
+    pub async fn neighbours(&self, ifindex: u32) -> Result<Vec<Neighbour>> {
+        let mut req = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet);
+        req.message_mut()
+            .attributes
+            .push(NeighbourAttribute::IfIndex(ifindex));
+        let mut stream = req.execute();
+        let mut out = Vec::new();
+        while let Some(m) = stream
+            .try_next()
+            .await
+            .map_err(|e| self.err("list neighbours", format!("#{ifindex}"), e))?
+        {
+            if m.header.ifindex != ifindex || m.header.family != AddressFamily::Inet {
+                continue;
+            }
+            let mut ip = None;
+            let mut mac = None;
+            for a in &m.attributes {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => ip = Some(*v4),
+                    NeighbourAttribute::LinkLayerAddress(l) => mac = mac6(l),
+                    _ => {}
+                }
+            }
+            let state = match m.header.state {
+                NeighbourState::Permanent => NeighState::Permanent,
+                NeighbourState::Noarp => NeighState::NoArp,
+                _ => NeighState::Dynamic,
+            };
+            if let Some(ip) = ip {
+                out.push(Neighbour {
+                    ifindex,
+                    ip,
+                    mac,
+                    state,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// `bridge fdb replace <mac> dev <ifindex> dst <dst> self permanent`.
+    pub async fn replace_fdb(&self, ifindex: u32, mac: [u8; 6], dst: IpAddr) -> Result<()> {
+        self.handle
+            .neighbours()
+            .add_bridge(ifindex, &mac)
+            .destination(dst)
+            .flags(NeighbourFlags::Own)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                self.err(
+                    "replace fdb entry",
+                    format!("{} dst {dst} dev #{ifindex}", mac_str(&mac)),
+                    e,
+                )
+            })
+    }
+
+    /// `bridge fdb del <mac> dev <ifindex> [dst <dst>] self`: with `dst`, only
+    /// that remote of the entry goes. `Ok(false)` when it was not there.
+    pub async fn delete_fdb(&self, entry: &FdbEntry) -> Result<bool> {
+        let mut msg = NeighbourMessage::default();
+        msg.header.family = AddressFamily::Bridge;
+        msg.header.ifindex = entry.ifindex;
+        msg.header.flags = if entry.is_self {
+            NeighbourFlags::Own
+        } else {
+            NeighbourFlags::Controller
+        };
+        msg.attributes
+            .push(NeighbourAttribute::LinkLayerAddress(entry.mac.to_vec()));
+        if let Some(dst) = entry.dst {
+            let a = match dst {
+                IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+                IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+            };
+            msg.attributes.push(NeighbourAttribute::Destination(a));
+        }
+        match self.handle.neighbours().del(msg).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if is_errno(&e, libc::ENOENT) => Ok(false),
+            Err(e) => Err(self.err(
+                "delete fdb entry",
+                format!("{} dev #{}", mac_str(&entry.mac), entry.ifindex),
+                e,
+            )),
+        }
+    }
+
+    /// The fdb entries of link `ifindex`. The kernel's legacy fdb dump cannot
+    /// filter by port, so this is one dump of the namespace, filtered while
+    /// it streams.
+    pub async fn fdb_entries(&self, ifindex: u32) -> Result<Vec<FdbEntry>> {
+        let mut stream = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Bridge)
+            .execute();
+        let mut out = Vec::new();
+        while let Some(m) = stream
+            .try_next()
+            .await
+            .map_err(|e| self.err("list fdb entries", format!("#{ifindex}"), e))?
+        {
+            if m.header.ifindex != ifindex {
+                continue;
+            }
+            let mut mac = None;
+            let mut dst = None;
+            for a in &m.attributes {
+                match a {
+                    NeighbourAttribute::LinkLayerAddress(l) => mac = mac6(l),
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => {
+                        dst = Some(IpAddr::V4(*v4))
+                    }
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => {
+                        dst = Some(IpAddr::V6(*v6))
+                    }
+                    // Bridge-family messages carry the remote as raw bytes.
+                    NeighbourAttribute::Destination(NeighbourAddress::Other(b)) => {
+                        dst = match b.len() {
+                            4 => <[u8; 4]>::try_from(&b[..]).ok().map(IpAddr::from),
+                            16 => <[u8; 16]>::try_from(&b[..]).ok().map(IpAddr::from),
+                            _ => None,
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            if let Some(mac) = mac {
+                out.push(FdbEntry {
+                    ifindex,
+                    mac,
+                    dst,
+                    permanent: m.header.state == NeighbourState::Permanent,
+                    is_self: m.header.flags.contains(NeighbourFlags::Own),
+                });
+            }
+        }
+        Ok(out)
+    }
+}
