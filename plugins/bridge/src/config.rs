@@ -25,12 +25,31 @@ struct Wire {
     hairpin_mode: bool,
     #[serde(default)]
     promisc_mode: bool,
+    /// Signed so that a negative VLAN gets the same clear refusal as 4095.
     #[serde(default)]
-    vlan: u32,
+    vlan: i64,
+    #[serde(default)]
+    vlan_trunk: Option<Vec<TrunkWire>>,
+    #[serde(default = "yes")]
+    preserve_default_vlan: bool,
     #[serde(default)]
     macspoofchk: bool,
     #[serde(default)]
     enabledad: bool,
+}
+
+/// One `vlanTrunk` item: a single `id`, or a `minID`..=`maxID` range, or both.
+#[derive(Debug, Clone, Deserialize)]
+struct TrunkWire {
+    #[serde(rename = "minID")]
+    min_id: Option<i64>,
+    #[serde(rename = "maxID")]
+    max_id: Option<i64>,
+    id: Option<i64>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 fn default_bridge() -> String {
@@ -51,6 +70,15 @@ pub struct BridgeConf {
     pub hairpin_mode: bool,
     pub promisc_mode: bool,
     pub enable_dad: bool,
+    /// The access VLAN of the pod's port (PVID, untagged); 0 = none.
+    pub vlan: u16,
+    /// Tagged VLANs of the pod's port (`vlanTrunk`), sorted, no duplicates.
+    pub vlan_trunk: Vec<u16>,
+    /// Keep the bridge's default VLAN (1) on the pod's port when `vlan` or
+    /// `vlanTrunk` is set (the reference default); false removes it.
+    pub preserve_default_vlan: bool,
+    /// Drop frames from the pod whose source MAC is not the pod's.
+    pub macspoofchk: bool,
     /// The pod interface's MAC from runtimeConfig `mac` or `MAC=` in CNI_ARGS.
     pub mac: Option<[u8; 6]>,
 }
@@ -62,19 +90,26 @@ impl BridgeConf {
         let w: Wire = conf.plugin_config()?;
         ferry_cni::args::validate_ifname(&w.bridge)
             .map_err(|e| CniError::invalid_config(format!("invalid bridge name: {}", e.msg)))?;
-        // Refused rather than ignored: silently skipping a VLAN or an
-        // anti-spoofing rule would leave pods less isolated than configured.
-        if w.vlan != 0 {
-            return Err(CniError::new(
-                ErrorCode::UnsupportedField,
-                "\"vlan\" is not supported yet by ferry-bridge",
+        let vlan = vlan_id("vlan", w.vlan, true)?;
+        let vlan_trunk = trunk_vlans(w.vlan_trunk.as_deref().unwrap_or_default())?;
+        // The reference's rule: a port is either an access port or a trunk.
+        if vlan != 0 && !vlan_trunk.is_empty() {
+            return Err(CniError::invalid_config(
+                "cannot set vlan and vlanTrunk at the same time",
             ));
         }
-        if w.macspoofchk {
-            return Err(CniError::new(
-                ErrorCode::UnsupportedField,
-                "\"macspoofchk\" is not supported yet by ferry-bridge",
-            ));
+        let is_gateway = w.is_gateway || w.is_default_gateway;
+        if vlan != 0 && is_gateway {
+            // The gateway of a VLAN lives on "<bridge>.<vlan>" (reference
+            // behaviour), which must be a valid interface name too.
+            ferry_cni::args::validate_ifname(&vlan_gateway_name(&w.bridge, vlan)).map_err(|e| {
+                CniError::invalid_config(format!(
+                    "bridge {:?} is too long for the VLAN gateway interface {:?}: {}",
+                    w.bridge,
+                    vlan_gateway_name(&w.bridge, vlan),
+                    e.msg
+                ))
+            })?;
         }
         if w.mtu != 0 && !(68..=65535).contains(&w.mtu) {
             return Err(CniError::invalid_config(format!("invalid mtu {}", w.mtu)));
@@ -100,7 +135,7 @@ impl BridgeConf {
         Ok(BridgeConf {
             network: conf.name.clone(),
             bridge: w.bridge,
-            is_gateway: w.is_gateway || w.is_default_gateway,
+            is_gateway,
             is_default_gateway: w.is_default_gateway,
             force_address: w.force_address,
             ip_masq: w.ip_masq,
@@ -108,9 +143,67 @@ impl BridgeConf {
             hairpin_mode: w.hairpin_mode,
             promisc_mode: w.promisc_mode,
             enable_dad: w.enabledad,
+            vlan,
+            vlan_trunk,
+            preserve_default_vlan: w.preserve_default_vlan,
+            macspoofchk: w.macspoofchk,
             mac,
         })
     }
+}
+
+/// The interface carrying the gateway address of VLAN `vlan` on `bridge`.
+pub fn vlan_gateway_name(bridge: &str, vlan: u16) -> String {
+    format!("{bridge}.{vlan}")
+}
+
+/// A VLAN ID of key `key`: 1..=4094, or 0 (none) when `zero_ok`. Anything
+/// else is the spec's code 2 (a value of a field this plugin cannot use),
+/// with the key and the value in the message.
+fn vlan_id(key: &str, v: i64, zero_ok: bool) -> Result<u16, CniError> {
+    match v {
+        0 if zero_ok => Ok(0),
+        1..=4094 => Ok(v as u16),
+        _ => Err(CniError::new(
+            ErrorCode::UnsupportedField,
+            format!(
+                "invalid {key} {v}: VLAN IDs are 1 to 4094{}",
+                if zero_ok { " (0 = no VLAN)" } else { "" }
+            ),
+        )),
+    }
+}
+
+/// The reference's `vlanTrunk` semantics: each item adds `minID..=maxID`
+/// (both or neither) and/or `id`.
+fn trunk_vlans(items: &[TrunkWire]) -> Result<Vec<u16>, CniError> {
+    let mut out = std::collections::BTreeSet::new();
+    for item in items {
+        match (item.min_id, item.max_id) {
+            (Some(lo), Some(hi)) => {
+                let (lo, hi) = (
+                    vlan_id("vlanTrunk minID", lo, false)?,
+                    vlan_id("vlanTrunk maxID", hi, false)?,
+                );
+                if hi < lo {
+                    return Err(CniError::invalid_config(format!(
+                        "vlanTrunk minID {lo} is greater than maxID {hi}"
+                    )));
+                }
+                out.extend(lo..=hi);
+            }
+            (None, None) => {}
+            _ => {
+                return Err(CniError::invalid_config(
+                    "vlanTrunk minID and maxID must be set together",
+                ));
+            }
+        }
+        if let Some(id) = item.id {
+            out.insert(vlan_id("vlanTrunk id", id, false)?);
+        }
+    }
+    Ok(out.into_iter().collect())
 }
 
 /// `aa:bb:cc:dd:ee:ff`; a multicast address is refused (the kernel would too).
@@ -180,6 +273,33 @@ mod tests {
         assert_eq!(c.mtu, 1500);
         assert!(!c.is_gateway && !c.ip_masq && !c.hairpin_mode && !c.enable_dad);
         assert_eq!(c.mac, None);
+        assert_eq!((c.vlan, c.vlan_trunk.len()), (0, 0));
+        assert!(c.preserve_default_vlan && !c.macspoofchk);
+    }
+
+    #[test]
+    fn vlan_options() {
+        let c = load(
+            json!({"vlan": 100, "preserveDefaultVlan": false, "macspoofchk": true}),
+            "",
+        )
+        .unwrap();
+        assert_eq!(c.vlan, 100);
+        assert!(!c.preserve_default_vlan && c.macspoofchk);
+        let c = load(
+            json!({"vlanTrunk": [{"minID": 10, "maxID": 12}, {"id": 11}, {"id": 4094}]}),
+            "",
+        )
+        .unwrap();
+        assert_eq!(c.vlan_trunk, vec![10, 11, 12, 4094]);
+        assert_eq!(c.vlan, 0);
+        // 15 characters: "br-pods12.4094" fits, a longer bridge does not.
+        load(
+            json!({"bridge": "br-pods12", "vlan": 4094, "isGateway": true}),
+            "",
+        )
+        .unwrap();
+        load(json!({"bridge": "br-pods1234", "vlan": 4094}), "").unwrap();
     }
 
     #[test]
@@ -213,8 +333,19 @@ mod tests {
     #[test]
     fn refusals() {
         let cases = [
-            (json!({"vlan": 100}), "", 2),
-            (json!({"macspoofchk": true}), "", 2),
+            (json!({"vlan": 4095}), "", 2),
+            (json!({"vlan": -1}), "", 2),
+            (json!({"vlan": "100"}), "", 7),
+            (json!({"vlanTrunk": [{"id": 0}]}), "", 2),
+            (json!({"vlanTrunk": [{"minID": 5, "maxID": 5000}]}), "", 2),
+            (json!({"vlanTrunk": [{"minID": 9, "maxID": 5}]}), "", 7),
+            (json!({"vlanTrunk": [{"minID": 9}]}), "", 7),
+            (json!({"vlan": 5, "vlanTrunk": [{"id": 6}]}), "", 7),
+            (
+                json!({"bridge": "br-pods1234", "vlan": 4094, "isGateway": true}),
+                "",
+                7,
+            ),
             (json!({"mtu": 20}), "", 7),
             (json!({"bridge": "way-too-long-bridge-name"}), "", 7),
             (json!({"bridge": 5}), "", 7),

@@ -13,15 +13,16 @@
 
 pub mod config;
 pub mod masq;
+pub mod spoofchk;
 
-use config::{BridgeConf, first_host, format_mac};
+use config::{BridgeConf, first_host, format_mac, vlan_gateway_name};
 use ferry_cni::delegate::exec_ipam;
 use ferry_cni::{
     CmdArgs, CniError, CniResult, Command, ErrorCode, Interface, NetConf, Plugin, Route,
 };
 use ferry_netops::{
-    BridgeSpec, NetNs, NetopsError, NsHandle, RouteSpec, VethPair, block_on, in_netns, sysctl,
-    to_cni,
+    BridgeSpec, Link, NetNs, NetopsError, NsHandle, PortVlan, RouteSpec, VethPair, block_on,
+    in_netns, sysctl, to_cni,
 };
 use ipnetwork::IpNetwork;
 use std::net::IpAddr;
@@ -58,6 +59,8 @@ fn plugin_error(code: u32, msg: impl Into<String>) -> CniError {
 struct Progress {
     ipam_done: bool,
     host_veth: Option<u32>,
+    /// The host veth whose macspoofchk state was added.
+    spoofchk: Option<String>,
 }
 
 impl Plugin for Bridge {
@@ -82,7 +85,7 @@ impl Plugin for Bridge {
     }
 
     fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
-        let _ = BridgeConf::load(conf, args)?;
+        let bc = BridgeConf::load(conf, args)?;
         // The link first: with the namespace gone it is gone too; otherwise
         // deleting the host end removes the pod end with it.
         let link_result = block_on(async {
@@ -96,9 +99,21 @@ impl Plugin for Bridge {
             Ok(())
         })
         .map_err(to_cni);
+        // Whether or not this config asks for macspoofchk (it may have been
+        // turned off since the ADD): one netlink lookup when there is none.
+        // Without the option, a failure (no nf_tables on this node) is only
+        // logged.
+        let spoof_result = match spoofchk::remove(&host_veth_name(&args.container_id, &args.ifname))
+        {
+            Err(e) if !bc.macspoofchk => {
+                eprintln!("ferry-bridge: DEL: macspoofchk cleanup skipped: {e}");
+                Ok(())
+            }
+            r => r.map_err(to_cni),
+        };
         // Always release the address, whatever happened to the link.
         let ipam_result = exec_ipam(Command::Del, args, conf).map(|_| ());
-        link_result.and(ipam_result)
+        link_result.and(spoof_result).and(ipam_result)
     }
 
     fn check(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
@@ -155,6 +170,9 @@ async fn add(
         })
         .await
         .map_err(to_cni)?;
+    if bc.vlan != 0 || !bc.vlan_trunk.is_empty() {
+        ensure_vlan_filtering(host, &br).await?;
+    }
 
     let ipam = exec_ipam(Command::Add, args, conf)?
         .ok_or_else(|| CniError::decoding("IPAM returned no result"))?;
@@ -193,6 +211,7 @@ async fn add(
             _ => to_cni(e),
         })?;
     progress.host_veth = Some(host_veth.index);
+    setup_port_vlans(host, host_veth.index, bc).await?;
 
     let pod = NsHandle::new(pod_ns).map_err(to_cni)?;
     let eth = pod
@@ -205,6 +224,11 @@ async fn add(
                 format!("{} missing in pod after creation", args.ifname),
             )
         })?;
+    if bc.macspoofchk {
+        // Set before the pod's interface is up: its first frame is checked.
+        progress.spoofchk = Some(host_name.clone());
+        spoofchk::add(&host_name, &format_mac(&eth.mac)).map_err(to_cni)?;
+    }
 
     // Gateways: from IPAM, or the subnet's first host when we are the gateway.
     let ips: Vec<(IpNetwork, Option<IpAddr>)> = ipam
@@ -271,8 +295,20 @@ async fn add(
             .map_err(to_cni)?;
     }
 
+    let mut vlan_gateway: Option<Link> = None;
     if bc.is_gateway {
-        ensure_gateways(host, br.index, &bc.bridge, bc.force_address, &ips).await?;
+        // With a VLAN, the bridge itself (VLAN 1) cannot reach the pods: the
+        // gateway lives on "<bridge>.<vlan>", the end of a veth pair whose
+        // other end is a port of that VLAN (the reference's layout).
+        let (gw_index, gw_name) = if bc.vlan != 0 {
+            let gw = ensure_vlan_gateway(host, br.index, bc).await?;
+            let r = (gw.index, gw.name.clone());
+            vlan_gateway = Some(gw);
+            r
+        } else {
+            (br.index, bc.bridge.clone())
+        };
+        ensure_gateways(host, gw_index, &gw_name, bc.force_address, &ips).await?;
         let families = (ips.iter().any(|(a, _)| a.is_ipv4()), has_v6);
         enable_forwarding(families)?;
     }
@@ -314,6 +350,13 @@ async fn add(
         routes,
         dns: ipam.dns.clone(),
     };
+    if let Some(gw) = vlan_gateway {
+        result.interfaces.push(Interface {
+            name: gw.name.clone(),
+            mac: format_mac(&gw.mac),
+            ..Default::default()
+        });
+    }
     for (ip, (_, gw)) in result.ips.iter_mut().zip(&ips) {
         ip.interface = Some(2);
         ip.gateway = *gw;
@@ -357,6 +400,101 @@ async fn ensure_gateways(
     Ok(())
 }
 
+/// VLAN filtering on the bridge; an existing bridge is switched over (its
+/// ports keep the default VLAN 1, so pods without a VLAN keep working).
+async fn ensure_vlan_filtering(host: &NsHandle, br: &Link) -> Result<(), CniError> {
+    if !host.bridge_vlan_filtering(br.index).await.map_err(to_cni)? {
+        host.set_bridge_vlan_filtering(br.index, true)
+            .await
+            .map_err(|e| vlan_error(e, &br.name))?;
+    }
+    Ok(())
+}
+
+/// EOPNOTSUPP here means a kernel built without bridge VLAN filtering
+/// (CONFIG_BRIDGE_VLAN_FILTERING): the configured isolation cannot be had on
+/// this node, which is the spec's code 2 rather than an internal error.
+fn vlan_error(e: NetopsError, bridge: &str) -> CniError {
+    if e.is_errno(libc::EOPNOTSUPP) {
+        CniError::new(
+            ErrorCode::UnsupportedField,
+            format!(
+                "\"vlan\"/\"vlanTrunk\" cannot be honoured on this node: the kernel has no bridge VLAN filtering (CONFIG_BRIDGE_VLAN_FILTERING) for bridge {bridge}"
+            ),
+        )
+        .with_details(e)
+    } else {
+        to_cni(e)
+    }
+}
+
+/// The VLANs a pod's port (or the VLAN gateway's port) should carry.
+fn wanted_vlans(bc: &BridgeConf) -> Vec<PortVlan> {
+    if bc.vlan != 0 {
+        vec![PortVlan::access(bc.vlan)]
+    } else {
+        bc.vlan_trunk.iter().map(|v| PortVlan::tagged(*v)).collect()
+    }
+}
+
+/// An access port (PVID + untagged `vlan`) or a trunk port (tagged
+/// `vlanTrunk`); without `preserveDefaultVlan` the port's other VLANs (the
+/// bridge's default VLAN 1) are removed first, as the reference does.
+async fn setup_port_vlans(host: &NsHandle, port: u32, bc: &BridgeConf) -> Result<(), CniError> {
+    let want = wanted_vlans(bc);
+    if want.is_empty() {
+        return Ok(());
+    }
+    if !bc.preserve_default_vlan {
+        let have: Vec<u16> = host
+            .port_vlans(port)
+            .await
+            .map_err(to_cni)?
+            .iter()
+            .map(|v| v.vid)
+            .collect();
+        host.del_port_vlans(port, &have).await.map_err(to_cni)?;
+    }
+    host.add_port_vlans(port, &want)
+        .await
+        .map_err(|e| vlan_error(e, &bc.bridge))
+}
+
+/// `<bridge>.<vlan>`: created once per bridge and VLAN (one end of a veth
+/// pair whose other end, named by [`host_veth_name`] of it, is an access
+/// port of the VLAN), then reused. Safe when ADDs race (EEXIST is success),
+/// and the port's VLAN is re-applied each time so an ADD interrupted after
+/// creating the pair is repaired by the next one.
+async fn ensure_vlan_gateway(host: &NsHandle, br: u32, bc: &BridgeConf) -> Result<Link, CniError> {
+    let name = vlan_gateway_name(&bc.bridge, bc.vlan);
+    let port_name = host_veth_name(&name, "gateway");
+    let created = if host.link_by_name(&name).await.map_err(to_cni)?.is_none() {
+        match host.create_local_veth(&name, &port_name, bc.mtu, br).await {
+            Ok(()) => true,
+            Err(e) if e.is_errno(libc::EEXIST) => false,
+            Err(e) => return Err(to_cni(e)),
+        }
+    } else {
+        false
+    };
+    // An interface of that name made by someone else (a VLAN device on the
+    // bridge, say) is used as it is, like the reference does.
+    if let Some(port) = host.link_by_name(&port_name).await.map_err(to_cni)? {
+        if created {
+            setup_port_vlans(host, port.index, bc).await?;
+        } else {
+            host.add_port_vlans(port.index, &wanted_vlans(bc))
+                .await
+                .map_err(to_cni)?;
+        }
+    }
+    let gw = host.require_link(&name).await.map_err(to_cni)?;
+    if !gw.is_up {
+        host.set_up(gw.index).await.map_err(to_cni)?;
+    }
+    Ok(gw)
+}
+
 fn enable_forwarding((v4, v6): (bool, bool)) -> Result<(), CniError> {
     let io = |e: std::io::Error| CniError::io("enable IP forwarding").with_details(e);
     if v4 {
@@ -379,6 +517,11 @@ fn ignore_missing(r: std::io::Result<()>) -> std::io::Result<()> {
 /// Undo after a failed ADD: the veth (which takes the pod end with it), then
 /// the address. Failures here are logged, the original error is returned.
 fn undo(args: &CmdArgs, conf: &NetConf, progress: &Progress, cause: &CniError) {
+    if let Some(host_veth) = &progress.spoofchk
+        && let Err(e) = spoofchk::remove(host_veth)
+    {
+        eprintln!("ferry-bridge: undo after \"{cause}\": remove macspoofchk state: {e}");
+    }
     if let Some(index) = progress.host_veth {
         let r = block_on(async { NsHandle::host()?.delete_link(index).await });
         if let Err(e) = r {
@@ -453,7 +596,74 @@ async fn check(
     if !veth.is_up {
         return Err(fail(format!("host veth {host_name} is down")));
     }
+
+    let want = wanted_vlans(bc);
+    if !want.is_empty() {
+        if !host.bridge_vlan_filtering(br.index).await.map_err(to_cni)? {
+            return Err(fail(format!(
+                "bridge {} does not filter VLANs (vlan_filtering 0)",
+                bc.bridge
+            )));
+        }
+        let have = host.port_vlans(veth.index).await.map_err(to_cni)?;
+        for w in &want {
+            if !have.contains(w) {
+                return Err(fail(format!(
+                    "host veth {host_name} lacks VLAN {} ({}); it has {}",
+                    w.vid,
+                    if w.pvid { "PVID untagged" } else { "tagged" },
+                    describe_vlans(&have)
+                )));
+            }
+        }
+        if !bc.preserve_default_vlan && have.len() != want.len() {
+            return Err(fail(format!(
+                "host veth {host_name} has VLANs beyond the configured ones: {}",
+                describe_vlans(&have)
+            )));
+        }
+        if bc.vlan != 0 && bc.is_gateway {
+            let gw_name = vlan_gateway_name(&bc.bridge, bc.vlan);
+            match host.link_by_name(&gw_name).await.map_err(to_cni)? {
+                Some(gw) if gw.is_up => {}
+                Some(_) => return Err(fail(format!("VLAN gateway {gw_name} is down"))),
+                None => return Err(fail(format!("VLAN gateway {gw_name} missing"))),
+            }
+        }
+    }
+
+    if bc.macspoofchk {
+        let mac: [u8; 6] = eth.mac.as_slice().try_into().map_err(|_| {
+            fail(format!(
+                "interface {} in {nsname} has no Ethernet address",
+                args.ifname
+            ))
+        })?;
+        if let Some(p) = spoofchk::problem(&host_name, &mac).map_err(to_cni)? {
+            return Err(fail(format!("macspoofchk: {p}")));
+        }
+    }
     Ok(())
+}
+
+fn describe_vlans(vlans: &[PortVlan]) -> String {
+    if vlans.is_empty() {
+        return "none".to_string();
+    }
+    vlans
+        .iter()
+        .map(|v| {
+            let mut s = v.vid.to_string();
+            if v.pvid {
+                s.push_str(" PVID");
+            }
+            if v.untagged {
+                s.push_str(" untagged");
+            }
+            s
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 #[cfg(test)]
