@@ -299,6 +299,45 @@ fn masquerade_hides_the_pod_address() {
     assert_no_pod_state(&net, &["uplink"]);
 }
 
+/// `ipMasqExclude` (what ferryd sets to the cluster network): traffic to an
+/// excluded destination keeps the pod's source, other traffic is masqueraded.
+#[test]
+fn masquerade_spares_excluded_destinations() {
+    if !require_root() {
+        return;
+    }
+    let net = BridgeNet::new(true);
+    let out = Outside::new(&net, true);
+    // A second outside address, not excluded.
+    let IpAddr::V4(o) = out.out_v4 else {
+        unreachable!()
+    };
+    let far: IpAddr = std::net::Ipv4Addr::from(u32::from(o) + 1).into();
+    out.ns.exec(
+        "ip",
+        &["addr", "add", &format!("{far}/24"), "dev", "uplink"],
+    );
+    let pod = Pod::new();
+    let mut conf = net.conf("1.1.0");
+    let excluded = format!("{}/32", out.out_v4);
+    conf["ipMasqExclude"] = serde_json::json!([excluded]);
+    let r = net.call("ADD", &pod.id, Some(&pod.path()), "eth0", &conf);
+    let ips = addresses(&r.ok_json());
+    assert_eq!(
+        source_seen_outside(&pod.ns, &out.ns, out.out_v4),
+        ips[0],
+        "excluded destination sees the pod"
+    );
+    assert_eq!(
+        source_seen_outside(&pod.ns, &out.ns, far),
+        out.host_v4,
+        "other destinations are still masqueraded"
+    );
+    net.call("DEL", &pod.id, Some(&pod.path()), "eth0", &conf)
+        .ok_empty();
+    assert_no_pod_state(&net, &["uplink"]);
+}
+
 #[test]
 fn without_masquerade_the_outside_sees_the_pod() {
     if !require_root() {

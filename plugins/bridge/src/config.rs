@@ -19,6 +19,11 @@ struct Wire {
     force_address: bool,
     #[serde(default)]
     ip_masq: bool,
+    /// ferry extension: destinations never masqueraded besides the pod
+    /// subnet itself (ferryd sets the cluster network, so pod-to-pod traffic
+    /// across nodes keeps its source).
+    #[serde(default)]
+    ip_masq_exclude: Vec<ipnetwork::IpNetwork>,
     #[serde(default)]
     mtu: u32,
     #[serde(default)]
@@ -66,6 +71,8 @@ pub struct BridgeConf {
     pub is_default_gateway: bool,
     pub force_address: bool,
     pub ip_masq: bool,
+    /// Destinations not masqueraded (`ipMasqExclude`), network addresses.
+    pub ip_masq_exclude: Vec<ipnetwork::IpNetwork>,
     pub mtu: u32,
     pub hairpin_mode: bool,
     pub promisc_mode: bool,
@@ -139,6 +146,11 @@ impl BridgeConf {
             is_default_gateway: w.is_default_gateway,
             force_address: w.force_address,
             ip_masq: w.ip_masq,
+            ip_masq_exclude: w
+                .ip_masq_exclude
+                .iter()
+                .map(|n| ipnetwork::IpNetwork::new(n.network(), n.prefix()).expect("same prefix"))
+                .collect(),
             mtu: if w.mtu == 0 { DEFAULT_MTU } else { w.mtu },
             hairpin_mode: w.hairpin_mode,
             promisc_mode: w.promisc_mode,

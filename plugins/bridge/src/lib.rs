@@ -318,7 +318,7 @@ async fn add(
             .iter()
             .map(|(a, _)| IpNetwork::new(a.network(), a.prefix()).expect("same prefix"))
             .collect();
-        masq::ensure(&bc.network, &subnets).map_err(to_cni)?;
+        masq::ensure(&bc.network, &subnets, &bc.ip_masq_exclude).map_err(to_cni)?;
     }
 
     let br_now = host

@@ -30,8 +30,9 @@ pub fn chain_name(network: &str) -> String {
 /// The transaction that makes masquerading for `subnets` of `network`
 /// exist. Idempotent: running it again (two first ADDs racing) leaves the
 /// same state, because each chain is flushed and refilled in the same
-/// transaction and map elements are keyed by subnet.
-pub fn script(network: &str, subnets: &[IpNetwork]) -> String {
+/// transaction and map elements are keyed by subnet. Traffic to `exclude`
+/// (e.g. the cluster network) keeps its source too.
+pub fn script(network: &str, subnets: &[IpNetwork], exclude: &[IpNetwork]) -> String {
     let chain = chain_name(network);
     let mut s = String::new();
     s.push_str("add table inet ferry\n");
@@ -48,6 +49,12 @@ pub fn script(network: &str, subnets: &[IpNetwork]) -> String {
          add rule inet ferry postrouting ip saddr vmap @masq-v4\n\
          add rule inet ferry postrouting ip6 saddr vmap @masq-v6\n",
     );
+    for net in exclude {
+        let proto = if net.is_ipv4() { "ip" } else { "ip6" };
+        s.push_str(&format!(
+            "add rule inet ferry {chain} {proto} daddr {net} return\n"
+        ));
+    }
     for net in subnets {
         let (proto, multicast) = if net.is_ipv4() {
             ("ip", "224.0.0.0/4")
@@ -73,11 +80,15 @@ pub fn script(network: &str, subnets: &[IpNetwork]) -> String {
 
 /// Makes sure `network` masquerades `subnets`: one netlink lookup when it
 /// already does, one nft transaction the first time.
-pub fn ensure(network: &str, subnets: &[IpNetwork]) -> ferry_netops::Result<()> {
+pub fn ensure(
+    network: &str,
+    subnets: &[IpNetwork],
+    exclude: &[IpNetwork],
+) -> ferry_netops::Result<()> {
     if nft::chain_exists(NftFamily::Inet, TABLE, &chain_name(network))? {
         return Ok(());
     }
-    let script = script(network, subnets);
+    let script = script(network, subnets, exclude);
     if nft::apply_script(&script).is_ok() {
         return Ok(());
     }
@@ -109,7 +120,9 @@ mod tests {
                 "10.88.0.0/24".parse().unwrap(),
                 "fd00:88::/64".parse().unwrap(),
             ],
+            &["10.88.0.0/16".parse().unwrap()],
         );
+        assert!(s.contains("add rule inet ferry net-pods ip daddr 10.88.0.0/16 return"));
         assert!(s.contains("add rule inet ferry net-pods ip daddr 10.88.0.0/24 return"));
         assert!(s.contains("ip6 daddr fd00:88::/64 return"));
         assert!(s.contains("add element inet ferry masq-v4 { 10.88.0.0/24 : jump net-pods }"));
