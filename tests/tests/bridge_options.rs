@@ -9,8 +9,8 @@
 //! the skip does not fail CI (whose machines share this kernel).
 
 use ferry_tests::{BridgeNet, TestNetns, container_id, host_veth_name, require_root};
-use std::io::Write;
 use serde_json::{Value, json};
+use std::io::Write;
 use std::net::IpAddr;
 
 struct Pod {

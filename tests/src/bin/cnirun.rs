@@ -68,9 +68,8 @@ fn read_cache(path: &Path) -> Option<Value> {
 }
 
 fn run(cli: &Cli) -> Result<Option<Value>, CniError> {
-    let bytes = std::fs::read(&cli.conflist).map_err(|e| {
-        CniError::io(format!("read {}", cli.conflist.display())).with_details(e)
-    })?;
+    let bytes = std::fs::read(&cli.conflist)
+        .map_err(|e| CniError::io(format!("read {}", cli.conflist.display())).with_details(e))?;
     let list = NetConfList::parse(&bytes)?;
     let version = list.negotiated_version()?;
     let runtime_config: Map<String, Value> = serde_json::from_str(&cli.runtime_config)
@@ -110,15 +109,12 @@ fn run(cli: &Cli) -> Result<Option<Value>, CniError> {
             let result = prev.expect("a conflist has at least one plugin");
             std::fs::create_dir_all(&cli.cache_dir)
                 .and_then(|()| std::fs::write(&cache, result.to_string()))
-                .map_err(|e| {
-                    CniError::io(format!("write {}", cache.display())).with_details(e)
-                })?;
+                .map_err(|e| CniError::io(format!("write {}", cache.display())).with_details(e))?;
             Ok(Some(result))
         }
         Verb::Check => {
-            let prev = read_cache(&cache).ok_or_else(|| {
-                CniError::io(format!("no cached result at {}", cache.display()))
-            })?;
+            let prev = read_cache(&cache)
+                .ok_or_else(|| CniError::io(format!("no cached result at {}", cache.display())))?;
             for i in 0..list.plugins.len() {
                 let conf = list.plugin_config(i, version, &runtime_config, Some(&prev));
                 exec_plugin(&plugin_type(i), command, &args, &conf)?;
