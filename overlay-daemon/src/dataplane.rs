@@ -1,2 +1,674 @@
 //! The overlay's kernel state: desired entries computed from the leases, and
-//! reconciling the kernel to them. (Being written.)
+//! reconciling the kernel to them.
+//!
+//! What ferry owns on a node, and so may remove:
+//! - the VXLAN device `ferry.<vni>` and everything on it (its IPv4
+//!   addresses, neighbours and fdb entries);
+//! - every main-table IPv4 route with protocol [`FERRY_ROUTE_PROTO`] (70).
+//!   Nothing else is ever deleted: a foreign route to a pod subnet, even one
+//!   ferry replaced, is identified by protocol, not by prefix.
+//!
+//! The model is flannel's vxlan and host-gw backends:
+//! - vxlan, per peer, in this order: a permanent neighbour `<subnet>.0 lladdr
+//!   <vtep mac>` on the device, an fdb entry `<vtep mac> dst <public ip> self
+//!   permanent`, and the route `<subnet> via <subnet>.0 dev ferry.<vni>
+//!   onlink`. The local node's `<subnet>.0/32` sits on the device so traffic
+//!   the node itself sends to remote pods has a cluster source address.
+//! - vxlan with direct routing, for peers on the underlay's own segment
+//!   (`ip route get <public ip>` gives no gateway, same link): `<subnet> via
+//!   <public ip> dev <underlay>` and nothing on the device.
+//! - host-gw: that plain route for every peer.
+//!
+//! A pass ([`Dataplane::reconcile`]) reads the kernel with one dump per kind
+//! (routes, neighbours, fdb), diffs it against the desired state and sends
+//! only the differences, with up to [`IN_FLIGHT`] peers programmed at once
+//! (each peer's steps stay in order). Correct entries are never touched, so
+//! a pass over an unchanged kernel sends nothing and causes no events.
+
+use crate::lease::{Mac, SubnetLease};
+use crate::network::{BackendConfig, BackendType};
+use ferry_netops::{
+    FERRY_ROUTE_PROTO, FdbEntry, Ipv4Route, KernelEvent, Monitor, NeighState, NetNs, NetopsError,
+    NsHandle, RouteFilter, VxlanChange, VxlanSpec,
+};
+use futures::StreamExt;
+use ipnetwork::{IpNetwork, Ipv4Network};
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+use tracing::{debug, warn};
+
+/// VXLAN encapsulation over IPv4: outer IPv4 (20) + UDP (8) + VXLAN (8) +
+/// inner Ethernet (14).
+pub const VXLAN_OVERHEAD: u32 = 50;
+
+/// Peers programmed concurrently. Bounded so the acks of the requests in
+/// flight always fit the netlink socket's receive buffer (an ack the kernel
+/// cannot queue is lost, and its request would wait forever).
+pub const IN_FLIGHT: usize = 64;
+
+/// One netlink request may take this long before it counts as failed.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// ENOBUFS retries (the kernel's answer when it is short of memory or the
+/// socket's buffer is full), with doubling delays from 2 ms.
+const ENOBUFS_RETRIES: u32 = 8;
+
+#[derive(Debug, thiserror::Error)]
+pub enum DataplaneError {
+    #[error("underlay interface {name}: no such link in netns {netns}")]
+    NoSuchInterface { name: String, netns: String },
+    #[error("no link holds the public IP {0} (pass --iface, or an address of this node)")]
+    NoLinkHolds(Ipv4Addr),
+    #[error("no IPv4 default route to take the underlay from (pass --iface or --public-ip)")]
+    NoDefaultRoute,
+    #[error("underlay interface {iface} has no IPv4 address (pass --public-ip)")]
+    NoAddress { iface: String },
+    /// A kernel operation that is not about one peer (device, dumps).
+    #[error("{what}: {source}")]
+    Kernel {
+        what: String,
+        #[source]
+        source: NetopsError,
+    },
+    /// One peer's entries could not be programmed (reported per peer in the
+    /// log; the others are programmed all the same).
+    #[error("peer {subnet} at {public_ip}: {step}: {source}")]
+    Peer {
+        subnet: Ipv4Network,
+        public_ip: Ipv4Addr,
+        step: &'static str,
+        #[source]
+        source: NetopsError,
+    },
+    #[error("peer {subnet} at {public_ip} has no VTEP MAC: it cannot be reached over VXLAN")]
+    NoVtepMac {
+        subnet: Ipv4Network,
+        public_ip: Ipv4Addr,
+    },
+    #[error("kernel notifications: {0}")]
+    Monitor(#[source] NetopsError),
+}
+
+fn kernel(what: impl Into<String>) -> impl FnOnce(NetopsError) -> DataplaneError {
+    let what = what.into();
+    move |source| DataplaneError::Kernel { what, source }
+}
+
+/// The interface other nodes reach this one through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Underlay {
+    pub name: String,
+    pub index: u32,
+    pub mtu: u32,
+    pub ip: Ipv4Addr,
+}
+
+/// `iface` by name, else the interface holding `public_ip`, else the IPv4
+/// default route's interface; `ip` is `public_ip`, else the interface's first
+/// IPv4 address.
+pub async fn find_underlay(
+    h: &NsHandle,
+    iface: Option<&str>,
+    public_ip: Option<Ipv4Addr>,
+) -> Result<Underlay, DataplaneError> {
+    let link = if let Some(name) = iface {
+        h.link_by_name(name)
+            .await
+            .map_err(kernel(format!("look up underlay {name}")))?
+            .ok_or_else(|| DataplaneError::NoSuchInterface {
+                name: name.to_string(),
+                netns: h.netns().to_string(),
+            })?
+    } else {
+        let index = if let Some(ip) = public_ip {
+            h.link_holding(ip)
+                .await
+                .map_err(kernel(format!("find the link holding {ip}")))?
+                .ok_or(DataplaneError::NoLinkHolds(ip))?
+        } else {
+            h.default_ipv4_route()
+                .await
+                .map_err(kernel("find the default route"))?
+                .ok_or(DataplaneError::NoDefaultRoute)?
+                .oif
+        };
+        h.link_by_index(index)
+            .await
+            .map_err(kernel(format!("look up link #{index}")))?
+            .ok_or_else(|| DataplaneError::NoSuchInterface {
+                name: format!("#{index}"),
+                netns: h.netns().to_string(),
+            })?
+    };
+    let ip = match public_ip {
+        Some(ip) => ip,
+        None => h
+            .addresses(link.index)
+            .await
+            .map_err(kernel(format!("list addresses of {}", link.name)))?
+            .into_iter()
+            .find_map(|a| match a {
+                IpNetwork::V4(v4) => Some(v4.ip()),
+                IpNetwork::V6(_) => None,
+            })
+            .ok_or_else(|| DataplaneError::NoAddress {
+                iface: link.name.clone(),
+            })?,
+    };
+    Ok(Underlay {
+        name: link.name,
+        index: link.index,
+        mtu: link.mtu,
+        ip,
+    })
+}
+
+/// This node, as the dataplane needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalNode {
+    pub subnet: Ipv4Network,
+    pub underlay: Underlay,
+    pub vtep_mac: Mac,
+}
+
+/// Another node: where its pod subnet lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    pub subnet: Ipv4Network,
+    pub public_ip: Ipv4Addr,
+    pub vtep_mac: Option<Mac>,
+}
+
+impl From<&SubnetLease> for Peer {
+    fn from(l: &SubnetLease) -> Peer {
+        Peer {
+            subnet: l.subnet(),
+            public_ip: l.public_ip,
+            vtep_mac: l.vtep_mac,
+        }
+    }
+}
+
+/// What a pass changed. `added`/`removed` count kernel entries (device,
+/// address, neighbours, fdb entries, routes); a pass over a kernel already
+/// right reports 0 and 0.
+#[derive(Default, Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReconcileReport {
+    pub added: usize,
+    pub removed: usize,
+    /// Peers whose entries are all in place after the pass (a gauge: equal
+    /// to the number of peers when everything is programmed).
+    pub peers_programmed: usize,
+    /// Peers that could not be programmed (each one logged).
+    pub failed: usize,
+}
+
+/// How one peer is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via {
+    /// Over the VXLAN device, to this VTEP MAC.
+    Tunnel([u8; 6]),
+    /// A plain route via its public IP on the underlay.
+    Direct,
+}
+
+/// One peer's desired entries and which of them are missing or wrong.
+struct PeerJob {
+    peer: Peer,
+    neigh: Option<(u32, Ipv4Addr, [u8; 6])>,
+    fdb: Option<(u32, [u8; 6], Ipv4Addr)>,
+    route: Option<Ipv4Route>,
+}
+
+pub struct Dataplane {
+    h: NsHandle,
+    kind: BackendType,
+    vni: u32,
+    port: u16,
+    direct_routing: bool,
+    local: LocalNode,
+    device: Option<String>,
+}
+
+impl std::fmt::Debug for Dataplane {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Dataplane")
+            .field("kind", &self.kind)
+            .field("device", &self.device)
+            .field("local", &self.local)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Dataplane {
+    pub fn new(h: NsHandle, backend: &BackendConfig, local: LocalNode) -> Dataplane {
+        let device = (backend.kind == BackendType::Vxlan).then(|| format!("ferry.{}", backend.vni));
+        Dataplane {
+            h,
+            kind: backend.kind,
+            vni: backend.vni,
+            port: backend.port,
+            direct_routing: backend.direct_routing,
+            local,
+            device,
+        }
+    }
+
+    /// Pod MTU for the conflist: the underlay's, less the VXLAN overhead.
+    pub fn pod_mtu(&self) -> u32 {
+        match self.kind {
+            BackendType::Vxlan => self.local.underlay.mtu.saturating_sub(VXLAN_OVERHEAD),
+            BackendType::HostGw => self.local.underlay.mtu,
+        }
+    }
+
+    /// `ferry.<vni>` for vxlan, `None` for host-gw.
+    pub fn device_name(&self) -> Option<&str> {
+        self.device.as_deref()
+    }
+
+    fn vxlan_spec(&self, name: &str) -> VxlanSpec {
+        VxlanSpec {
+            name: name.to_string(),
+            vni: self.vni,
+            underlay: self.local.underlay.index,
+            local: self.local.underlay.ip,
+            port: self.port,
+            mtu: self.pod_mtu(),
+            mac: self.local.vtep_mac.0,
+        }
+    }
+
+    /// Makes the kernel equal to the desired state for `peers` (the local
+    /// node's own subnet is skipped): device, then per peer neighbour → fdb →
+    /// route, then the removal of every ferry-owned entry nobody wants.
+    /// Errors are for what makes the whole pass impossible (device, dumps);
+    /// a peer that cannot be programmed is logged and counted in `failed`.
+    pub async fn reconcile(&mut self, peers: &[Peer]) -> Result<ReconcileReport, DataplaneError> {
+        let mut report = ReconcileReport::default();
+        let underlay = self.local.underlay.index;
+
+        // The desired peers, one per subnet (the last one given wins).
+        let mut wanted: HashMap<Ipv4Network, &Peer> = HashMap::with_capacity(peers.len());
+        for p in peers {
+            if p.subnet != self.local.subnet {
+                wanted.insert(p.subnet, p);
+            }
+        }
+
+        let vx = match self.device.clone() {
+            Some(name) => Some(self.ensure_device(&name, &mut report).await?),
+            None => None,
+        };
+
+        // How each peer is reached.
+        let direct: HashSet<Ipv4Addr> = if vx.is_some() && self.direct_routing {
+            self.directly_reachable(wanted.values().map(|p| p.public_ip))
+                .await?
+        } else {
+            HashSet::new()
+        };
+        let mut plan: Vec<(&Peer, Via)> = Vec::with_capacity(wanted.len());
+        for p in wanted.values() {
+            if vx.is_none() || direct.contains(&p.public_ip) {
+                plan.push((p, Via::Direct));
+            } else if let Some(mac) = p.vtep_mac {
+                plan.push((p, Via::Tunnel(mac.0)));
+            } else {
+                report.failed += 1;
+                warn!(
+                    "{}",
+                    DataplaneError::NoVtepMac {
+                        subnet: p.subnet,
+                        public_ip: p.public_ip
+                    }
+                );
+            }
+        }
+
+        // The kernel as it is: one dump per kind.
+        let routes = self
+            .h
+            .ipv4_routes(RouteFilter {
+                protocol: Some(FERRY_ROUTE_PROTO),
+                oif: None,
+            })
+            .await
+            .map_err(kernel("list ferry's routes"))?;
+        let (neighs, fdb) = match vx {
+            Some(vx) => {
+                let n = self.h.neighbours(vx).await.map_err(kernel(format!(
+                    "list neighbours of {}",
+                    self.device.as_deref().unwrap_or("?")
+                )))?;
+                let f = self.h.fdb_entries(vx).await.map_err(kernel(format!(
+                    "list fdb entries of {}",
+                    self.device.as_deref().unwrap_or("?")
+                )))?;
+                (n, f)
+            }
+            None => (Vec::new(), Vec::new()),
+        };
+        let have_route: HashMap<Ipv4Network, &Ipv4Route> =
+            routes.iter().map(|r| (r.dst, r)).collect();
+        let have_neigh: HashMap<Ipv4Addr, Option<[u8; 6]>> = neighs
+            .iter()
+            .filter(|n| n.state == NeighState::Permanent)
+            .map(|n| (n.ip, n.mac))
+            .collect();
+        let have_fdb: HashSet<([u8; 6], IpAddr)> = fdb
+            .iter()
+            .filter(|e| e.is_self && e.permanent)
+            .filter_map(|e| e.dst.map(|d| (e.mac, d)))
+            .collect();
+
+        // The diff.
+        let mut want_routes: HashSet<Ipv4Network> = HashSet::with_capacity(plan.len());
+        let mut want_neigh: HashSet<Ipv4Addr> = HashSet::new();
+        let mut want_fdb: HashSet<([u8; 6], IpAddr)> = HashSet::new();
+        let mut jobs = Vec::new();
+        for (p, via) in &plan {
+            let gw0 = p.subnet.network();
+            let route = match (via, vx) {
+                (Via::Tunnel(_), Some(vx)) => Ipv4Route::ferry(p.subnet, gw0, vx, true),
+                _ => Ipv4Route::ferry(p.subnet, p.public_ip, underlay, false),
+            };
+            want_routes.insert(p.subnet);
+            let mut job = PeerJob {
+                peer: (*p).clone(),
+                neigh: None,
+                fdb: None,
+                route: None,
+            };
+            if let (Via::Tunnel(mac), Some(vx)) = (via, vx) {
+                want_neigh.insert(gw0);
+                want_fdb.insert((*mac, IpAddr::V4(p.public_ip)));
+                if have_neigh.get(&gw0) != Some(&Some(*mac)) {
+                    job.neigh = Some((vx, gw0, *mac));
+                }
+                if !have_fdb.contains(&(*mac, IpAddr::V4(p.public_ip))) {
+                    job.fdb = Some((vx, *mac, p.public_ip));
+                }
+            }
+            if have_route.get(&p.subnet) != Some(&&route) {
+                job.route = Some(route);
+            }
+            if job.neigh.is_none() && job.fdb.is_none() && job.route.is_none() {
+                report.peers_programmed += 1;
+            } else {
+                jobs.push(job);
+            }
+        }
+        let stale_routes: Vec<&Ipv4Route> = routes
+            .iter()
+            .filter(|r| !want_routes.contains(&r.dst))
+            .collect();
+        let stale_fdb: Vec<&FdbEntry> = fdb
+            .iter()
+            .filter(|e| e.dst.is_none_or(|d| !want_fdb.contains(&(e.mac, d))))
+            .collect();
+        // NOARP entries (multicast, broadcast) are the kernel's own and come
+        // back at once: leave them.
+        let stale_neigh: Vec<Ipv4Addr> = neighs
+            .iter()
+            .filter(|n| n.state != NeighState::NoArp && !want_neigh.contains(&n.ip))
+            .map(|n| n.ip)
+            .collect();
+        drop(plan);
+
+        // Routes of departed peers first, so nothing points at entries about
+        // to go.
+        let h = &self.h;
+        let results: Vec<Result<bool, NetopsError>> = futures::stream::iter(stale_routes)
+            .map(|r| request(move || h.delete_ipv4_route(r)))
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        tally_removed(&mut report, results, "delete stale route");
+
+        // Each peer: neighbour → fdb → route, many peers at once.
+        let outcomes: Vec<(usize, Result<(), DataplaneError>)> = futures::stream::iter(jobs)
+            .map(|job| program(h, job))
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        for (added, r) in outcomes {
+            report.added += added;
+            match r {
+                Ok(()) => report.peers_programmed += 1,
+                Err(e) => {
+                    report.failed += 1;
+                    warn!("{e}");
+                }
+            }
+        }
+
+        let results: Vec<Result<bool, NetopsError>> = futures::stream::iter(stale_fdb)
+            .map(|e| request(move || h.delete_fdb(e)))
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        tally_removed(&mut report, results, "delete stale fdb entry");
+        if let Some(vx) = vx {
+            let results: Vec<Result<bool, NetopsError>> = futures::stream::iter(stale_neigh)
+                .map(|ip| request(move || h.delete_neighbour(vx, ip)))
+                .buffer_unordered(IN_FLIGHT)
+                .collect()
+                .await;
+            tally_removed(&mut report, results, "delete stale neighbour");
+        }
+        debug!(?report, "reconcile pass");
+        Ok(report)
+    }
+
+    /// The VXLAN device right and up, with exactly the local `<subnet>.0/32`
+    /// as IPv4 address. Returns its index.
+    async fn ensure_device(
+        &self,
+        name: &str,
+        report: &mut ReconcileReport,
+    ) -> Result<u32, DataplaneError> {
+        let spec = self.vxlan_spec(name);
+        let (index, change) = self
+            .h
+            .ensure_vxlan(&spec)
+            .await
+            .map_err(kernel(format!("ensure vxlan device {name}")))?;
+        match change {
+            VxlanChange::Unchanged => {}
+            VxlanChange::Created | VxlanChange::Recreated | VxlanChange::Adjusted => {
+                debug!(device = name, ?change, "vxlan device");
+                report.added += 1;
+            }
+        }
+        let want =
+            IpNetwork::V4(Ipv4Network::new(self.local.subnet.network(), 32).expect("/32 is valid"));
+        let addrs = self
+            .h
+            .addresses(index)
+            .await
+            .map_err(kernel(format!("list addresses of {name}")))?;
+        for a in addrs.iter().filter(|a| a.is_ipv4() && **a != want) {
+            if self
+                .h
+                .delete_address(index, *a)
+                .await
+                .map_err(kernel(format!("delete address {a} of {name}")))?
+            {
+                report.removed += 1;
+            }
+        }
+        if !addrs.contains(&want) {
+            self.h
+                .replace_address(index, want)
+                .await
+                .map_err(kernel(format!("add address {want} to {name}")))?;
+            report.added += 1;
+        }
+        Ok(index)
+    }
+
+    /// The public IPs the kernel reaches on the underlay without a gateway
+    /// (flannel's `DirectRouting` test: `ip route get` has no gateway).
+    async fn directly_reachable(
+        &self,
+        ips: impl Iterator<Item = Ipv4Addr>,
+    ) -> Result<HashSet<Ipv4Addr>, DataplaneError> {
+        let unique: HashSet<Ipv4Addr> = ips.collect();
+        let underlay = self.local.underlay.index;
+        let h = &self.h;
+        let found: Vec<Result<Option<Ipv4Addr>, NetopsError>> = futures::stream::iter(unique)
+            .map(|ip| async move {
+                let r = request(|| h.route_get_ipv4(ip)).await?;
+                Ok(r.filter(|r| r.gw.is_none() && r.oif == underlay)
+                    .map(|_| ip))
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        let mut out = HashSet::new();
+        for r in found {
+            if let Some(ip) = r.map_err(kernel("look up the route to a peer"))? {
+                out.insert(ip);
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// One peer's missing entries, in order; stops at the first failure (a
+/// route must never point at a neighbour or fdb entry that is not there).
+/// Returns how many entries were written.
+async fn program(h: &NsHandle, job: PeerJob) -> (usize, Result<(), DataplaneError>) {
+    let mut added = 0;
+    let fail = |step: &'static str, source: NetopsError| DataplaneError::Peer {
+        subnet: job.peer.subnet,
+        public_ip: job.peer.public_ip,
+        step,
+        source,
+    };
+    if let Some((vx, ip, mac)) = job.neigh {
+        if let Err(e) = request(|| h.replace_neighbour(vx, ip, mac)).await {
+            return (added, Err(fail("neighbour", e)));
+        }
+        added += 1;
+    }
+    if let Some((vx, mac, dst)) = job.fdb {
+        if let Err(e) = request(|| h.replace_fdb(vx, mac, IpAddr::V4(dst))).await {
+            return (added, Err(fail("fdb entry", e)));
+        }
+        added += 1;
+    }
+    if let Some(route) = &job.route {
+        if let Err(e) = request(|| h.replace_ipv4_route(route)).await {
+            return (added, Err(fail("route", e)));
+        }
+        added += 1;
+    }
+    (added, Ok(()))
+}
+
+fn tally_removed(
+    report: &mut ReconcileReport,
+    results: Vec<Result<bool, NetopsError>>,
+    what: &str,
+) {
+    for r in results {
+        match r {
+            Ok(true) => report.removed += 1,
+            Ok(false) => {}
+            Err(e) => warn!("{what}: {e}"),
+        }
+    }
+}
+
+/// One netlink request with a time limit, retried on ENOBUFS. (So the
+/// dataplane needs a tokio runtime with time enabled, as the daemon's is.)
+async fn request<T, F, Fut>(mut f: F) -> Result<T, NetopsError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, NetopsError>>,
+{
+    let mut delay = Duration::from_millis(2);
+    let mut attempt = 0;
+    loop {
+        match tokio::time::timeout(REQUEST_TIMEOUT, f()).await {
+            Ok(Err(e)) if e.is_errno(libc::ENOBUFS) && attempt < ENOBUFS_RETRIES => {
+                attempt += 1;
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+            Ok(r) => return r,
+            Err(_) => {
+                return Err(NetopsError::Io {
+                    op: format!("netlink request (no answer in {REQUEST_TIMEOUT:?})"),
+                    netns: String::new(),
+                    source: std::io::ErrorKind::TimedOut.into(),
+                });
+            }
+        }
+    }
+}
+
+/// Kernel change notifications that may mean drift (links, main-table IPv4
+/// routes, ARP entries, VXLAN fdb entries). Noise is dropped here: IPv6
+/// neighbours, MACs a bridge learns, neighbours the kernel resolves.
+pub struct KernelEvents {
+    monitor: Monitor,
+}
+
+impl std::fmt::Debug for KernelEvents {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KernelEvents").finish_non_exhaustive()
+    }
+}
+
+impl KernelEvents {
+    /// Subscribes in the calling thread's namespace (inside a tokio runtime).
+    pub fn open() -> Result<KernelEvents, DataplaneError> {
+        Ok(KernelEvents {
+            monitor: Monitor::new(None).map_err(DataplaneError::Monitor)?,
+        })
+    }
+
+    /// Subscribes in `ns` (tests).
+    pub fn open_in(ns: &NetNs) -> Result<KernelEvents, DataplaneError> {
+        Ok(KernelEvents {
+            monitor: Monitor::new(Some(ns)).map_err(DataplaneError::Monitor)?,
+        })
+    }
+
+    /// Waits for the next relevant change; `None` when the socket is gone.
+    pub async fn next(&mut self) -> Option<()> {
+        loop {
+            let ev = self.monitor.next().await?;
+            if relevant(&ev) {
+                return Some(());
+            }
+        }
+    }
+}
+
+fn relevant(ev: &KernelEvent) -> bool {
+    const MAIN_TABLE: u32 = 254;
+    match ev {
+        KernelEvent::Link { .. } | KernelEvent::Overrun => true,
+        KernelEvent::Ipv4Route { table, .. } => *table == MAIN_TABLE,
+        KernelEvent::Neighbour {
+            fdb,
+            own,
+            ipv4,
+            permanent,
+            deleted,
+            ..
+        } => {
+            if *fdb {
+                *own
+            } else {
+                *ipv4 && (*permanent || *deleted)
+            }
+        }
+    }
+}

@@ -11,7 +11,7 @@ use futures::StreamExt;
 use futures::channel::mpsc::UnboundedReceiver;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::RouteNetlinkMessage;
-use rtnetlink::packet_route::neighbour::NeighbourState;
+use rtnetlink::packet_route::neighbour::{NeighbourFlags, NeighbourState};
 use rtnetlink::packet_route::{AddressFamily, route::RouteMessage};
 use rtnetlink::sys::{Socket, SocketAddr, TokioSocket, protocols::NETLINK_ROUTE};
 use std::os::fd::{FromRawFd, IntoRawFd};
@@ -39,10 +39,15 @@ pub enum KernelEvent {
         table: u32,
         deleted: bool,
     },
-    /// RTM_NEWNEIGH / RTM_DELNEIGH; `fdb` for bridge-family (fdb) entries.
+    /// RTM_NEWNEIGH / RTM_DELNEIGH. `fdb` for bridge-family (fdb) entries,
+    /// `own` for NTF_SELF ones (a VXLAN device's own fdb, not a bridge's
+    /// learned MACs), `ipv4` for ARP entries. A deleted entry is reported
+    /// with the state it was moved to first (FAILED for `ip neigh del`).
     Neighbour {
         ifindex: u32,
         fdb: bool,
+        own: bool,
+        ipv4: bool,
         permanent: bool,
         deleted: bool,
     },
@@ -129,6 +134,8 @@ fn event_of(msg: NetlinkMessage<RouteNetlinkMessage>) -> Option<KernelEvent> {
             KernelEvent::Neighbour {
                 ifindex: n.header.ifindex,
                 fdb: n.header.family == AddressFamily::Bridge,
+                own: n.header.flags.contains(NeighbourFlags::Own),
+                ipv4: n.header.family == AddressFamily::Inet,
                 permanent: n.header.state == NeighbourState::Permanent,
                 deleted: matches!(msg_kind(&msg.header), Kind::Del),
             }

@@ -1,0 +1,595 @@
+//! The dataplane against a real kernel: each test builds "nodes" out of
+//! namespaces it creates (a veth pair as the underlay), runs reconcile
+//! passes and reads the result back through netops dumps and `ip -j`.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::time::Duration;
+
+use ferry_netops::{FERRY_ROUTE_PROTO, NeighState, NsHandle, RouteFilter};
+use ferry_tests::{TestNetns, require_root};
+use ferryd::dataplane::{
+    Dataplane, KernelEvents, LocalNode, Peer, ReconcileReport, Underlay, find_underlay,
+};
+use ferryd::lease::Mac;
+use ferryd::network::{BackendConfig, BackendType};
+use ipnetwork::Ipv4Network;
+
+fn vxlan(direct_routing: bool) -> BackendConfig {
+    BackendConfig {
+        kind: BackendType::Vxlan,
+        vni: 1,
+        port: 4789,
+        direct_routing,
+    }
+}
+
+fn host_gw() -> BackendConfig {
+    BackendConfig {
+        kind: BackendType::HostGw,
+        ..BackendConfig::default()
+    }
+}
+
+/// The dataplane needs IO and timers (request time limits, ENOBUFS backoff),
+/// as the daemon's runtime has.
+fn block_on<T>(
+    fut: impl std::future::Future<Output = Result<T, ferry_netops::NetopsError>>,
+) -> Result<T, ferry_netops::NetopsError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+        .block_on(fut)
+}
+
+fn net(s: &str) -> Ipv4Network {
+    s.parse().unwrap()
+}
+
+/// Peer `i`: subnet 10.244.<i>.0/24 (i < 256; beyond, the next /16s) at
+/// 192.0.0.10 + i (on the underlay's /16 segment), MAC derived from `i`.
+fn peer(i: u32) -> Peer {
+    Peer {
+        subnet: Ipv4Network::new(
+            Ipv4Addr::from(u32::from(Ipv4Addr::new(10, 244, 0, 0)) + (i << 8)),
+            24,
+        )
+        .unwrap(),
+        public_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(192, 0, 0, 10)) + i),
+        vtep_mac: Some(Mac::derived(&format!("node-{i}"))),
+    }
+}
+
+/// A node namespace with underlay `ul0` (`addr`, up; its veth peer `ul1` up
+/// in the same namespace).
+fn node_ns(addr: &str) -> TestNetns {
+    let ns = TestNetns::new();
+    ns.exec(
+        "ip",
+        &["link", "add", "ul0", "type", "veth", "peer", "name", "ul1"],
+    );
+    ns.exec("ip", &["addr", "add", addr, "dev", "ul0"]);
+    ns.exec("ip", &["link", "set", "ul0", "up"]);
+    ns.exec("ip", &["link", "set", "ul1", "up"]);
+    ns.exec("ip", &["link", "set", "lo", "up"]);
+    ns
+}
+
+async fn local(h: &NsHandle, subnet: &str) -> LocalNode {
+    let underlay = find_underlay(h, Some("ul0"), None).await.unwrap();
+    LocalNode {
+        subnet: net(subnet),
+        underlay,
+        vtep_mac: Mac::derived("local"),
+    }
+}
+
+/// (neighbours, fdb entries, ferry routes) on `dev`, sorted, as strings.
+async fn kernel_state(h: &NsHandle, dev: &str) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let mut neigh = Vec::new();
+    let mut fdb = Vec::new();
+    if let Some(l) = h.link_by_name(dev).await.unwrap() {
+        for n in h.neighbours(l.index).await.unwrap() {
+            assert_eq!(n.state, NeighState::Permanent, "{n:?}");
+            neigh.push(format!("{} {}", n.ip, Mac(n.mac.unwrap())));
+        }
+        for e in h.fdb_entries(l.index).await.unwrap() {
+            assert!(e.permanent && e.is_self, "{e:?}");
+            fdb.push(format!("{} {}", Mac(e.mac), e.dst.unwrap()));
+        }
+    }
+    let mut routes: Vec<String> = h
+        .ipv4_routes(RouteFilter {
+            protocol: Some(FERRY_ROUTE_PROTO),
+            oif: None,
+        })
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{} via {} dev #{}{}",
+                r.dst,
+                r.gw.unwrap(),
+                r.oif,
+                if r.onlink { " onlink" } else { "" }
+            )
+        })
+        .collect();
+    neigh.sort();
+    fdb.sort();
+    routes.sort();
+    (neigh, fdb, routes)
+}
+
+/// What the vxlan backend must program for `peers` on device index `vx`.
+fn expected_vxlan(peers: &[Peer], vx: u32) -> (Vec<String>, Vec<String>, Vec<String>) {
+    let mut neigh: Vec<String> = peers
+        .iter()
+        .map(|p| format!("{} {}", p.subnet.network(), p.vtep_mac.unwrap()))
+        .collect();
+    let mut fdb: Vec<String> = peers
+        .iter()
+        .map(|p| format!("{} {}", p.vtep_mac.unwrap(), p.public_ip))
+        .collect();
+    let mut routes: Vec<String> = peers
+        .iter()
+        .map(|p| format!("{} via {} dev #{vx} onlink", p.subnet, p.subnet.network()))
+        .collect();
+    neigh.sort();
+    fdb.sort();
+    routes.sort();
+    (neigh, fdb, routes)
+}
+
+fn expected_plain(peers: &[Peer], oif: u32) -> Vec<String> {
+    let mut routes: Vec<String> = peers
+        .iter()
+        .map(|p| format!("{} via {} dev #{oif}", p.subnet, p.public_ip))
+        .collect();
+    routes.sort();
+    routes
+}
+
+#[test]
+fn vxlan_programs_exactly_the_peers_and_is_idempotent() {
+    if !require_root() {
+        return;
+    }
+    let ns = node_ns("192.0.0.1/16");
+    block_on(async {
+        let h = NsHandle::new(ns.netns())?;
+        let me = local(&h, "10.244.1.0/24").await;
+        let underlay_mtu = me.underlay.mtu;
+        let mut dp = Dataplane::new(h.clone(), &vxlan(false), me.clone());
+        assert_eq!(dp.device_name(), Some("ferry.1"));
+        assert_eq!(dp.pod_mtu(), underlay_mtu - 50);
+
+        let mut peers: Vec<Peer> = (2..=41).map(peer).collect();
+        // The local node's own lease is in the list too, and skipped.
+        let own = Peer {
+            subnet: me.subnet,
+            public_ip: me.underlay.ip,
+            vtep_mac: Some(me.vtep_mac),
+        };
+        let mut with_own = peers.clone();
+        with_own.push(own);
+        let r = dp.reconcile(&with_own).await.unwrap();
+        assert_eq!(r.peers_programmed, 40);
+        assert_eq!(r.failed, 0);
+        assert_eq!(r.removed, 0);
+        // device + address + 3 entries per peer
+        assert_eq!(r.added, 2 + 3 * 40, "{r:?}");
+
+        let vx = h.link_by_name("ferry.1").await?.unwrap();
+        assert_eq!(vx.mtu, underlay_mtu - 50);
+        assert_eq!(vx.mac, me.vtep_mac.0.to_vec());
+        assert_eq!(
+            h.addresses(vx.index).await?,
+            vec!["10.244.1.0/32".parse().unwrap()]
+        );
+        assert_eq!(
+            kernel_state(&h, "ferry.1").await,
+            expected_vxlan(&peers, vx.index)
+        );
+        let d = ns.ip_json(&["-d", "link", "show", "ferry.1"]);
+        let info = &d[0]["linkinfo"]["info_data"];
+        assert_eq!(info["id"], 1);
+        assert_eq!(info["port"], 4789);
+        assert_eq!(info["local"], "192.0.0.1");
+        assert_eq!(info["learning"], false);
+        let shown = ns.exec("ip", &["route", "show", "10.244.2.0/24"]);
+        assert!(
+            shown.contains("via 10.244.2.0 dev ferry.1 proto 70 onlink"),
+            "{shown}"
+        );
+        let fdb = ns.exec("bridge", &["fdb", "show", "dev", "ferry.1"]);
+        assert!(
+            fdb.contains(&format!(
+                "{} dst 192.0.0.12 self permanent",
+                peers[0].vtep_mac.unwrap()
+            )),
+            "{fdb}"
+        );
+
+        // Twice: nothing to do.
+        let r = dp.reconcile(&with_own).await.unwrap();
+        assert_eq!(
+            r,
+            ReconcileReport {
+                added: 0,
+                removed: 0,
+                peers_programmed: 40,
+                failed: 0
+            }
+        );
+
+        // A foreign route (another protocol) survives every pass.
+        ns.exec(
+            "ip",
+            &[
+                "route",
+                "add",
+                "10.99.0.0/16",
+                "via",
+                "192.0.0.254",
+                "dev",
+                "ul0",
+            ],
+        );
+        // A peer leaves, another changes its public IP and MAC.
+        let gone = peers.remove(5);
+        peers[0].public_ip = Ipv4Addr::new(192, 0, 1, 200);
+        peers[0].vtep_mac = Some(Mac::derived("node-2-reborn"));
+        let r = dp.reconcile(&peers).await.unwrap();
+        assert_eq!(r.peers_programmed, 39);
+        // gone: 3 removed; changed: neigh + fdb + (route unchanged) added, old fdb removed
+        assert_eq!((r.added, r.removed), (2, 3 + 1), "{r:?}");
+        assert_eq!(
+            kernel_state(&h, "ferry.1").await,
+            expected_vxlan(&peers, vx.index)
+        );
+        assert!(
+            !ns.exec("ip", &["route", "show", &gone.subnet.to_string()])
+                .contains("via")
+        );
+        assert!(
+            ns.exec("ip", &["route", "show", "10.99.0.0/16"])
+                .contains("via 192.0.0.254")
+        );
+
+        // Drift: a route and a neighbour deleted by hand, a stray fdb entry
+        // and neighbour added; one pass repairs exactly that.
+        ns.exec("ip", &["route", "del", &peers[3].subnet.to_string()]);
+        ns.exec(
+            "ip",
+            &[
+                "neigh",
+                "del",
+                &peers[4].subnet.network().to_string(),
+                "dev",
+                "ferry.1",
+            ],
+        );
+        ns.exec(
+            "bridge",
+            &[
+                "fdb",
+                "append",
+                "02:00:00:00:00:99",
+                "dev",
+                "ferry.1",
+                "dst",
+                "192.0.0.99",
+                "self",
+                "permanent",
+            ],
+        );
+        ns.exec(
+            "ip",
+            &[
+                "neigh",
+                "replace",
+                "10.250.0.0",
+                "lladdr",
+                "02:00:00:00:00:98",
+                "dev",
+                "ferry.1",
+                "nud",
+                "permanent",
+            ],
+        );
+        let r = dp.reconcile(&peers).await.unwrap();
+        assert_eq!((r.added, r.removed), (2, 2), "{r:?}");
+        assert_eq!(
+            kernel_state(&h, "ferry.1").await,
+            expected_vxlan(&peers, vx.index)
+        );
+
+        // The device deleted by hand: recreated with everything on it.
+        ns.exec("ip", &["link", "del", "ferry.1"]);
+        let r = dp.reconcile(&peers).await.unwrap();
+        assert_eq!(r.peers_programmed, 39);
+        let vx2 = h.link_by_name("ferry.1").await?.unwrap();
+        assert_eq!(
+            kernel_state(&h, "ferry.1").await,
+            expected_vxlan(&peers, vx2.index)
+        );
+        assert_eq!(
+            h.addresses(vx2.index).await?,
+            vec!["10.244.1.0/32".parse().unwrap()]
+        );
+
+        // A wrong port: recreated. A wrong MTU: set in place.
+        ns.exec("ip", &["link", "set", "ferry.1", "mtu", "1300"]);
+        let r = dp.reconcile(&peers).await.unwrap();
+        assert_eq!((r.added, r.removed), (1, 0), "{r:?}");
+        assert_eq!(h.link_by_name("ferry.1").await?.unwrap().index, vx2.index);
+        let mut dp8472 = Dataplane::new(
+            h.clone(),
+            &BackendConfig {
+                port: 8472,
+                ..vxlan(false)
+            },
+            me.clone(),
+        );
+        dp8472.reconcile(&peers).await.unwrap();
+        let vx3 = h.link_by_name("ferry.1").await?.unwrap();
+        assert_ne!(vx3.index, vx2.index);
+        assert_eq!(
+            kernel_state(&h, "ferry.1").await,
+            expected_vxlan(&peers, vx3.index)
+        );
+
+        // No peers left: everything of ferry's goes, the foreign route stays.
+        let r = dp8472.reconcile(&[]).await.unwrap();
+        assert_eq!(r.removed, 3 * 39);
+        assert_eq!(kernel_state(&h, "ferry.1").await, (vec![], vec![], vec![]));
+        assert!(
+            ns.exec("ip", &["route", "show", "10.99.0.0/16"])
+                .contains("via 192.0.0.254")
+        );
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn direct_routing_and_host_gw_program_plain_routes() {
+    if !require_root() {
+        return;
+    }
+    let ns = node_ns("192.0.0.1/16");
+    block_on(async {
+        let h = NsHandle::new(ns.netns())?;
+        let me = local(&h, "10.244.1.0/24").await;
+        let ul = me.underlay.index;
+        // 2..=6 on the segment; 7 behind a gateway (must go through the tunnel).
+        ns.exec(
+            "ip",
+            &[
+                "route",
+                "add",
+                "198.51.100.0/24",
+                "via",
+                "192.0.0.254",
+                "dev",
+                "ul0",
+            ],
+        );
+        let mut peers: Vec<Peer> = (2..=6).map(peer).collect();
+        let far = Peer {
+            subnet: net("10.244.7.0/24"),
+            public_ip: Ipv4Addr::new(198, 51, 100, 7),
+            vtep_mac: Some(Mac::derived("far")),
+        };
+        peers.push(far.clone());
+
+        let mut dp = Dataplane::new(h.clone(), &vxlan(true), me.clone());
+        let r = dp.reconcile(&peers).await.unwrap();
+        assert_eq!(r.peers_programmed, 6);
+        let vx = h.link_by_name("ferry.1").await?.unwrap().index;
+        let (neigh, fdb, routes) = kernel_state(&h, "ferry.1").await;
+        let (en, ef, er) = expected_vxlan(std::slice::from_ref(&far), vx);
+        assert_eq!((neigh, fdb), (en, ef));
+        let mut want = expected_plain(&peers[..5], ul);
+        want.extend(er);
+        want.sort();
+        assert_eq!(routes, want);
+        assert_eq!(dp.reconcile(&peers).await.unwrap().added, 0);
+
+        // Switching the same node to host-gw: plain routes for the reachable
+        // peers; the unreachable one is an error for it alone.
+        let mut hg = Dataplane::new(h.clone(), &host_gw(), me.clone());
+        assert_eq!(hg.device_name(), None);
+        assert_eq!(hg.pod_mtu(), me.underlay.mtu);
+        let r = hg.reconcile(&peers).await.unwrap();
+        assert_eq!((r.peers_programmed, r.failed), (5, 1), "{r:?}");
+        // A peer that fails keeps what it had (its tunnel route): a failed
+        // pass never tears a working path down.
+        let (_, _, routes) = kernel_state(&h, "no-such-device").await;
+        let mut want = expected_plain(&peers[..5], ul);
+        want.push(format!("10.244.7.0/24 via 10.244.7.0 dev #{vx} onlink"));
+        assert_eq!(routes, want);
+        let again = hg.reconcile(&peers).await.unwrap();
+        assert_eq!((again.added, again.removed, again.failed), (0, 0, 1));
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn find_underlay_by_name_ip_or_default_route() {
+    if !require_root() {
+        return;
+    }
+    let ns = node_ns("192.0.0.1/16");
+    block_on(async {
+        let h = NsHandle::new(ns.netns())?;
+        let by_name = find_underlay(&h, Some("ul0"), None).await.unwrap();
+        assert_eq!(
+            (by_name.name.as_str(), by_name.ip),
+            ("ul0", Ipv4Addr::new(192, 0, 0, 1))
+        );
+        let by_ip = find_underlay(&h, None, Some(Ipv4Addr::new(192, 0, 0, 1)))
+            .await
+            .unwrap();
+        assert_eq!(by_ip, by_name);
+        assert!(
+            find_underlay(&h, None, None).await.is_err(),
+            "no default route yet"
+        );
+        ns.exec(
+            "ip",
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                "192.0.0.254",
+                "dev",
+                "ul0",
+            ],
+        );
+        let by_default: Underlay = find_underlay(&h, None, None).await.unwrap();
+        assert_eq!(by_default, by_name);
+        let e = find_underlay(&h, Some("nope0"), None).await.unwrap_err();
+        assert!(e.to_string().contains("nope0"), "{e}");
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn kernel_events_report_a_deleted_route() {
+    if !require_root() {
+        return;
+    }
+    let ns = node_ns("192.0.0.1/16");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let h = NsHandle::new(ns.netns()).unwrap();
+        let me = local(&h, "10.244.1.0/24").await;
+        let mut dp = Dataplane::new(h.clone(), &vxlan(false), me);
+        dp.reconcile(&[peer(2)]).await.unwrap();
+        let mut ev = KernelEvents::open_in(ns.netns()).unwrap();
+        ns.exec("ip", &["route", "del", "10.244.2.0/24"]);
+        tokio::time::timeout(Duration::from_secs(5), ev.next())
+            .await
+            .expect("an event within 5 s")
+            .expect("socket open");
+        // The repair pass puts it back.
+        let r = dp.reconcile(&[peer(2)]).await.unwrap();
+        assert_eq!(r.added, 1);
+    });
+}
+
+/// Two nodes joined by a veth underlay, each with a pod namespace behind a
+/// veth; pods ping each other across the overlay.
+fn two_node_ping(backend: BackendConfig) {
+    let a = TestNetns::new();
+    let b = TestNetns::new();
+    // Underlay: a:ul0 192.0.0.1/16 <-> b:ul0 192.0.0.2/16.
+    a.exec(
+        "ip",
+        &["link", "add", "ul0", "type", "veth", "peer", "name", "ulb"],
+    );
+    let b_path = b.path_str();
+    a.exec("ip", &["link", "set", "ulb", "netns", &b_path]);
+    b.exec("ip", &["link", "set", "ulb", "name", "ul0"]);
+    for (ns, addr) in [(&a, "192.0.0.1/16"), (&b, "192.0.0.2/16")] {
+        ns.exec("ip", &["addr", "add", addr, "dev", "ul0"]);
+        ns.exec("ip", &["link", "set", "ul0", "up"]);
+        ns.exec("ip", &["link", "set", "lo", "up"]);
+        ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
+    }
+    // Pods: veth node-side "pod0" 10.244.N.1/24, pod-side eth0 10.244.N.2/24.
+    let pa = TestNetns::new();
+    let pb = TestNetns::new();
+    for (node, pod, n) in [(&a, &pa, 1), (&b, &pb, 2)] {
+        node.exec(
+            "ip",
+            &[
+                "link", "add", "pod0", "type", "veth", "peer", "name", "eth0",
+            ],
+        );
+        node.exec("ip", &["link", "set", "eth0", "netns", &pod.path_str()]);
+        node.exec(
+            "ip",
+            &["addr", "add", &format!("10.244.{n}.1/24"), "dev", "pod0"],
+        );
+        node.exec("ip", &["link", "set", "pod0", "up"]);
+        pod.exec(
+            "ip",
+            &["addr", "add", &format!("10.244.{n}.2/24"), "dev", "eth0"],
+        );
+        pod.exec("ip", &["link", "set", "eth0", "up"]);
+        pod.exec("ip", &["link", "set", "lo", "up"]);
+        pod.exec(
+            "ip",
+            &["route", "add", "default", "via", &format!("10.244.{n}.1")],
+        );
+    }
+    block_on(async {
+        let ha = NsHandle::new(a.netns())?;
+        let hb = NsHandle::new(b.netns())?;
+        let la = LocalNode {
+            vtep_mac: Mac::derived("a"),
+            ..local(&ha, "10.244.1.0/24").await
+        };
+        let lb = LocalNode {
+            vtep_mac: Mac::derived("b"),
+            ..local(&hb, "10.244.2.0/24").await
+        };
+        let pa_ = Peer {
+            subnet: la.subnet,
+            public_ip: la.underlay.ip,
+            vtep_mac: Some(la.vtep_mac),
+        };
+        let pb_ = Peer {
+            subnet: lb.subnet,
+            public_ip: lb.underlay.ip,
+            vtep_mac: Some(lb.vtep_mac),
+        };
+        let all = [pa_, pb_];
+        let mut da = Dataplane::new(ha, &backend, la);
+        let mut db = Dataplane::new(hb, &backend, lb);
+        assert_eq!(da.reconcile(&all).await.unwrap().peers_programmed, 1);
+        assert_eq!(db.reconcile(&all).await.unwrap().peers_programmed, 1);
+        Ok(())
+    })
+    .unwrap();
+    assert!(
+        pa.ping(IpAddr::V4(Ipv4Addr::new(10, 244, 2, 2)), 3),
+        "pod a -> pod b"
+    );
+    assert!(
+        pb.ping(IpAddr::V4(Ipv4Addr::new(10, 244, 1, 2)), 3),
+        "pod b -> pod a"
+    );
+    // The node itself reaches the remote pod too (source: its <subnet>.0 on
+    // the vxlan device, or its underlay address with host-gw).
+    assert!(
+        a.ping(IpAddr::V4(Ipv4Addr::new(10, 244, 2, 2)), 3),
+        "node a -> pod b"
+    );
+}
+
+#[test]
+fn pods_ping_across_the_vxlan_overlay() {
+    if !require_root() {
+        return;
+    }
+    two_node_ping(vxlan(false));
+}
+
+#[test]
+fn pods_ping_across_host_gw() {
+    if !require_root() {
+        return;
+    }
+    two_node_ping(host_gw());
+}
