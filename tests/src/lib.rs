@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Once, mpsc};
 use std::time::Duration;
 
+pub mod etcd;
+
 /// How long one plugin invocation may take before the test fails.
 pub const PLUGIN_TIMEOUT: Duration = Duration::from_secs(20);
 

@@ -1,0 +1,252 @@
+//! A real, single-member etcd for tests: Debian's `/usr/bin/etcd` on free
+//! loopback ports with a data dir of its own, gone when the [`EtcdServer`] is
+//! dropped (also on panic).
+//!
+//! Ports: two listeners are bound to port 0 to learn free ports, closed, and
+//! handed to etcd. Another test may grab one in between, so a start whose etcd
+//! exits before answering is retried with new ports (a few times) before the
+//! test fails with etcd's own log.
+//!
+//! etcd gets `PR_SET_PDEATHSIG`: it is killed when the thread that started it
+//! ends, so a test process killed with SIGKILL leaves no etcd behind. Start
+//! the server on the thread that owns it (the test's own thread), not on a
+//! helper thread that exits early.
+
+use crate::skip;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub const ETCD_BIN: &str = "/usr/bin/etcd";
+
+/// How long a fresh etcd may take to answer `/health`.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// Starts tried with fresh ports before giving up.
+const START_ATTEMPTS: u32 = 5;
+
+/// `true` when /usr/bin/etcd is installed; otherwise a loud skip (fatal under CI).
+pub fn require_etcd() -> bool {
+    if Path::new(ETCD_BIN).exists() {
+        return true;
+    }
+    skip("etcd not installed (Debian package etcd-server)")
+}
+
+/// One etcd process, its ports and its data dir.
+pub struct EtcdServer {
+    child: Option<Child>,
+    dir: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+}
+
+impl EtcdServer {
+    /// Starts etcd and waits until it is healthy. Panics (with etcd's log)
+    /// when it cannot; callers check [`require_etcd`] first.
+    pub fn start() -> EtcdServer {
+        let dir = std::env::temp_dir().join(format!(
+            "ferry-etcd-{}-{}",
+            std::process::id(),
+            crate::unique_index()
+        ));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let mut server = EtcdServer {
+            child: None,
+            dir,
+            client_port: 0,
+            peer_port: 0,
+        };
+        let mut last = String::new();
+        for _ in 0..START_ATTEMPTS {
+            let (c, p) = free_ports();
+            server.client_port = c;
+            server.peer_port = p;
+            match server.spawn_and_wait() {
+                Ok(()) => return server,
+                Err(why) => {
+                    last = why;
+                    server.kill();
+                    // A half-initialised member dir would make the next
+                    // start join a cluster with the old peer URL.
+                    let _ = std::fs::remove_dir_all(server.data_dir());
+                }
+            }
+        }
+        panic!("etcd did not start after {START_ATTEMPTS} attempts: {last}");
+    }
+
+    /// `http://127.0.0.1:PORT`, for clients.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn client_port(&self) -> u16 {
+        self.client_port
+    }
+
+    /// SIGTERM, then waits for the process to exit (SIGKILL after 10 s).
+    /// The data dir is kept for [`start_again`](Self::start_again).
+    pub fn stop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            match child.try_wait() {
+                Ok(Some(_)) => return,
+                Ok(None) if Instant::now() < end => std::thread::sleep(Duration::from_millis(20)),
+                _ => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Starts etcd again on the same ports and data dir (so with the same
+    /// keys and revisions) and waits until it is healthy.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "etcd is still running; stop() first");
+        // The client port was ours a moment ago; another test may take it in
+        // between, which is a test failure we report rather than hide.
+        let mut last = String::new();
+        for _ in 0..3 {
+            match self.spawn_and_wait() {
+                Ok(()) => return,
+                Err(why) => {
+                    last = why;
+                    self.kill();
+                    std::thread::sleep(Duration::from_millis(200));
+                }
+            }
+        }
+        panic!("etcd did not start again: {last}");
+    }
+
+    /// True while the etcd process runs and answers `/health`.
+    pub fn healthy(&self) -> bool {
+        self.child.is_some() && health(self.client_port)
+    }
+
+    /// etcd's log so far (stdout and stderr).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
+    }
+
+    fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    fn log_path(&self) -> PathBuf {
+        self.dir.join("etcd.log")
+    }
+
+    fn spawn_and_wait(&mut self) -> Result<(), String> {
+        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())
+            .map_err(|e| format!("open {}: {e}", self.log_path().display()))?;
+        let log2 = log.try_clone().map_err(|e| e.to_string())?;
+        let mut cmd = Command::new(ETCD_BIN);
+        cmd.arg("--name=ferry-test")
+            .arg(format!("--data-dir={}", self.data_dir().display()))
+            .arg(format!("--listen-client-urls={client}"))
+            .arg(format!("--advertise-client-urls={client}"))
+            .arg(format!("--listen-peer-urls={peer}"))
+            .arg(format!("--initial-advertise-peer-urls={peer}"))
+            .arg(format!("--initial-cluster=ferry-test={peer}"))
+            .arg("--initial-cluster-state=new")
+            .arg("--logger=zap")
+            .arg("--log-outputs=stderr")
+            .arg("--log-level=warn")
+            .env_remove("ETCDCTL_API")
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log))
+            .stderr(Stdio::from(log2));
+        // SAFETY: prctl is async-signal-safe and touches no memory of ours.
+        unsafe {
+            cmd.pre_exec(|| {
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().map_err(|e| format!("spawn {ETCD_BIN}: {e}"))?;
+        self.child = Some(child);
+        let end = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(child) = self.child.as_mut()
+                && let Ok(Some(status)) = child.try_wait()
+            {
+                self.child = None;
+                return Err(format!("etcd exited with {status}; log:\n{}", self.log()));
+            }
+            if health(self.client_port) {
+                return Ok(());
+            }
+            if Instant::now() >= end {
+                return Err(format!(
+                    "etcd not healthy after {START_TIMEOUT:?}; log:\n{}",
+                    self.log()
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Two distinct free loopback ports (free when this returns; see the module
+/// doc for the race).
+fn free_ports() -> (u16, u16) {
+    let bind = || {
+        TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .unwrap_or_else(|e| panic!("bind 127.0.0.1:0: {e}"))
+    };
+    let a = bind();
+    let b = bind();
+    let pa = a.local_addr().map(|s| s.port()).unwrap_or_default();
+    let pb = b.local_addr().map(|s| s.port()).unwrap_or_default();
+    (pa, pb)
+}
+
+/// `GET /health` answered with `"health":"true"`.
+fn health(port: u16) -> bool {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(500)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+    let _ = s.set_write_timeout(Some(Duration::from_secs(2)));
+    if s.write_all(b"GET /health HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut body = String::new();
+    let _ = s.read_to_string(&mut body);
+    body.contains("\"health\":\"true\"")
+}
