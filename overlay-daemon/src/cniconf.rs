@@ -1,1 +1,196 @@
-//! (being written)
+//! The node's CNI conflist and its `subnet.env`, both written atomically.
+//!
+//! The conflist is what the runtime executes for every pod on this node:
+//! `ferry-bridge` with `ferry-ipam` handing out this node's subnet. No
+//! loopback entry: runtimes bring up `lo` themselves. Masquerade applies only
+//! to traffic leaving the cluster network (`ipMasqExclude`), so pod-to-pod
+//! traffic across nodes keeps its pod source address.
+
+use ipnetwork::Ipv4Network;
+use serde_json::json;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// What the conflist and subnet.env say about this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeNetwork {
+    pub network: Ipv4Network,
+    pub subnet: Ipv4Network,
+    pub mtu: u32,
+    pub ip_masq: bool,
+}
+
+/// Where and under which names the files go.
+#[derive(Debug, Clone)]
+pub struct CniConfOptions {
+    pub conf_dir: PathBuf,
+    pub file_name: String,
+    pub network_name: String,
+    pub bridge: String,
+    /// ferry-ipam's dataDir; `None` keeps its default (/var/lib/cni/networks).
+    pub ipam_data_dir: Option<PathBuf>,
+}
+
+impl Default for CniConfOptions {
+    fn default() -> Self {
+        CniConfOptions {
+            conf_dir: PathBuf::from("/etc/cni/net.d"),
+            file_name: "10-ferry.conflist".into(),
+            network_name: "ferry".into(),
+            bridge: "cni0".into(),
+            ipam_data_dir: None,
+        }
+    }
+}
+
+impl CniConfOptions {
+    pub fn path(&self) -> PathBuf {
+        self.conf_dir.join(&self.file_name)
+    }
+}
+
+/// The conflist, pretty-printed (operators read it).
+pub fn conflist(n: &NodeNetwork, o: &CniConfOptions) -> String {
+    let mut ipam = json!({
+        "type": "ferry-ipam",
+        "ranges": [[{ "subnet": n.subnet.to_string() }]],
+        "routes": [{ "dst": n.network.to_string() }],
+    });
+    if let Some(dir) = &o.ipam_data_dir {
+        ipam["dataDir"] = json!(dir);
+    }
+    let doc = json!({
+        "cniVersion": "1.1.0",
+        "name": o.network_name,
+        "plugins": [{
+            "type": "ferry-bridge",
+            "bridge": o.bridge,
+            "isGateway": true,
+            "isDefaultGateway": true,
+            "hairpinMode": true,
+            "ipMasq": n.ip_masq,
+            "ipMasqExclude": [n.network.to_string()],
+            "mtu": n.mtu,
+            "ipam": ipam,
+        }],
+    });
+    let mut s = serde_json::to_string_pretty(&doc).expect("conflist serializes");
+    s.push('\n');
+    s
+}
+
+/// flannel's subnet.env shape with FERRY_ names, for scripts and tools.
+pub fn subnet_env(n: &NodeNetwork) -> String {
+    let gateway = Ipv4Network::new(
+        std::net::Ipv4Addr::from(u32::from(n.subnet.network()) + 1),
+        n.subnet.prefix(),
+    )
+    .expect("prefix is valid");
+    format!(
+        "FERRY_NETWORK={}\nFERRY_SUBNET={}\nFERRY_MTU={}\nFERRY_IPMASQ={}\n",
+        n.network, gateway, n.mtu, n.ip_masq
+    )
+}
+
+/// The node subnet recorded in a subnet.env, if the file is there and sane:
+/// the subnet a restarted daemon asks for first.
+pub fn read_subnet_env(path: &Path) -> Option<Ipv4Network> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let value = text.lines().find_map(|l| l.strip_prefix("FERRY_SUBNET="))?;
+    let gw: Ipv4Network = value.trim().parse().ok()?;
+    Ipv4Network::new(gw.network(), gw.prefix()).ok()
+}
+
+/// Writes `contents` to `path` so that a reader sees the old file or the new
+/// one, never a part: a hidden temp file in the same directory (runtimes
+/// ignore dot files and other extensions), fsync, rename. Unchanged contents
+/// are not rewritten, so runtimes watching the directory see no churn.
+/// Returns whether the file changed.
+pub fn write_atomic(path: &Path, contents: &str) -> std::io::Result<bool> {
+    if std::fs::read_to_string(path).is_ok_and(|old| old == contents) {
+        return Ok(false);
+    }
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
+    let result = (|| {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(contents.as_bytes())?;
+        // Once per lease change, not per pod: a torn conflist after a crash
+        // would stop every pod on the node, so this one is synced.
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    result.map(|()| true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::Value;
+
+    fn node() -> NodeNetwork {
+        NodeNetwork {
+            network: "10.244.0.0/16".parse().unwrap(),
+            subnet: "10.244.3.0/24".parse().unwrap(),
+            mtu: 1450,
+            ip_masq: true,
+        }
+    }
+
+    #[test]
+    fn conflist_is_a_valid_chain_for_this_node() {
+        let o = CniConfOptions {
+            ipam_data_dir: Some("/tmp/x".into()),
+            ..Default::default()
+        };
+        let text = conflist(&node(), &o);
+        let list = ferry_cni::config::NetConfList::parse(text.as_bytes()).unwrap();
+        assert_eq!(list.name, "ferry");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let bridge = &v["plugins"][0];
+        assert_eq!(
+            v["plugins"].as_array().unwrap().len(),
+            1,
+            "no loopback entry"
+        );
+        assert_eq!(bridge["type"], "ferry-bridge");
+        assert_eq!(bridge["mtu"], 1450);
+        assert_eq!(bridge["ipMasqExclude"][0], "10.244.0.0/16");
+        assert_eq!(bridge["ipam"]["ranges"][0][0]["subnet"], "10.244.3.0/24");
+        assert_eq!(bridge["ipam"]["dataDir"], "/tmp/x");
+    }
+
+    #[test]
+    fn subnet_env_round_trips_the_subnet() {
+        let dir = std::env::temp_dir().join(format!("ferryd-env-{}", std::process::id()));
+        let path = dir.join("subnet.env");
+        let text = subnet_env(&node());
+        assert!(text.contains("FERRY_SUBNET=10.244.3.1/24\n"), "{text}");
+        assert!(write_atomic(&path, &text).unwrap());
+        assert!(
+            !write_atomic(&path, &text).unwrap(),
+            "unchanged: not rewritten"
+        );
+        assert_eq!(
+            read_subnet_env(&path),
+            Some("10.244.3.0/24".parse().unwrap())
+        );
+        std::fs::write(&path, "FERRY_SUBNET=garbage\n").unwrap();
+        assert_eq!(read_subnet_env(&path), None);
+        let leftovers: Vec<_> = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
+        assert!(leftovers.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,5 +1,538 @@
-//! Ties store, dataplane, CNI config and HTTP together. (Being written.)
+//! Ties store, dataplane, CNI config and HTTP together: the daemon's loop.
+//!
+//! One current-thread runtime. The loop owns the set of peers (other nodes'
+//! leases as last seen in etcd) and makes the kernel equal to it whenever a
+//! lease changes, the kernel reports a change to ferry's entries, or the
+//! periodic pass comes due. Losing etcd changes nothing in the kernel: the
+//! peers stay as they were until etcd answers again.
 
+use crate::cniconf::{self, CniConfOptions, NodeNetwork};
+use crate::dataplane::{self, Dataplane, KernelEvents, LocalNode, Peer};
+use crate::lease::{Mac, SubnetLease};
+use crate::metrics::Metrics;
+use crate::network::{BackendType, NetworkConfig};
+use crate::store::{HeldLease, LeaseEvent, LeaseState, Store, StoreOptions, TlsFiles};
+use clap::{Parser, Subcommand};
+use ferry_netops::NsHandle;
+use ipnetwork::Ipv4Network;
+use std::collections::BTreeMap;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use tokio::time::{Instant, sleep, sleep_until};
+use tracing::{error, info, warn};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "ferryd",
+    version,
+    about = "ferry's node daemon: subnet lease in etcd, overlay routes to every other node, the node's CNI config."
+)]
+pub struct Cli {
+    #[command(flatten)]
+    pub etcd: EtcdArgs,
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub run: RunArgs,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EtcdArgs {
+    /// etcd client URLs, comma-separated.
+    #[arg(
+        long,
+        env = "FERRY_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        default_value = "http://127.0.0.1:2379",
+        global = true
+    )]
+    pub etcd_endpoints: Vec<String>,
+    /// Key prefix of ferry's data in etcd.
+    #[arg(
+        long,
+        env = "FERRY_ETCD_PREFIX",
+        default_value = "/ferry",
+        global = true
+    )]
+    pub etcd_prefix: String,
+    /// CA bundle to verify etcd's certificate (enables TLS).
+    #[arg(long, env = "FERRY_ETCD_CAFILE", global = true)]
+    pub etcd_cafile: Option<PathBuf>,
+    /// Client certificate for etcd.
+    #[arg(long, env = "FERRY_ETCD_CERTFILE", global = true)]
+    pub etcd_certfile: Option<PathBuf>,
+    /// Client key for etcd.
+    #[arg(long, env = "FERRY_ETCD_KEYFILE", global = true)]
+    pub etcd_keyfile: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Stores the cluster network config (JSON) in etcd, after validating it.
+    SetNetwork {
+        /// e.g. {"network":"10.244.0.0/16","subnetLen":24,"backend":{"type":"vxlan"}}
+        json: String,
+    },
+    /// Prints the cluster network config and every node's lease.
+    Show,
+    /// Deletes a decommissioned node's lease: every other node removes its
+    /// routes, neighbours and fdb entries at once.
+    RemoveNode {
+        /// The node's name as in its lease.
+        node: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct RunArgs {
+    /// This node's name in its lease (default: the hostname).
+    #[arg(long, env = "FERRY_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Underlay interface (default: the one holding --public-ip, else the default route's).
+    #[arg(long, env = "FERRY_IFACE")]
+    pub iface: Option<String>,
+    /// Underlay address other nodes reach this one at.
+    #[arg(long, env = "FERRY_PUBLIC_IP")]
+    pub public_ip: Option<Ipv4Addr>,
+    #[arg(long, env = "FERRY_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
+    pub cni_conf_dir: PathBuf,
+    #[arg(long, env = "FERRY_CNI_CONF_NAME", default_value = "10-ferry.conflist")]
+    pub cni_conf_name: String,
+    /// The CNI network name in the conflist.
+    #[arg(long, env = "FERRY_NETWORK_NAME", default_value = "ferry")]
+    pub network_name: String,
+    #[arg(long, env = "FERRY_BRIDGE", default_value = "cni0")]
+    pub bridge: String,
+    /// ferry-ipam's dataDir in the conflist (default: ferry-ipam's own).
+    #[arg(long, env = "FERRY_IPAM_DATA_DIR")]
+    pub ipam_data_dir: Option<PathBuf>,
+    /// Where subnet.env goes (and where a restart reads its previous subnet).
+    #[arg(
+        long,
+        env = "FERRY_SUBNET_FILE",
+        default_value = "/run/ferry/subnet.env"
+    )]
+    pub subnet_file: PathBuf,
+    /// Masquerade pod traffic that leaves the cluster network.
+    #[arg(long, env = "FERRY_IP_MASQ", default_value_t = true, action = clap::ArgAction::Set)]
+    pub ip_masq: bool,
+    /// Address of /healthz, /readyz and /metrics.
+    #[arg(long, env = "FERRY_LISTEN", default_value = "0.0.0.0:9946")]
+    pub listen: SocketAddr,
+    /// TTL of the subnet lease in etcd, in seconds; renewed every third of it.
+    #[arg(long, env = "FERRY_LEASE_TTL", default_value_t = 300)]
+    pub lease_ttl: u64,
+    /// Seconds between full reconcile passes (netlink events trigger one sooner).
+    #[arg(long, env = "FERRY_RESYNC", default_value_t = 10)]
+    pub resync_interval: u64,
+    /// Give the subnet back on SIGTERM. Off by default: a restart keeps it.
+    #[arg(long, env = "FERRY_RELEASE_ON_EXIT")]
+    pub release_on_exit: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DaemonError {
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Dataplane(#[from] dataplane::DataplaneError),
+    #[error(transparent)]
+    Netops(#[from] ferry_netops::NetopsError),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("invalid network config: {0}")]
+    Config(#[from] crate::network::NetworkConfigError),
+    #[error("{0}")]
+    Usage(String),
+}
+
+/// The process entry point; returns the exit code.
 pub fn main() -> i32 {
-    0
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let rt = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            error!("cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    let result = rt.block_on(async {
+        match &cli.command {
+            Some(Command::SetNetwork { json }) => set_network(&cli.etcd, json).await,
+            Some(Command::Show) => show(&cli.etcd).await,
+            Some(Command::RemoveNode { node }) => remove_node(&cli.etcd, node).await,
+            None => run(&cli.etcd, &cli.run).await,
+        }
+    });
+    match result {
+        Ok(()) => 0,
+        Err(e) => {
+            error!("{e}");
+            1
+        }
+    }
+}
+
+fn store_options(a: &EtcdArgs) -> Result<StoreOptions, DaemonError> {
+    let tls = match (&a.etcd_cafile, &a.etcd_certfile, &a.etcd_keyfile) {
+        (None, None, None) => None,
+        (Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+        }),
+        _ => {
+            return Err(DaemonError::Usage(
+                "--etcd-cafile, --etcd-certfile and --etcd-keyfile go together".into(),
+            ));
+        }
+    };
+    Ok(StoreOptions {
+        endpoints: a.etcd_endpoints.clone(),
+        prefix: a.etcd_prefix.clone(),
+        tls,
+        timeout: Duration::from_secs(5),
+    })
+}
+
+async fn set_network(a: &EtcdArgs, json: &str) -> Result<(), DaemonError> {
+    let cfg = NetworkConfig::from_json(json)?;
+    let store = Store::connect(&store_options(a)?).await?;
+    store.put_network_config(&cfg).await?;
+    println!("{}", cfg.to_json());
+    Ok(())
+}
+
+async fn show(a: &EtcdArgs) -> Result<(), DaemonError> {
+    let store = Store::connect(&store_options(a)?).await?;
+    let cfg = store.network_config().await?;
+    println!("network {}", cfg.to_json());
+    let (leases, revision) = store.list_leases().await?;
+    println!("leases at revision {revision}: {}", leases.len());
+    for l in leases {
+        println!(
+            "{}",
+            serde_json::json!({"subnet": l.subnet().to_string(), "lease": serde_json::from_str::<serde_json::Value>(&l.to_json()).unwrap_or_default()})
+        );
+    }
+    Ok(())
+}
+
+async fn remove_node(a: &EtcdArgs, node: &str) -> Result<(), DaemonError> {
+    let store = Store::connect(&store_options(a)?).await?;
+    let freed = store.remove_node(node).await?;
+    if freed.is_empty() {
+        return Err(DaemonError::Usage(format!("node {node:?} holds no lease")));
+    }
+    for subnet in freed {
+        println!("removed lease {subnet} of node {node}");
+    }
+    Ok(())
+}
+
+/// Retries `op` until it succeeds, with capped exponential backoff, counting
+/// each failure. Used for the steps the daemon cannot go on without.
+async fn retry<T, F, Fut>(what: &str, metrics: &Metrics, mut op: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, DaemonError>>,
+{
+    let mut delay = Duration::from_millis(100);
+    loop {
+        match op().await {
+            Ok(v) => return v,
+            Err(e) => {
+                metrics.etcd_error();
+                warn!("{what}: {e}; retrying in {delay:?}");
+                sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}
+
+/// Why the loop wants a reconcile pass: only passes not caused by a lease
+/// change count their changes as drift repairs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Dirty {
+    Leases,
+    Kernel,
+}
+
+struct Node {
+    cfg: NetworkConfig,
+    held: HeldLease,
+    dataplane: Dataplane,
+}
+
+async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
+    let metrics = Metrics::new();
+    let (server, bound) = crate::http::bind(r.listen, metrics.clone())
+        .await
+        .map_err(|source| DaemonError::Io {
+            what: format!("listen on {}", r.listen),
+            source,
+        })?;
+    tokio::spawn(async move {
+        if let Err(e) = server.await {
+            error!("http server stopped: {e}");
+        }
+    });
+    info!(%bound, "serving /healthz /readyz /metrics");
+
+    let opts = store_options(a)?;
+    let node_name = r.node_name.clone().unwrap_or_else(hostname);
+    let ttl = Duration::from_secs(r.lease_ttl.max(3));
+    let conf = CniConfOptions {
+        conf_dir: r.cni_conf_dir.clone(),
+        file_name: r.cni_conf_name.clone(),
+        network_name: r.network_name.clone(),
+        bridge: r.bridge.clone(),
+        ipam_data_dir: r.ipam_data_dir.clone(),
+    };
+
+    let store = retry("connect to etcd", &metrics, || async {
+        Ok(Store::connect(&opts).await?)
+    })
+    .await;
+    let cfg = retry("read the network config", &metrics, || async {
+        Ok(store.network_config().await?)
+    })
+    .await;
+    let handle = NsHandle::host()?;
+    let underlay = dataplane::find_underlay(&handle, r.iface.as_deref(), r.public_ip).await?;
+    let vtep_mac = Mac::derived(&node_name);
+    let me = SubnetLease {
+        subnet: None,
+        node: node_name.clone(),
+        public_ip: underlay.ip,
+        backend: cfg.backend.kind,
+        vtep_mac: (cfg.backend.kind == BackendType::Vxlan).then_some(vtep_mac),
+        renewed_at: now_unix(),
+    };
+    info!(node = %node_name, underlay = %underlay.name, ip = %underlay.ip, "starting");
+
+    let preferred = cniconf::read_subnet_env(&r.subnet_file);
+    let held = retry("acquire a subnet lease", &metrics, || async {
+        Ok(store.acquire(&cfg, &me, preferred, ttl).await?)
+    })
+    .await;
+    metrics.lease_acquired();
+    metrics.set_lease_held(true);
+    info!(subnet = %held.lease.subnet(), "lease held");
+
+    let mut node = Node {
+        dataplane: Dataplane::new(
+            handle.clone(),
+            &cfg.backend,
+            LocalNode {
+                subnet: held.lease.subnet(),
+                underlay: underlay.clone(),
+                vtep_mac,
+            },
+        ),
+        cfg,
+        held,
+    };
+    write_node_files(&node, r, &conf)?;
+
+    let (leases, revision) = retry("list leases", &metrics, || async {
+        Ok(store.list_leases().await?)
+    })
+    .await;
+    let mut peers: BTreeMap<Ipv4Network, Peer> = BTreeMap::new();
+    replace_peers(&mut peers, &leases, &node);
+
+    let mut kernel = KernelEvents::open()?;
+    let mut watch = store.watch_leases(revision);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| DaemonError::Io {
+            what: "install SIGTERM handler".into(),
+            source,
+        })?;
+    let mut renew_at = Instant::now() + ttl / 3;
+    let mut resync_at = Instant::now();
+    // The first pass runs at once; later ones are debounced so a burst of
+    // lease or kernel events becomes one pass.
+    let mut pass_at: Option<(Instant, Dirty)> = Some((Instant::now(), Dirty::Leases));
+    const DEBOUNCE: Duration = Duration::from_millis(20);
+
+    loop {
+        let due = pass_at.map(|(t, _)| t).unwrap_or_else(|| resync_at);
+        tokio::select! {
+            ev = watch.next() => match ev {
+                Ok(ev) => {
+                    apply_event(&mut peers, ev, &node);
+                    metrics.set_known_peers(peers.len());
+                    schedule(&mut pass_at, Dirty::Leases, DEBOUNCE);
+                }
+                Err(e) => {
+                    metrics.etcd_error();
+                    warn!("lease watch: {e}");
+                }
+            },
+            Some(()) = kernel.next() => schedule(&mut pass_at, Dirty::Kernel, DEBOUNCE),
+            _ = sleep_until(renew_at) => {
+                renew_at = Instant::now() + ttl / 3;
+                match store.renew(&node.held).await {
+                    Ok(LeaseState::Alive) => {}
+                    Ok(LeaseState::Lost) => {
+                        warn!(subnet = %node.held.lease.subnet(), "lease lost; acquiring again");
+                        metrics.set_lease_held(false);
+                        metrics.set_ready(false);
+                        let me = SubnetLease { renewed_at: now_unix(), ..node.held.lease.clone() };
+                        match store.acquire(&node.cfg, &me, Some(node.held.lease.subnet()), ttl).await {
+                            Ok(held) => {
+                                metrics.lease_acquired();
+                                metrics.set_lease_held(true);
+                                if held.lease.subnet() != node.held.lease.subnet() {
+                                    warn!(old = %node.held.lease.subnet(), new = %held.lease.subnet(), "subnet changed");
+                                    node.dataplane = Dataplane::new(handle.clone(), &node.cfg.backend, LocalNode {
+                                        subnet: held.lease.subnet(),
+                                        underlay: underlay.clone(),
+                                        vtep_mac,
+                                    });
+                                }
+                                node.held = held;
+                                write_node_files(&node, r, &conf)?;
+                                schedule(&mut pass_at, Dirty::Leases, Duration::ZERO);
+                            }
+                            Err(e) => {
+                                metrics.etcd_error();
+                                renew_at = Instant::now() + Duration::from_secs(1);
+                                warn!("acquire after loss: {e}");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        metrics.etcd_error();
+                        // Sooner than a third of the TTL: the lease must not
+                        // lapse just because one renewal failed.
+                        renew_at = Instant::now() + Duration::from_secs(1).min(ttl / 3);
+                        warn!("renew lease: {e}");
+                    }
+                }
+            },
+            _ = sleep_until(due) => {
+                let why = match pass_at.take() {
+                    Some((_, why)) => why,
+                    None => Dirty::Kernel,
+                };
+                resync_at = Instant::now() + Duration::from_secs(r.resync_interval.max(1));
+                let list: Vec<Peer> = peers.values().cloned().collect();
+                match node.dataplane.reconcile(&list).await {
+                    Ok(report) => {
+                        let changed = report.added + report.removed;
+                        metrics.reconciled(changed, why == Dirty::Kernel);
+                        metrics.set_peers(peers.len(), report.peers_programmed);
+                        metrics.set_ready(report.peers_programmed == peers.len());
+                        if changed > 0 {
+                            info!(added = report.added, removed = report.removed, peers = peers.len(), reason = ?why, "reconciled");
+                        }
+                    }
+                    Err(e) => {
+                        metrics.set_ready(false);
+                        warn!("reconcile: {e}; retrying");
+                        schedule(&mut pass_at, Dirty::Kernel, Duration::from_millis(500));
+                    }
+                }
+            },
+            _ = sigterm.recv() => break,
+            _ = tokio::signal::ctrl_c() => break,
+        }
+    }
+
+    info!("stopping; the data path stays as it is");
+    if r.release_on_exit {
+        match store.release(&node.held).await {
+            Ok(()) => info!(subnet = %node.held.lease.subnet(), "lease released"),
+            Err(e) => warn!("release lease: {e}"),
+        }
+    }
+    Ok(())
+}
+
+fn schedule(pass_at: &mut Option<(Instant, Dirty)>, why: Dirty, after: Duration) {
+    let at = Instant::now() + after;
+    *pass_at = Some(match *pass_at {
+        // A pending pass caused by leases stays a lease pass: its changes are expected.
+        Some((t, prev)) => (t.min(at), if prev == Dirty::Leases { prev } else { why }),
+        None => (at, why),
+    });
+}
+
+fn is_peer(l: &SubnetLease, node: &Node) -> bool {
+    node.cfg.holds(l.subnet()) && l.subnet() != node.held.lease.subnet()
+}
+
+fn replace_peers(peers: &mut BTreeMap<Ipv4Network, Peer>, leases: &[SubnetLease], node: &Node) {
+    peers.clear();
+    for l in leases.iter().filter(|l| is_peer(l, node)) {
+        peers.insert(l.subnet(), Peer::from(l));
+    }
+}
+
+fn apply_event(peers: &mut BTreeMap<Ipv4Network, Peer>, ev: LeaseEvent, node: &Node) {
+    match ev {
+        LeaseEvent::Put(l) if is_peer(&l, node) => {
+            peers.insert(l.subnet(), Peer::from(&l));
+        }
+        LeaseEvent::Put(_) => {}
+        LeaseEvent::Delete(subnet) => {
+            peers.remove(&subnet);
+        }
+        LeaseEvent::Resync { leases, .. } => replace_peers(peers, &leases, node),
+    }
+}
+
+fn write_node_files(node: &Node, r: &RunArgs, conf: &CniConfOptions) -> Result<(), DaemonError> {
+    let n = NodeNetwork {
+        network: node.cfg.network,
+        subnet: node.held.lease.subnet(),
+        mtu: node.dataplane.pod_mtu(),
+        ip_masq: r.ip_masq,
+    };
+    let path = conf.path();
+    cniconf::write_atomic(&path, &cniconf::conflist(&n, conf)).map_err(|source| {
+        DaemonError::Io {
+            what: format!("write {}", path.display()),
+            source,
+        }
+    })?;
+    cniconf::write_atomic(&r.subnet_file, &cniconf::subnet_env(&n)).map_err(|source| {
+        DaemonError::Io {
+            what: format!("write {}", r.subnet_file.display()),
+            source,
+        }
+    })?;
+    info!(conflist = %path.display(), subnet = %n.subnet, mtu = n.mtu, "node CNI config written");
+    Ok(())
 }

@@ -149,7 +149,13 @@ mod tests {
     fn mac_round_trips_and_derives_stably() {
         let m: Mac = "02:42:ac:11:00:02".parse().unwrap();
         assert_eq!(m.to_string(), "02:42:ac:11:00:02");
-        for bad in ["", "02:42", "02:42:ac:11:00:02:03", "zz:42:ac:11:00:02", "2:42:ac:11:00:002"] {
+        for bad in [
+            "",
+            "02:42",
+            "02:42:ac:11:00:02:03",
+            "zz:42:ac:11:00:02",
+            "2:42:ac:11:00:002",
+        ] {
             assert!(bad.parse::<Mac>().is_err(), "{bad}");
         }
         let a = Mac::derived("node-a");
@@ -168,7 +174,10 @@ mod tests {
             vtep_mac: Some(Mac::derived("node-a")),
             renewed_at: 17,
         };
-        let key = format!("/ferry/network/subnets/{}", subnet_key_segment(lease.subnet()));
+        let key = format!(
+            "/ferry/network/subnets/{}",
+            subnet_key_segment(lease.subnet())
+        );
         assert_eq!(key, "/ferry/network/subnets/10.244.3.0-24");
         let back = SubnetLease::from_kv(&key, lease.to_json().as_bytes()).unwrap();
         assert_eq!(back, lease);

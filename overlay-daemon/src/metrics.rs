@@ -1,1 +1,156 @@
-//! (being written)
+//! The daemon's Prometheus metrics and the readiness it reports.
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Shared between the daemon loop (which updates it) and the HTTP server
+/// (which reads it). Cheap to clone.
+#[derive(Clone)]
+pub struct Metrics(Arc<Inner>);
+
+struct Inner {
+    registry: Registry,
+    pub lease_held: Gauge,
+    pub peers: Gauge,
+    pub peers_programmed: Gauge,
+    pub reconciles: Counter,
+    pub repairs: Counter,
+    pub entries_changed: Counter,
+    pub etcd_errors: Counter,
+    pub lease_acquisitions: Counter,
+    ready: AtomicBool,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Metrics {
+        let mut registry = Registry::with_prefix("ferry");
+        let lease_held = Gauge::default();
+        let peers = Gauge::default();
+        let peers_programmed = Gauge::default();
+        let reconciles = Counter::default();
+        let repairs = Counter::default();
+        let entries_changed = Counter::default();
+        let etcd_errors = Counter::default();
+        let lease_acquisitions = Counter::default();
+        registry.register(
+            "lease_held",
+            "1 while this node holds its subnet lease in etcd",
+            lease_held.clone(),
+        );
+        registry.register(
+            "peers",
+            "Other nodes' leases known from etcd",
+            peers.clone(),
+        );
+        registry.register(
+            "peers_programmed",
+            "Other nodes whose overlay entries are in the kernel",
+            peers_programmed.clone(),
+        );
+        registry.register("reconciles", "Reconcile passes run", reconciles.clone());
+        registry.register(
+            "reconcile_repairs",
+            "Kernel entries put back or removed because the kernel drifted (not because a lease changed)",
+            repairs.clone(),
+        );
+        registry.register(
+            "entries_changed",
+            "Kernel entries added or removed by reconcile passes, for any reason",
+            entries_changed.clone(),
+        );
+        registry.register("etcd_errors", "Failed etcd operations", etcd_errors.clone());
+        registry.register(
+            "lease_acquisitions",
+            "Times the node (re)acquired its subnet lease",
+            lease_acquisitions.clone(),
+        );
+        Metrics(Arc::new(Inner {
+            registry,
+            lease_held,
+            peers,
+            peers_programmed,
+            reconciles,
+            repairs,
+            entries_changed,
+            etcd_errors,
+            lease_acquisitions,
+            ready: AtomicBool::new(false),
+        }))
+    }
+
+    pub fn set_lease_held(&self, held: bool) {
+        self.0.lease_held.set(i64::from(held));
+    }
+    pub fn set_peers(&self, known: usize, programmed: usize) {
+        self.0.peers.set(known as i64);
+        self.0.peers_programmed.set(programmed as i64);
+    }
+    pub fn set_known_peers(&self, known: usize) {
+        self.0.peers.set(known as i64);
+    }
+    pub fn reconciled(&self, changed: usize, drift: bool) {
+        self.0.reconciles.inc();
+        self.0.entries_changed.inc_by(changed as u64);
+        if drift {
+            self.0.repairs.inc_by(changed as u64);
+        }
+    }
+    pub fn etcd_error(&self) {
+        self.0.etcd_errors.inc();
+    }
+    pub fn lease_acquired(&self) {
+        self.0.lease_acquisitions.inc();
+    }
+    /// Ready: the lease is held and every known peer is programmed.
+    pub fn set_ready(&self, ready: bool) {
+        self.0.ready.store(ready, Ordering::Relaxed);
+    }
+    pub fn is_ready(&self) -> bool {
+        self.0.ready.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        encode(&mut out, &self.0.registry).expect("writing to a String cannot fail");
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_what_was_recorded() {
+        let m = Metrics::new();
+        m.set_lease_held(true);
+        m.set_peers(5, 4);
+        m.reconciled(3, false);
+        m.reconciled(2, true);
+        m.etcd_error();
+        let text = m.render();
+        for want in [
+            "ferry_lease_held 1",
+            "ferry_peers 5",
+            "ferry_peers_programmed 4",
+            "ferry_reconciles_total 2",
+            "ferry_entries_changed_total 5",
+            "ferry_reconcile_repairs_total 2",
+            "ferry_etcd_errors_total 1",
+        ] {
+            assert!(text.contains(want), "{want} missing in\n{text}");
+        }
+        assert!(!m.is_ready());
+    }
+}

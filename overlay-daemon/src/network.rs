@@ -76,7 +76,9 @@ impl Default for BackendConfig {
 pub enum NetworkConfigError {
     #[error("network config is not valid JSON: {0}")]
     Json(String),
-    #[error("subnetLen {subnet_len} must be longer than the network's /{network_len} and at most /30")]
+    #[error(
+        "subnetLen {subnet_len} must be longer than the network's /{network_len} and at most /30"
+    )]
     SubnetLen { subnet_len: u8, network_len: u8 },
     #[error("vni {0} is outside 1..=16777215")]
     Vni(u32),
@@ -163,22 +165,28 @@ mod tests {
                 .unwrap();
         assert_eq!(hostgw.backend.kind, BackendType::HostGw);
         assert_eq!(hostgw.subnet_len, 24);
-        assert_eq!(
-            NetworkConfig::from_json(&hostgw.to_json()).unwrap(),
-            hostgw
-        );
+        assert_eq!(NetworkConfig::from_json(&hostgw.to_json()).unwrap(), hostgw);
     }
 
     #[test]
     fn refuses_bad_configs() {
         let cases = [
-            (r#"{"network":"10.244.0.0/16","subnetLen":16}"#, "subnetLen 16"),
-            (r#"{"network":"10.244.0.0/16","subnetLen":31}"#, "subnetLen 31"),
+            (
+                r#"{"network":"10.244.0.0/16","subnetLen":16}"#,
+                "subnetLen 16",
+            ),
+            (
+                r#"{"network":"10.244.0.0/16","subnetLen":31}"#,
+                "subnetLen 31",
+            ),
             (
                 r#"{"network":"10.244.0.0/16","backend":{"type":"vxlan","vni":0}}"#,
                 "vni 0",
             ),
-            (r#"{"network":"10.244.0.0/16","backend":{"type":"udp"}}"#, "JSON"),
+            (
+                r#"{"network":"10.244.0.0/16","backend":{"type":"udp"}}"#,
+                "JSON",
+            ),
             (r#"{"network":"10.244.0.0/33"}"#, "JSON"),
             (r#"{"subnetLen":24}"#, "JSON"),
         ];
@@ -190,7 +198,8 @@ mod tests {
 
     #[test]
     fn subnets_skip_the_first_and_stay_inside() {
-        let cfg = NetworkConfig::from_json(r#"{"network":"10.244.0.0/22","subnetLen":24}"#).unwrap();
+        let cfg =
+            NetworkConfig::from_json(r#"{"network":"10.244.0.0/22","subnetLen":24}"#).unwrap();
         let all: Vec<String> = cfg.candidates().map(|s| s.to_string()).collect();
         assert_eq!(all, ["10.244.1.0/24", "10.244.2.0/24", "10.244.3.0/24"]);
         assert!(cfg.holds("10.244.3.0/24".parse().unwrap()));

@@ -514,6 +514,34 @@ impl Store {
         }
     }
 
+    /// Deletes every lease of node `node` (an operator decommissioning a
+    /// node: the other nodes drop its routes at once instead of at the
+    /// lease's expiry). Each delete is conditional on the key being
+    /// unchanged since it was read, so a lease the node re-acquires
+    /// meanwhile is not touched. Returns the subnets freed.
+    pub async fn remove_node(&self, node: &str) -> Result<Vec<Ipv4Network>, StoreError> {
+        let (entries, _) = self.read_subnets().await?;
+        let mut freed = Vec::new();
+        for e in entries {
+            let Some(lease) = e.lease.filter(|l| l.node == node) else {
+                continue;
+            };
+            let txn = Txn::new()
+                .when([Compare::mod_revision(
+                    e.key.clone(),
+                    CompareOp::Equal,
+                    e.mod_revision,
+                )])
+                .and_then([TxnOp::delete(e.key.clone(), None)]);
+            let mut kv = self.client.kv_client();
+            let resp = self.call("delete", &e.key, kv.txn(txn)).await?;
+            if resp.succeeded() {
+                freed.push(lease.subnet());
+            }
+        }
+        Ok(freed)
+    }
+
     /// Every readable lease and the revision of the read. Keys that do not
     /// name a subnet and unreadable values are skipped with a warning.
     pub async fn list_leases(&self) -> Result<(Vec<SubnetLease>, i64), StoreError> {

@@ -18,6 +18,7 @@ use std::sync::{Once, mpsc};
 use std::time::Duration;
 
 pub mod etcd;
+pub mod lab;
 
 /// How long one plugin invocation may take before the test fails.
 pub const PLUGIN_TIMEOUT: Duration = Duration::from_secs(20);

@@ -1,0 +1,357 @@
+//! ferryd end to end: labs of node namespaces on an underlay bridge, a real
+//! etcd in the underlay, ferryd in every node, pods ADDed through the
+//! conflist each ferryd wrote. See ferry_tests::lab.
+
+use ferry_tests::etcd::require_etcd;
+use ferry_tests::lab::{Lab, underlay_ip};
+use ferry_tests::{TestNetns, require_root, wait_until};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const VXLAN: &str =
+    r#"{"network":"10.244.0.0/16","subnetLen":24,"backend":{"type":"vxlan","vni":1}}"#;
+const VXLAN_DIRECT: &str = r#"{"network":"10.244.0.0/16","subnetLen":24,"backend":{"type":"vxlan","vni":1,"directRouting":true}}"#;
+const HOST_GW: &str = r#"{"network":"10.244.0.0/16","subnetLen":24,"backend":{"type":"host-gw"}}"#;
+const READY: Duration = Duration::from_secs(30);
+
+fn can_run() -> bool {
+    require_root() && require_etcd()
+}
+
+/// `nodes` nodes, each ready, with `pods` pods each.
+fn lab(network: &str, nodes: usize, pods: usize) -> Lab {
+    let mut lab = Lab::new(network);
+    for _ in 0..nodes {
+        lab.add_node();
+    }
+    lab.assert_all_ready(READY);
+    for i in 0..nodes {
+        for _ in 0..pods {
+            lab.add_pod(i);
+        }
+    }
+    lab
+}
+
+fn assert_full_matrix(lab: &Lab) {
+    let failed = lab.ping_matrix(3);
+    assert!(
+        failed.is_empty(),
+        "unreachable pod pairs {failed:?}\nn1 log:\n{}",
+        lab.ferryd_log(0)
+    );
+}
+
+/// Routes of `ns` in the main table, as `ip -j route` objects.
+fn routes(ns: &TestNetns) -> Vec<Value> {
+    ns.ip_json(&["route", "show", "table", "main"])
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn route_to<'a>(routes: &'a [Value], dst: &str) -> Option<&'a Value> {
+    routes.iter().find(|r| r["dst"] == dst)
+}
+
+/// `10.244.3.1/24` (subnet.env's gateway form) → `10.244.3.0/24`.
+fn subnet_of(lab: &Lab, i: usize) -> String {
+    let gw = lab.node_subnet(i).expect("subnet.env written");
+    let (ip, len) = gw.split_once('/').unwrap();
+    let mut octets: Vec<&str> = ip.split('.').collect();
+    octets[3] = "0";
+    format!("{}/{len}", octets.join("."))
+}
+
+fn subnet_base(subnet: &str) -> String {
+    subnet.split('/').next().unwrap().to_string()
+}
+
+#[test]
+fn vxlan_every_pod_reaches_every_pod() {
+    if !can_run() {
+        return;
+    }
+    let lab = lab(VXLAN, 3, 2);
+    assert_full_matrix(&lab);
+
+    // The kernel objects are the documented ones.
+    let n1 = &lab.nodes[0].ns;
+    let dev = n1.ip_json(&["-d", "link", "show", "ferry.1"]);
+    let info = &dev[0]["linkinfo"]["info_data"];
+    assert_eq!(info["id"], 1, "{dev}");
+    assert_eq!(info["learning"], false, "{dev}");
+    assert_eq!(info["local"], underlay_ip(11).to_string(), "{dev}");
+    assert_eq!(dev[0]["mtu"], 1450, "underlay 1500 - 50: {dev}");
+    let conflist: Value =
+        serde_json::from_str(&std::fs::read_to_string(lab.conflist(0)).unwrap()).unwrap();
+    assert_eq!(conflist["plugins"][0]["mtu"], 1450, "{conflist}");
+    let r = routes(n1);
+    for peer in [1, 2] {
+        let subnet = subnet_of(&lab, peer);
+        let route = route_to(&r, &subnet).unwrap_or_else(|| panic!("no route to {subnet}: {r:?}"));
+        assert_eq!(route["dev"], "ferry.1", "{route}");
+        assert_eq!(route["gateway"], subnet_base(&subnet), "{route}");
+        assert!(
+            route["flags"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|f| f == "onlink"),
+            "{route}"
+        );
+    }
+    let fdb = n1.exec("bridge", &["fdb", "show", "dev", "ferry.1"]);
+    for peer in [12, 13] {
+        assert!(fdb.contains(&format!("dst {}", underlay_ip(peer))), "{fdb}");
+    }
+    let metrics = lab.http(0, "/metrics").unwrap().1;
+    assert!(metrics.contains("ferry_peers_programmed 2"), "{metrics}");
+    assert!(metrics.contains("ferry_lease_held 1"), "{metrics}");
+}
+
+#[test]
+fn host_gw_every_pod_reaches_every_pod() {
+    if !can_run() {
+        return;
+    }
+    let lab = lab(HOST_GW, 3, 2);
+    assert_full_matrix(&lab);
+    let n1 = &lab.nodes[0].ns;
+    assert!(
+        n1.links_of_kind("vxlan").is_empty(),
+        "host-gw makes no vxlan device"
+    );
+    let r = routes(n1);
+    for (peer, host) in [(1, 12), (2, 13)] {
+        let subnet = subnet_of(&lab, peer);
+        let route = route_to(&r, &subnet).unwrap_or_else(|| panic!("no route to {subnet}: {r:?}"));
+        assert_eq!(route["gateway"], underlay_ip(host).to_string(), "{route}");
+        assert_eq!(route["dev"], "eth0", "{route}");
+    }
+}
+
+#[test]
+fn vxlan_direct_routing_uses_plain_routes_on_one_segment() {
+    if !can_run() {
+        return;
+    }
+    let lab = lab(VXLAN_DIRECT, 3, 2);
+    assert_full_matrix(&lab);
+    let n1 = &lab.nodes[0].ns;
+    let r = routes(n1);
+    for (peer, host) in [(1, 12), (2, 13)] {
+        let subnet = subnet_of(&lab, peer);
+        let route = route_to(&r, &subnet).unwrap_or_else(|| panic!("no route to {subnet}: {r:?}"));
+        assert_eq!(route["gateway"], underlay_ip(host).to_string(), "{route}");
+        assert_eq!(route["dev"], "eth0", "{route}");
+    }
+    let fdb = n1.exec("bridge", &["fdb", "show", "dev", "ferry.1"]);
+    assert!(
+        !fdb.contains("dst 192.168.77"),
+        "no tunnel entries needed: {fdb}"
+    );
+}
+
+/// Whether node `i` still has any entry for `subnet` (route, neighbour) or
+/// an fdb entry towards `peer_ip`.
+fn has_entries_for(lab: &Lab, i: usize, subnet: &str, peer_ip: &str) -> bool {
+    let ns = &lab.nodes[i].ns;
+    let r = routes(ns);
+    let neigh = ns.exec("ip", &["neigh", "show", "dev", "ferry.1"]);
+    let fdb = ns.exec("bridge", &["fdb", "show", "dev", "ferry.1"]);
+    route_to(&r, subnet).is_some()
+        || neigh.contains(&format!("{} ", subnet_base(subnet)))
+        || fdb.contains(&format!("dst {peer_ip} "))
+}
+
+#[test]
+fn a_removed_node_disappears_from_every_other_node() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = lab(VXLAN, 3, 1);
+    assert_full_matrix(&lab);
+    let gone = subnet_of(&lab, 2);
+    let gone_ip = underlay_ip(13).to_string();
+    assert!(has_entries_for(&lab, 0, &gone, &gone_ip));
+    lab.stop_ferryd(2, Signal::SIGTERM);
+    let out = lab.ferryd_cli(&["remove-node", "n3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for i in [0, 1] {
+        assert!(
+            wait_until(Duration::from_secs(5), || !has_entries_for(
+                &lab, i, &gone, &gone_ip
+            )),
+            "n{} still has entries for the removed n3",
+            i + 1
+        );
+    }
+    // The others still reach each other.
+    let (a, b) = (lab.pod((0, 0)), lab.pod((1, 0)));
+    assert!(a.ns.ping(b.ip.into(), 3));
+}
+
+/// `ip monitor route neigh` in `ns`, running until [`Monitor::stop`].
+struct Monitor(std::process::Child);
+
+impl Monitor {
+    fn start(ns: &TestNetns) -> Monitor {
+        let mut cmd = Command::new("ip");
+        cmd.args(["monitor", "route", "neigh"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        ferry_tests::in_netns_cmd(&mut cmd, ns.netns());
+        let m = Monitor(cmd.spawn().expect("ip monitor"));
+        std::thread::sleep(Duration::from_millis(200));
+        m
+    }
+
+    fn stop(mut self) -> String {
+        let _ = self.0.kill();
+        let mut out = String::new();
+        if let Some(mut s) = self.0.stdout.take() {
+            let _ = s.read_to_string(&mut out);
+        }
+        let _ = self.0.wait();
+        out
+    }
+}
+
+#[test]
+fn a_restarted_daemon_keeps_its_subnet_and_nothing_flaps() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = lab(VXLAN, 3, 1);
+    assert_full_matrix(&lab);
+    let before = subnet_of(&lab, 0);
+    let watch_self = Monitor::start(&lab.nodes[0].ns);
+    let watch_peer = Monitor::start(&lab.nodes[1].ns);
+
+    lab.stop_ferryd(0, Signal::SIGKILL);
+    lab.start_ferryd(0);
+    assert!(lab.wait_ready(0, READY), "{}", lab.ferryd_log(0));
+    assert_eq!(subnet_of(&lab, 0), before, "same subnet after a restart");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_full_matrix(&lab);
+
+    for (who, out) in [("n1", watch_self.stop()), ("n2", watch_peer.stop())] {
+        let deleted: Vec<&str> = out.lines().filter(|l| l.starts_with("Deleted")).collect();
+        assert!(
+            deleted.is_empty(),
+            "entries flapped on {who} during n1's restart: {deleted:?}"
+        );
+    }
+    let show = lab.ferryd_cli(&["show"]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert_eq!(text.matches("\"node\":\"n1\"").count(), 1, "{text}");
+}
+
+#[test]
+fn an_etcd_outage_keeps_the_data_path_and_the_cluster_reconverges() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = lab(VXLAN, 2, 1);
+    assert_full_matrix(&lab);
+    lab.stop_etcd();
+    // A node joins while etcd is away: it must wait, not fail.
+    let n3 = lab.add_node();
+    let end = Instant::now() + Duration::from_secs(30);
+    let (a, b) = (lab.pod((0, 0)).ip, lab.pod((1, 0)).ip);
+    while Instant::now() < end {
+        assert!(
+            lab.pod((0, 0)).ns.ping(b.into(), 2),
+            "n1→n2 broke during the outage"
+        );
+        assert!(
+            lab.pod((1, 0)).ns.ping(a.into(), 2),
+            "n2→n1 broke during the outage"
+        );
+        assert!(lab.ferryd_running(0) && lab.ferryd_running(1) && lab.ferryd_running(n3));
+        std::thread::sleep(Duration::from_secs(3));
+    }
+    assert!(lab.metric(0, "ferry_etcd_errors_total").unwrap_or(0.0) > 0.0);
+    lab.start_etcd();
+    assert!(lab.wait_ready(n3, READY), "{}", lab.ferryd_log(n3));
+    lab.add_pod(n3);
+    let new_pod = lab.pod((n3, 0)).ip;
+    assert!(
+        wait_until(Duration::from_secs(10), || lab
+            .pod((0, 0))
+            .ns
+            .ping(new_pod.into(), 1)),
+        "the node added during the outage is not reachable:\n{}",
+        lab.ferryd_log(0)
+    );
+    assert_full_matrix(&lab);
+}
+
+#[test]
+fn drift_is_repaired_within_two_seconds() {
+    if !can_run() {
+        return;
+    }
+    let lab = lab(VXLAN, 2, 1);
+    assert_full_matrix(&lab);
+    let n1 = &lab.nodes[0].ns;
+    let peer = subnet_of(&lab, 1);
+
+    n1.exec("ip", &["route", "del", &peer]);
+    let t = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(2), || route_to(&routes(n1), &peer)
+            .is_some()),
+        "deleted route not back within 2 s"
+    );
+    eprintln!("route repaired in {:?}", t.elapsed());
+
+    n1.exec("ip", &["link", "del", "ferry.1"]);
+    let t = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(2), || {
+            n1.link("ferry.1").is_some() && route_to(&routes(n1), &peer).is_some()
+        }),
+        "deleted vxlan device not back within 2 s:\n{}",
+        lab.ferryd_log(0)
+    );
+    eprintln!("device and routes repaired in {:?}", t.elapsed());
+    assert_full_matrix(&lab);
+    assert!(
+        lab.metric(0, "ferry_reconcile_repairs_total")
+            .unwrap_or(0.0)
+            >= 2.0
+    );
+}
+
+#[test]
+fn twenty_daemons_started_at_once_get_twenty_subnets() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new(VXLAN);
+    for _ in 0..20 {
+        lab.add_idle_node();
+    }
+    for i in 0..20 {
+        lab.start_ferryd(i);
+    }
+    lab.assert_all_ready(Duration::from_secs(60));
+    let mut subnets: Vec<String> = (0..20).map(|i| subnet_of(&lab, i)).collect();
+    subnets.sort();
+    subnets.dedup();
+    assert_eq!(subnets.len(), 20, "{subnets:?}");
+    let show = lab.ferryd_cli(&["show"]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(text.contains("leases at revision"), "{text}");
+    assert_eq!(text.matches("\"node\":").count(), 20, "{text}");
+}
