@@ -593,3 +593,90 @@ fn pods_ping_across_host_gw() {
     }
     two_node_ping(host_gw());
 }
+
+/// `cargo test -p ferryd --release --test dataplane -- --ignored --nocapture
+/// program_many_peers` (FERRY_BENCH_PEERS, default 1000): first pass, no-op
+/// pass, and the same entries through `ip -batch` in a fresh namespace.
+#[test]
+#[ignore]
+fn program_many_peers() {
+    if !require_root() {
+        return;
+    }
+    let n: u32 = std::env::var("FERRY_BENCH_PEERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1000);
+    let peers: Vec<Peer> = (2..n + 2).map(peer).collect();
+    let ns = node_ns("192.0.0.1/16");
+    block_on(async {
+        let h = NsHandle::new(ns.netns())?;
+        let me = local(&h, "10.244.1.0/24").await;
+        let mut dp = Dataplane::new(h.clone(), &vxlan(false), me);
+        let t = std::time::Instant::now();
+        let r = dp.reconcile(&peers).await.unwrap();
+        let first = t.elapsed();
+        assert_eq!(r.peers_programmed, n as usize);
+        let t = std::time::Instant::now();
+        let r = dp.reconcile(&peers).await.unwrap();
+        let noop = t.elapsed();
+        assert_eq!((r.added, r.removed), (0, 0));
+        eprintln!("ferry: {n} peers: first pass {first:?}, no-op pass {noop:?}");
+        Ok(())
+    })
+    .unwrap();
+
+    // The same entries with `ip -batch` (device created first, not timed).
+    let ns2 = node_ns("192.0.0.1/16");
+    ns2.exec(
+        "ip",
+        &[
+            "link",
+            "add",
+            "ferry.1",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "dev",
+            "ul0",
+            "local",
+            "192.0.0.1",
+            "dstport",
+            "4789",
+            "nolearning",
+        ],
+    );
+    ns2.exec("ip", &["link", "set", "ferry.1", "up"]);
+    let dir = std::env::temp_dir().join(format!("ferry-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (mut ipb, mut brb) = (String::new(), String::new());
+    for p in &peers {
+        let mac = p.vtep_mac.unwrap();
+        let gw = p.subnet.network();
+        ipb.push_str(&format!(
+            "neigh replace {gw} lladdr {mac} dev ferry.1 nud permanent\n"
+        ));
+        brb.push_str(&format!(
+            "fdb replace {mac} dev ferry.1 dst {} self permanent\n",
+            p.public_ip
+        ));
+    }
+    let mut rb = String::new();
+    for p in &peers {
+        rb.push_str(&format!(
+            "route replace {} via {} dev ferry.1 onlink proto 70\n",
+            p.subnet,
+            p.subnet.network()
+        ));
+    }
+    for (name, text) in [("neigh", &ipb), ("fdb", &brb), ("route", &rb)] {
+        std::fs::write(dir.join(name), text).unwrap();
+    }
+    let t = std::time::Instant::now();
+    ns2.exec("ip", &["-batch", dir.join("neigh").to_str().unwrap()]);
+    ns2.exec("bridge", &["-batch", dir.join("fdb").to_str().unwrap()]);
+    ns2.exec("ip", &["-batch", dir.join("route").to_str().unwrap()]);
+    eprintln!("ip -batch + bridge -batch: {n} peers: {:?}", t.elapsed());
+    let _ = std::fs::remove_dir_all(&dir);
+}
