@@ -39,10 +39,13 @@ install_packages() {
 }
 
 in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+# For daemons: nsenter execs in place (ip netns exec forks), so $! is the
+# daemon's own pid and `down` can stop it.
+daemon_in_ns() { local ns=$1; shift; exec nsenter --net="/run/netns/$ns" "$@"; }
 
 # GET a path of a node's ferryd with bash's /dev/tcp (no curl needed).
 http_get() { # node path
-    in_ns "$P-$1" bash -c 'exec 3<>/dev/tcp/127.0.0.1/9946 && printf "GET %s HTTP/1.0\r\n\r\n" "$0" >&3 && cat <&3' "$2" 2>/dev/null
+    in_ns "$P-n$1" bash -c 'exec 3<>/dev/tcp/127.0.0.1/9946 && printf "GET %s HTTP/1.0\r\n\r\n" "$0" >&3 && cat <&3' "$2" 2>/dev/null
 }
 
 nodes() { cat "$STATE/nodes" 2>/dev/null || echo 0; }
@@ -53,10 +56,10 @@ pod_ip() { # pod-netns
 
 start_etcd() {
     mkdir -p "$STATE/etcd"
-    in_ns "$P-ul" etcd --name lab --data-dir "$STATE/etcd/data" \
+    (daemon_in_ns "$P-ul" etcd --name lab --data-dir "$STATE/etcd/data" \
         --listen-client-urls "$ETCD" --advertise-client-urls "$ETCD" \
         --listen-peer-urls "http://$UL_NET.1:2380" --initial-advertise-peer-urls "http://$UL_NET.1:2380" \
-        --initial-cluster "lab=http://$UL_NET.1:2380" >"$STATE/etcd/log" 2>&1 &
+        --initial-cluster "lab=http://$UL_NET.1:2380") >"$STATE/etcd/log" 2>&1 &
     echo $! >"$STATE/etcd/pid"
     for _ in $(seq 100); do
         in_ns "$P-ul" "$BIN/ferryd" --etcd-endpoints "$ETCD" show >/dev/null 2>&1 && return 0
@@ -69,16 +72,16 @@ start_etcd() {
 start_ferryd() { # i
     local i=$1 d=$STATE/n$1
     mkdir -p "$d"
-    in_ns "$P-n$i" "$BIN/ferryd" --etcd-endpoints "$ETCD" --node-name "n$i" \
+    (daemon_in_ns "$P-n$i" "$BIN/ferryd" --etcd-endpoints "$ETCD" --node-name "n$i" \
         --cni-conf-dir "$d/net.d" --subnet-file "$d/subnet.env" --ipam-data-dir "$d/ipam" \
-        --listen 127.0.0.1:9946 >>"$d/ferryd.log" 2>&1 &
+        --listen 127.0.0.1:9946) >>"$d/ferryd.log" 2>&1 &
     echo $! >"$d/ferryd.pid"
 }
 
 wait_ready() { # i
     local i=$1
     for _ in $(seq 200); do
-        http_get "$i" /readyz | grep -q '^ready' && return 0
+        [[ "$(http_get "$i" /readyz)" == *$'\r\n\r\nready'* ]] && return 0
         sleep 0.05
     done
     die "ferryd on n$i is not ready; see $STATE/n$i/ferryd.log"
@@ -139,6 +142,8 @@ up() {
         *) die "unknown backend $backend" ;;
     esac
     install_packages
+    # A failed `up` removes what it created.
+    trap 'rc=$?; [ $rc -eq 0 ] || { echo "lab: up failed; tearing down" >&2; down; }' EXIT
     echo "== building ferryd, the plugins and cnirun (release)"
     cargo build --release -q -p ferryd -p ferry-bridge -p ferry-ipam -p ferry-loopback -p ferry-tests --bin cnirun
     mkdir -p "$STATE"
@@ -182,6 +187,7 @@ up() {
     iperf || true
     echo "== the lab stays up. Try: ip netns exec $P-n1-p1 ping $(pod_ip "$P-n2-p2")"
     echo "   logs: $STATE/n*/ferryd.log; tear down: $0 down"
+    trap - EXIT
 }
 
 status() {

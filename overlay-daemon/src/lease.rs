@@ -73,6 +73,11 @@ impl Mac {
             h ^= u64::from(*b);
             h = h.wrapping_mul(0x0000_0100_0000_01b3);
         }
+        // FNV's high bytes barely change between names like n1 and n2: mix
+        // (splitmix64's finalizer) so every byte depends on every input bit.
+        h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        h ^= h >> 31;
         let b = h.to_be_bytes();
         Mac([(b[0] & 0xfe) | 0x02, b[1], b[2], b[3], b[4], b[5]])
     }
@@ -162,6 +167,14 @@ mod tests {
         assert_eq!(a, Mac::derived("node-a"));
         assert_ne!(a, Mac::derived("node-b"));
         assert_eq!(a.0[0] & 0x03, 0x02, "locally administered unicast");
+        // Names that differ in one character differ in most bytes.
+        let macs: std::collections::BTreeSet<[u8; 5]> = (0..5000)
+            .map(|i| {
+                let m = Mac::derived(&format!("node-{i}")).0;
+                [m[1], m[2], m[3], m[4], m[5]]
+            })
+            .collect();
+        assert_eq!(macs.len(), 5000, "no two of 5000 node names share a MAC");
     }
 
     #[test]
