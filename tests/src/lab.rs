@@ -135,6 +135,7 @@ impl Lab {
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log);
         in_netns_cmd(&mut cmd, self.underlay.netns());
+        die_with_parent(&mut cmd);
         self.etcd = Some(cmd.spawn().expect("spawn etcd (is etcd-server installed?)"));
         let ns = &self.underlay;
         let up = wait_until(Duration::from_secs(20), || {
@@ -254,6 +255,7 @@ impl Lab {
         .stdout(log.try_clone().expect("dup log"))
         .stderr(log);
         in_netns_cmd(&mut cmd, node.ns.netns());
+        die_with_parent(&mut cmd);
         node.ferryd = Some(cmd.spawn().expect("spawn ferryd"));
     }
 
@@ -263,6 +265,11 @@ impl Lab {
         let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         let _ = nix::sys::signal::kill(pid, signal);
         child.wait().ok().and_then(|s| s.code())
+    }
+
+    /// The pid of node `i`'s ferryd, while it runs.
+    pub fn ferryd_pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].ferryd.as_ref().map(Child::id)
     }
 
     pub fn ferryd_running(&mut self, i: usize) -> bool {
@@ -413,6 +420,21 @@ impl Drop for Lab {
             }
         }
         self.stop_etcd();
+    }
+}
+
+/// A daemon of the lab dies with the test (even a killed one): SIGKILL when
+/// the thread that spawned it exits.
+fn die_with_parent(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: prctl is async-signal-safe.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
     }
 }
 
