@@ -21,8 +21,8 @@ use ferry_cni::{
     CmdArgs, CniError, CniResult, Command, ErrorCode, Interface, NetConf, Plugin, Route,
 };
 use ferry_netops::{
-    BridgeSpec, Link, NetNs, NetopsError, NsHandle, PortVlan, RouteSpec, VethPair, block_on,
-    in_netns, sysctl, to_cni,
+    BridgeSpec, Link, NetNs, NetopsError, NsHandle, PortVlan, RouteSpec, Runtime, VethPair,
+    block_on, in_netns, join, join_all, join3, sysctl, to_cni,
 };
 use ipnetwork::IpNetwork;
 use std::net::IpAddr;
@@ -72,12 +72,7 @@ impl Plugin for Bridge {
             .expect("the skeleton requires CNI_NETNS for ADD");
         let pod_ns = NetNs::open(&netns_path).map_err(to_cni)?;
         let mut progress = Progress::default();
-        let outcome = block_on(async {
-            let host = NsHandle::host()?;
-            Ok(add(&host, &pod_ns, args, conf, &bc, &mut progress).await)
-        })
-        .map_err(to_cni)
-        .and_then(|r| r);
+        let outcome = add(&pod_ns, args, conf, &bc, &mut progress);
         if let Err(e) = &outcome {
             undo(args, conf, &progress, e);
         }
@@ -86,33 +81,39 @@ impl Plugin for Bridge {
 
     fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         let bc = BridgeConf::load(conf, args)?;
-        // The link first: with the namespace gone it is gone too; otherwise
-        // deleting the host end removes the pod end with it.
-        let link_result = block_on(async {
-            let host = NsHandle::host()?;
-            if let Some(l) = host
-                .link_by_name(&host_veth_name(&args.container_id, &args.ifname))
-                .await?
-            {
-                host.delete_link(l.index).await?;
-            }
-            Ok(())
-        })
-        .map_err(to_cni);
-        // Whether or not this config asks for macspoofchk (it may have been
-        // turned off since the ADD): one netlink lookup when there is none.
-        // Without the option, a failure (no nf_tables on this node) is only
-        // logged.
-        let spoof_result = match spoofchk::remove(&host_veth_name(&args.container_id, &args.ifname))
-        {
-            Err(e) if !bc.macspoofchk => {
-                eprintln!("ferry-bridge: DEL: macspoofchk cleanup skipped: {e}");
+        // The IPAM plugin is a process of its own: it releases the address
+        // while this thread removes the link (the two do not depend on each
+        // other, and the address is released whatever happens to the link).
+        let (link_result, spoof_result, ipam_result) = std::thread::scope(|s| {
+            let ipam = s.spawn(|| exec_ipam(Command::Del, args, conf).map(|_| ()));
+            // The link first: with the namespace gone it is gone too;
+            // otherwise deleting the host end removes the pod end with it.
+            let link_result = block_on(async {
+                let host = NsHandle::host()?;
+                if let Some(l) = host
+                    .link_by_name(&host_veth_name(&args.container_id, &args.ifname))
+                    .await?
+                {
+                    host.delete_link(l.index).await?;
+                }
                 Ok(())
-            }
-            r => r.map_err(to_cni),
-        };
-        // Always release the address, whatever happened to the link.
-        let ipam_result = exec_ipam(Command::Del, args, conf).map(|_| ());
+            })
+            .map_err(to_cni);
+            // Whether or not this config asks for macspoofchk (it may have
+            // been turned off since the ADD): one netlink lookup when there
+            // is none. Without the option, a failure (no nf_tables on this
+            // node) is only logged.
+            let spoof_result =
+                match spoofchk::remove(&host_veth_name(&args.container_id, &args.ifname)) {
+                    Err(e) if !bc.macspoofchk => {
+                        eprintln!("ferry-bridge: DEL: macspoofchk cleanup skipped: {e}");
+                        Ok(())
+                    }
+                    r => r.map_err(to_cni),
+                };
+            let ipam_result = join_thread(ipam);
+            (link_result, spoof_result, ipam_result)
+        });
         link_result.and(spoof_result).and(ipam_result)
     }
 
@@ -153,14 +154,61 @@ impl Plugin for Bridge {
     }
 }
 
-async fn add(
-    host: &NsHandle,
+/// The result of a scoped thread; a panic there is a panic here.
+fn join_thread<T>(h: std::thread::ScopedJoinHandle<'_, T>) -> T {
+    h.join().unwrap_or_else(|p| std::panic::resume_unwind(p))
+}
+
+/// ADD in two steps on one runtime. The IPAM plugin (a process of its own,
+/// on a thread that waits for it) is started first; meanwhile this thread
+/// sets up everything that needs no address: the bridge, the veth pair, the
+/// pod's netlink socket. Then the addresses, routes, gateway and masquerade.
+/// A step failing before the allocation finished still waits for it, so the
+/// undo knows whether there is an address to release.
+fn add(
     pod_ns: &NetNs,
     args: &CmdArgs,
     conf: &NetConf,
     bc: &BridgeConf,
     progress: &mut Progress,
 ) -> Result<CniResult, CniError> {
+    let (ipam, links) = std::thread::scope(|s| {
+        let ipam = s.spawn(|| exec_ipam(Command::Add, args, conf));
+        let links = Runtime::new()
+            .map_err(to_cni)
+            .and_then(|rt| Ok((rt.block_on(attach(pod_ns, args, bc, progress))?, rt)));
+        (join_thread(ipam), links)
+    });
+    // The IPAM error first when both failed: it used to run first.
+    progress.ipam_done = ipam.is_ok();
+    let ipam = ipam?.ok_or_else(|| CniError::decoding("IPAM returned no result"))?;
+    let (links, rt) = links?;
+    if ipam.ips.is_empty() {
+        return Err(CniError::invalid_config(
+            "IPAM plugin returned no IP addresses",
+        ));
+    }
+    rt.block_on(configure(pod_ns, args, bc, links, ipam))
+}
+
+/// The pod's links, before it has addresses.
+struct Attached {
+    host: NsHandle,
+    br: Link,
+    host_veth: Link,
+    pod: NsHandle,
+    eth: Link,
+}
+
+/// The bridge, the veth pair on it (pod end inside the pod), its VLANs,
+/// hairpin and macspoofchk: all that needs no address.
+async fn attach(
+    pod_ns: &NetNs,
+    args: &CmdArgs,
+    bc: &BridgeConf,
+    progress: &mut Progress,
+) -> Result<Attached, CniError> {
+    let host = NsHandle::host().map_err(to_cni)?;
     let br = host
         .ensure_bridge(&BridgeSpec {
             name: &bc.bridge,
@@ -171,18 +219,8 @@ async fn add(
         .await
         .map_err(to_cni)?;
     if bc.vlan != 0 || !bc.vlan_trunk.is_empty() {
-        ensure_vlan_filtering(host, &br).await?;
+        ensure_vlan_filtering(&host, &br).await?;
     }
-
-    let ipam = exec_ipam(Command::Add, args, conf)?
-        .ok_or_else(|| CniError::decoding("IPAM returned no result"))?;
-    progress.ipam_done = true;
-    if ipam.ips.is_empty() {
-        return Err(CniError::invalid_config(
-            "IPAM plugin returned no IP addresses",
-        ));
-    }
-
     // A leftover of an earlier, interrupted ADD of the same pod would make
     // the create fail with EEXIST: remove it first.
     let host_name = host_veth_name(&args.container_id, &args.ifname);
@@ -211,7 +249,7 @@ async fn add(
             _ => to_cni(e),
         })?;
     progress.host_veth = Some(host_veth.index);
-    setup_port_vlans(host, host_veth.index, bc).await?;
+    setup_port_vlans(&host, host_veth.index, bc).await?;
 
     let pod = NsHandle::new(pod_ns).map_err(to_cni)?;
     let eth = pod
@@ -229,7 +267,37 @@ async fn add(
         progress.spoofchk = Some(host_name.clone());
         spoofchk::add(&host_name, &format_mac(&eth.mac)).map_err(to_cni)?;
     }
+    if bc.hairpin_mode {
+        host.set_hairpin(host_veth.index, true)
+            .await
+            .map_err(to_cni)?;
+    }
+    Ok(Attached {
+        host,
+        br,
+        host_veth,
+        pod,
+        eth,
+    })
+}
 
+/// The pod's addresses and routes, the gateway on the bridge, forwarding and
+/// masquerade, and the result.
+async fn configure(
+    pod_ns: &NetNs,
+    args: &CmdArgs,
+    bc: &BridgeConf,
+    links: Attached,
+    ipam: CniResult,
+) -> Result<CniResult, CniError> {
+    let Attached {
+        host,
+        br,
+        host_veth,
+        pod,
+        eth,
+    } = links;
+    let host = &host;
     // Gateways: from IPAM, or the subnet's first host when we are the gateway.
     let ips: Vec<(IpNetwork, Option<IpAddr>)> = ipam
         .ips
@@ -255,13 +323,6 @@ async fn add(
             })
         })?;
     }
-    for (addr, _) in &ips {
-        pod.replace_address(eth.index, *addr)
-            .await
-            .map_err(to_cni)?;
-    }
-    pod.set_up(eth.index).await.map_err(to_cni)?;
-
     let mut routes: Vec<Route> = ipam.routes.clone();
     if bc.is_default_gateway {
         for (addr, gw) in &ips {
@@ -273,42 +334,45 @@ async fn add(
             }
         }
     }
-    for r in &routes {
-        let gw = r.gw.or_else(|| {
-            ips.iter()
-                .find(|(a, _)| a.is_ipv4() == r.dst.is_ipv4())
-                .and_then(|(_, g)| *g)
-        });
-        pod.replace_route(&RouteSpec {
+    let route_specs: Vec<RouteSpec> = routes
+        .iter()
+        .map(|r| RouteSpec {
             dst: r.dst,
-            gw,
+            gw: r.gw.or_else(|| {
+                ips.iter()
+                    .find(|(a, _)| a.is_ipv4() == r.dst.is_ipv4())
+                    .and_then(|(_, g)| *g)
+            }),
             oif: eth.index,
             onlink: false,
         })
-        .await
-        .map_err(to_cni)?;
-    }
+        .collect();
+    // The pod's addresses, link up and routes go out back to back on the
+    // pod's socket (the kernel handles them in order, so each route finds
+    // its address), while the host's socket sets the gateway: one wait for
+    // all instead of one per request. The first error in that order wins.
+    let pod_side = async {
+        let (addrs, up, routes) = join3(
+            join_all(
+                ips.iter()
+                    .map(|(addr, _)| pod.replace_address(eth.index, *addr)),
+            ),
+            pod.set_up(eth.index),
+            join_all(route_specs.iter().map(|r| pod.replace_route(r))),
+        )
+        .await;
+        addrs
+            .into_iter()
+            .chain([up])
+            .chain(routes)
+            .collect::<Result<Vec<()>, _>>()
+            .map_err(to_cni)
+    };
+    let (pod_result, gateway) = join(pod_side, gateway(host, &br, bc, &ips)).await;
+    pod_result?;
+    let vlan_gateway = gateway?;
 
-    if bc.hairpin_mode {
-        host.set_hairpin(host_veth.index, true)
-            .await
-            .map_err(to_cni)?;
-    }
-
-    let mut vlan_gateway: Option<Link> = None;
     if bc.is_gateway {
-        // With a VLAN, the bridge itself (VLAN 1) cannot reach the pods: the
-        // gateway lives on "<bridge>.<vlan>", the end of a veth pair whose
-        // other end is a port of that VLAN (the reference's layout).
-        let (gw_index, gw_name) = if bc.vlan != 0 {
-            let gw = ensure_vlan_gateway(host, br.index, bc).await?;
-            let r = (gw.index, gw.name.clone());
-            vlan_gateway = Some(gw);
-            r
-        } else {
-            (br.index, bc.bridge.clone())
-        };
-        ensure_gateways(host, gw_index, &gw_name, bc.force_address, &ips).await?;
         let families = (ips.iter().any(|(a, _)| a.is_ipv4()), has_v6);
         enable_forwarding(families)?;
     }
@@ -321,11 +385,16 @@ async fn add(
         masq::ensure(&bc.network, &subnets, &bc.ip_masq_exclude).map_err(to_cni)?;
     }
 
-    let br_now = host
-        .link_by_index(br.index)
-        .await
-        .map_err(to_cni)?
-        .unwrap_or(br);
+    // A bridge whose MAC was set (ours is pinned at creation) keeps it; one
+    // with a kernel-chosen MAC may just have taken the new port's: re-read.
+    let br_now = if br.mac == bridge_mac(&bc.bridge) {
+        br
+    } else {
+        host.link_by_index(br.index)
+            .await
+            .map_err(to_cni)?
+            .unwrap_or(br)
+    };
     let mut result = CniResult {
         interfaces: vec![
             Interface {
@@ -362,6 +431,29 @@ async fn add(
         ip.gateway = *gw;
     }
     Ok(result)
+}
+
+/// The gateway addresses when we are the gateway: on the bridge, or with a
+/// VLAN on "<bridge>.<vlan>" (the bridge itself, VLAN 1, cannot reach the
+/// pods there), the end of a veth pair whose other end is a port of that
+/// VLAN (the reference's layout); that link is returned for the result.
+async fn gateway(
+    host: &NsHandle,
+    br: &Link,
+    bc: &BridgeConf,
+    ips: &[(IpNetwork, Option<IpAddr>)],
+) -> Result<Option<Link>, CniError> {
+    if !bc.is_gateway {
+        return Ok(None);
+    }
+    let (gw_index, gw_name, vlan_gateway) = if bc.vlan != 0 {
+        let gw = ensure_vlan_gateway(host, br.index, bc).await?;
+        (gw.index, gw.name.clone(), Some(gw))
+    } else {
+        (br.index, bc.bridge.clone(), None)
+    };
+    ensure_gateways(host, gw_index, &gw_name, bc.force_address, ips).await?;
+    Ok(vlan_gateway)
 }
 
 /// The gateway address of each pod subnet on the bridge. Another address of

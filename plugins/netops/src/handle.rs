@@ -13,11 +13,28 @@ use std::os::fd::{FromRawFd, IntoRawFd};
 /// Runs `fut` to completion on a new current-thread runtime with IO enabled
 /// (netlink sockets are IO resources; without `enable_io` every request hangs).
 pub fn block_on<T>(fut: impl Future<Output = Result<T>>) -> Result<T> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .map_err(|e| NetopsError::io("build tokio runtime", "<current>", e))?
-        .block_on(fut)
+    Runtime::new()?.block_on(fut)
+}
+
+/// A current-thread runtime with IO enabled that can run several futures in
+/// turn: handles created under one [`Runtime::block_on`] stay usable in the
+/// next (their connection tasks live on the runtime), so a plugin can do
+/// blocking work of its own (waiting for its IPAM plugin) between two steps.
+pub struct Runtime(tokio::runtime::Runtime);
+
+impl Runtime {
+    pub fn new() -> Result<Runtime> {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .map(Runtime)
+            .map_err(|e| NetopsError::io("build tokio runtime", "<current>", e))
+    }
+
+    /// Runs `fut` to completion on the calling thread.
+    pub fn block_on<F: Future>(&self, fut: F) -> F::Output {
+        self.0.block_on(fut)
+    }
 }
 
 /// A netlink route handle whose socket acts in one namespace.

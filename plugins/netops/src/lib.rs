@@ -28,7 +28,11 @@ mod vxlan;
 
 pub use bridge_vlan::PortVlan;
 pub use error::{NetopsError, to_cni};
-pub use handle::{NsHandle, block_on};
+/// For issuing several requests at once: on one handle they go out back to
+/// back and are answered in order (one wait instead of one per request); on
+/// handles of different namespaces they proceed side by side.
+pub use futures::future::{join, join_all, join3};
+pub use handle::{NsHandle, Runtime, block_on};
 pub use link::{Link, OperState};
 pub use monitor::{KernelEvent, Monitor};
 pub use neigh::{FdbEntry, NeighState, Neighbour};
