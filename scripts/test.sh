@@ -19,7 +19,7 @@ fi
 
 # --- system packages (skipped when all are installed, to keep reruns fast) ---
 PKGS=(iproute2 nftables iputils-ping jq containernetworking-plugins etcd-server
-      protobuf-compiler iperf3
+      protobuf-compiler iperf3 openssl
       build-essential iptables)   # a C linker; iptables for the reference plugins in the differential tests and bench
 missing=()
 for p in "${PKGS[@]}"; do

@@ -25,8 +25,7 @@ use std::fmt::Write as _;
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
-const NET: &str =
-    r#"{"network":"10.0.0.0/8","subnetLen":24,"backend":{"type":"vxlan","vni":1}}"#;
+const NET: &str = r#"{"network":"10.0.0.0/8","subnetLen":24,"backend":{"type":"vxlan","vni":1}}"#;
 
 struct Fake {
     subnet: Ipv4Network,
@@ -42,7 +41,12 @@ fn fakes(cfg: &NetworkConfig, n: usize, taken: &[Ipv4Network]) -> Vec<Fake> {
         .enumerate()
         .map(|(i, subnet)| Fake {
             subnet,
-            public_ip: Ipv4Addr::new(172, 16 + (i / 65536) as u8, (i / 256 % 256) as u8, (i % 256) as u8),
+            public_ip: Ipv4Addr::new(
+                172,
+                16 + (i / 65536) as u8,
+                (i / 256 % 256) as u8,
+                (i % 256) as u8,
+            ),
             mac: Mac::derived(&format!("fake-{i}")),
         })
         .collect()
@@ -121,13 +125,21 @@ fn count_lines(ns: &TestNetns, program: &str, args: &[&str]) -> usize {
 fn assert_kernel_has(lab: &Lab, i: usize, n: usize) {
     let ns = &lab.nodes[i].ns;
     let routes = count_lines(ns, "ip", &["route", "show", "proto", "70"]);
-    let neigh = count_lines(ns, "ip", &["neigh", "show", "dev", "ferry.1", "nud", "permanent"]);
+    let neigh = count_lines(
+        ns,
+        "ip",
+        &["neigh", "show", "dev", "ferry.1", "nud", "permanent"],
+    );
     let fdb = ns
         .exec("bridge", &["fdb", "show", "dev", "ferry.1"])
         .lines()
         .filter(|l| l.contains(" dst "))
         .count();
-    assert_eq!((routes, neigh, fdb), (n, n, n), "kernel entries on node {i}");
+    assert_eq!(
+        (routes, neigh, fdb),
+        (n, n, n),
+        "kernel entries on node {i}"
+    );
 }
 
 /// RSS and peak RSS of `pid` in KiB.
@@ -163,24 +175,43 @@ fn ip_batch(fakes: &[Fake]) -> Duration {
     let (mut neigh, mut fdb, mut route) = (String::new(), String::new(), String::new());
     for f in fakes {
         let gw = f.subnet.network();
-        let _ = writeln!(neigh, "neigh replace {gw} lladdr {} dev ferry.1 nud permanent", f.mac);
-        let _ = writeln!(fdb, "fdb replace {} dev ferry.1 dst {} self permanent", f.mac, f.public_ip);
-        let _ = writeln!(route, "route replace {} via {gw} dev ferry.1 onlink proto 70", f.subnet);
+        let _ = writeln!(
+            neigh,
+            "neigh replace {gw} lladdr {} dev ferry.1 nud permanent",
+            f.mac
+        );
+        let _ = writeln!(
+            fdb,
+            "fdb replace {} dev ferry.1 dst {} self permanent",
+            f.mac, f.public_ip
+        );
+        let _ = writeln!(
+            route,
+            "route replace {} via {gw} dev ferry.1 onlink proto 70",
+            f.subnet
+        );
     }
-    let files: Vec<(&str, std::path::PathBuf)> = [("ip", "neigh", &neigh), ("bridge", "fdb", &fdb), ("ip", "route", &route)]
-        .into_iter()
-        .map(|(prog, name, text)| {
-            let p = dir.path().join(name);
-            std::fs::write(&p, text).expect("write batch file");
-            (prog, p)
-        })
-        .collect();
+    let files: Vec<(&str, std::path::PathBuf)> = [
+        ("ip", "neigh", &neigh),
+        ("bridge", "fdb", &fdb),
+        ("ip", "route", &route),
+    ]
+    .into_iter()
+    .map(|(prog, name, text)| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).expect("write batch file");
+        (prog, p)
+    })
+    .collect();
     let t = Instant::now();
     for (prog, path) in &files {
         ns.exec(prog, &["-batch", &path.display().to_string()]);
     }
     let took = t.elapsed();
-    assert_eq!(count_lines(&ns, "ip", &["route", "show", "proto", "70"]), fakes.len());
+    assert_eq!(
+        count_lines(&ns, "ip", &["route", "show", "proto", "70"]),
+        fakes.len()
+    );
     took
 }
 
@@ -221,7 +252,12 @@ fn one_run(n: usize) -> Run {
     assert_kernel_has(&lab, node, n);
 
     let batch = ip_batch(&fakes);
-    Run { live, cold, batch, rss }
+    Run {
+        live,
+        cold,
+        batch,
+        rss,
+    }
 }
 
 fn median(mut v: Vec<Duration>) -> Duration {
@@ -237,7 +273,9 @@ fn ms(d: Duration) -> String {
 /// ADDed on it as soon as its conflist exists, and n1's pod pings it until
 /// it answers. Returns (t0 → reachable, pod ADDed → reachable).
 fn new_node_reachable() -> (Duration, Duration) {
-    let mut lab = Lab::new(r#"{"network":"10.244.0.0/16","subnetLen":24,"backend":{"type":"vxlan","vni":1}}"#);
+    let mut lab = Lab::new(
+        r#"{"network":"10.244.0.0/16","subnetLen":24,"backend":{"type":"vxlan","vni":1}}"#,
+    );
     lab.add_node();
     lab.add_node();
     lab.assert_all_ready(Duration::from_secs(30));
@@ -279,7 +317,10 @@ fn main() {
     let _ = underlay_ip(1);
 
     let mut out = String::new();
-    let _ = writeln!(out, "| peers | ferryd live | ferryd cold start | ip -batch + bridge -batch | live / batch | cold / batch | ferryd RSS (peak) |");
+    let _ = writeln!(
+        out,
+        "| peers | ferryd live | ferryd cold start | ip -batch + bridge -batch | live / batch | cold / batch | ferryd RSS (peak) |"
+    );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|");
     for &n in &sizes {
         let mut all = Vec::new();

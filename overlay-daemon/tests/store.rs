@@ -523,3 +523,72 @@ async fn watch_is_cancel_safe_in_select() {
     }
     assert_eq!(got, want);
 }
+
+/// etcd with client-certificate authentication: ferry's TLS options are what
+/// gets it in; plain HTTP, a wrong CA or no client certificate do not.
+#[tokio::test]
+async fn tls_with_client_certificates() {
+    if !require_etcd() {
+        return;
+    }
+    let etcd = EtcdServer::start_tls();
+    let certs = etcd.tls().expect("a TLS server has certificates").clone();
+    let tls = ferryd::store::TlsFiles {
+        ca: certs.ca.clone(),
+        cert: certs.client_cert.clone(),
+        key: certs.client_key.clone(),
+    };
+    let with = |tls: Option<ferryd::store::TlsFiles>, endpoint: String| StoreOptions {
+        endpoints: vec![endpoint],
+        prefix: PREFIX.to_string(),
+        tls,
+        timeout: Duration::from_secs(3),
+    };
+    let store = Store::connect(&with(Some(tls.clone()), etcd.endpoint()))
+        .await
+        .unwrap_or_else(|e| panic!("TLS connect: {e}\n{}", etcd.log()));
+    store.put_network_config(&cluster()).await.unwrap();
+    assert_eq!(store.network_config().await.unwrap(), cluster());
+    let held = acquire(&store, &cluster(), &node("tls-node", 1), None).await;
+    assert!(cluster().holds(held.lease.subnet()));
+
+    // Plain HTTP to the TLS port.
+    let plain = etcd.endpoint().replace("https://", "http://");
+    assert!(Store::connect(&with(None, plain)).await.is_err());
+    // A CA that did not sign the server's certificate.
+    let other = ferry_tests::etcd::TlsCerts::generate(
+        &std::env::temp_dir().join(format!("ferry-tls-other-{}", std::process::id())),
+    );
+    let wrong_ca = ferryd::store::TlsFiles {
+        ca: other.ca.clone(),
+        ..tls.clone()
+    };
+    assert!(
+        Store::connect(&with(Some(wrong_ca), etcd.endpoint()))
+            .await
+            .is_err()
+    );
+    // A client certificate from another CA: etcd refuses it.
+    let foreign_client = ferryd::store::TlsFiles {
+        ca: certs.ca.clone(),
+        cert: other.client_cert.clone(),
+        key: other.client_key.clone(),
+    };
+    assert!(
+        Store::connect(&with(Some(foreign_client), etcd.endpoint()))
+            .await
+            .is_err()
+    );
+    let _ = std::fs::remove_dir_all(other.ca.parent().unwrap());
+    // Missing files are a clear error naming the file.
+    let missing = ferryd::store::TlsFiles {
+        ca: "/nonexistent/ca.pem".into(),
+        ..tls
+    };
+    let err = Store::connect(&with(Some(missing), etcd.endpoint()))
+        .await
+        .err()
+        .expect("missing CA file fails")
+        .to_string();
+    assert!(err.contains("/nonexistent/ca.pem"), "{err}");
+}

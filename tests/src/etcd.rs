@@ -41,12 +41,124 @@ pub struct EtcdServer {
     dir: PathBuf,
     client_port: u16,
     peer_port: u16,
+    /// Plain-HTTP listener for `/health` (the client port may speak TLS).
+    metrics_port: u16,
+    tls: Option<TlsCerts>,
+}
+
+/// A throwaway CA with a server certificate for 127.0.0.1 and a client
+/// certificate, made with `openssl` (PEM files in one directory).
+#[derive(Debug, Clone)]
+pub struct TlsCerts {
+    pub ca: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+    pub client_cert: PathBuf,
+    pub client_key: PathBuf,
+}
+
+impl TlsCerts {
+    /// Generates the CA and both certificates under `dir` (created).
+    pub fn generate(dir: &Path) -> TlsCerts {
+        std::fs::create_dir_all(dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let run = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(dir)
+                .output()
+                .unwrap_or_else(|e| panic!("run openssl (is it installed?): {e}"));
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let ec = [
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+        ];
+        let mut ca = vec!["req", "-x509"];
+        ca.extend(ec);
+        ca.extend([
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=ferry-test-ca",
+        ]);
+        run(&ca);
+        for (name, ext) in [
+            (
+                "server",
+                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth\n",
+            ),
+            ("client", "extendedKeyUsage=clientAuth\n"),
+        ] {
+            std::fs::write(dir.join(format!("{name}.ext")), ext).expect("write ext file");
+            let mut req = vec!["req"];
+            req.extend(ec);
+            let (key, csr, subj) = (
+                format!("{name}.key"),
+                format!("{name}.csr"),
+                format!("/CN=ferry-test-{name}"),
+            );
+            req.extend(["-keyout", &key, "-out", &csr, "-subj", &subj]);
+            run(&req);
+            let (pem, extfile) = (format!("{name}.pem"), format!("{name}.ext"));
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                &csr,
+                "-CA",
+                "ca.pem",
+                "-CAkey",
+                "ca.key",
+                "-CAcreateserial",
+                "-out",
+                &pem,
+                "-days",
+                "2",
+                "-extfile",
+                &extfile,
+            ]);
+        }
+        TlsCerts {
+            ca: dir.join("ca.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            client_cert: dir.join("client.pem"),
+            client_key: dir.join("client.key"),
+        }
+    }
 }
 
 impl EtcdServer {
     /// Starts etcd and waits until it is healthy. Panics (with etcd's log)
     /// when it cannot; callers check [`require_etcd`] first.
     pub fn start() -> EtcdServer {
+        Self::start_with(None)
+    }
+
+    /// Like [`start`](Self::start), but clients must speak TLS and present
+    /// a certificate signed by a CA made for this server
+    /// ([`tls`](Self::tls) has the files for clients).
+    pub fn start_tls() -> EtcdServer {
+        Self::start_with(Some(()))
+    }
+
+    /// The certificates of a [`start_tls`](Self::start_tls) server.
+    pub fn tls(&self) -> Option<&TlsCerts> {
+        self.tls.as_ref()
+    }
+
+    fn start_with(tls: Option<()>) -> EtcdServer {
         let dir = std::env::temp_dir().join(format!(
             "ferry-etcd-{}-{}",
             std::process::id(),
@@ -58,12 +170,18 @@ impl EtcdServer {
             dir,
             client_port: 0,
             peer_port: 0,
+            metrics_port: 0,
+            tls: None,
         };
+        if tls.is_some() {
+            server.tls = Some(TlsCerts::generate(&server.dir.join("tls")));
+        }
         let mut last = String::new();
         for _ in 0..START_ATTEMPTS {
-            let (c, p) = free_ports();
+            let (c, p, m) = free_ports();
             server.client_port = c;
             server.peer_port = p;
+            server.metrics_port = m;
             match server.spawn_and_wait() {
                 Ok(()) => return server,
                 Err(why) => {
@@ -78,9 +196,10 @@ impl EtcdServer {
         panic!("etcd did not start after {START_ATTEMPTS} attempts: {last}");
     }
 
-    /// `http://127.0.0.1:PORT`, for clients.
+    /// `http://127.0.0.1:PORT` (`https://` for a TLS server), for clients.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.client_port)
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
     }
 
     pub fn client_port(&self) -> u16 {
@@ -131,7 +250,7 @@ impl EtcdServer {
 
     /// True while the etcd process runs and answers `/health`.
     pub fn healthy(&self) -> bool {
-        self.child.is_some() && health(self.client_port)
+        self.child.is_some() && health(self.metrics_port)
     }
 
     /// etcd's log so far (stdout and stderr).
@@ -148,7 +267,8 @@ impl EtcdServer {
     }
 
     fn spawn_and_wait(&mut self) -> Result<(), String> {
-        let client = format!("http://127.0.0.1:{}", self.client_port);
+        let client = self.endpoint();
+        let metrics = format!("http://127.0.0.1:{}", self.metrics_port);
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -165,6 +285,7 @@ impl EtcdServer {
             .arg(format!("--initial-advertise-peer-urls={peer}"))
             .arg(format!("--initial-cluster=ferry-test={peer}"))
             .arg("--initial-cluster-state=new")
+            .arg(format!("--listen-metrics-urls={metrics}"))
             .arg("--logger=zap")
             .arg("--log-outputs=stderr")
             .arg("--log-level=warn")
@@ -181,6 +302,12 @@ impl EtcdServer {
                 Ok(())
             });
         }
+        if let Some(t) = &self.tls {
+            cmd.arg(format!("--cert-file={}", t.server_cert.display()))
+                .arg(format!("--key-file={}", t.server_key.display()))
+                .arg(format!("--trusted-ca-file={}", t.ca.display()))
+                .arg("--client-cert-auth");
+        }
         let child = cmd.spawn().map_err(|e| format!("spawn {ETCD_BIN}: {e}"))?;
         self.child = Some(child);
         let end = Instant::now() + START_TIMEOUT;
@@ -191,7 +318,7 @@ impl EtcdServer {
                 self.child = None;
                 return Err(format!("etcd exited with {status}; log:\n{}", self.log()));
             }
-            if health(self.client_port) {
+            if health(self.metrics_port) {
                 return Ok(());
             }
             if Instant::now() >= end {
@@ -219,18 +346,16 @@ impl Drop for EtcdServer {
     }
 }
 
-/// Two distinct free loopback ports (free when this returns; see the module
+/// Three distinct free loopback ports (free when this returns; see the module
 /// doc for the race).
-fn free_ports() -> (u16, u16) {
+fn free_ports() -> (u16, u16, u16) {
     let bind = || {
         TcpListener::bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
             .unwrap_or_else(|e| panic!("bind 127.0.0.1:0: {e}"))
     };
-    let a = bind();
-    let b = bind();
-    let pa = a.local_addr().map(|s| s.port()).unwrap_or_default();
-    let pb = b.local_addr().map(|s| s.port()).unwrap_or_default();
-    (pa, pb)
+    let (a, b, c) = (bind(), bind(), bind());
+    let port = |l: &TcpListener| l.local_addr().map(|s| s.port()).unwrap_or_default();
+    (port(&a), port(&b), port(&c))
 }
 
 /// `GET /health` answered with `"health":"true"`.
