@@ -108,6 +108,19 @@ fn vxlan_every_pod_reaches_every_pod() {
     for peer in [12, 13] {
         assert!(fdb.contains(&format!("dst {}", underlay_ip(peer))), "{fdb}");
     }
+    // Masquerade only for traffic leaving the cluster network: a pod on n2
+    // sees n1's pod address, the underlay (outside) sees n1's node address.
+    let (p1, p2) = (lab.pod((0, 0)), lab.pod((1, 0)));
+    assert_eq!(
+        ferry_tests::source_seen(&p1.ns, &p2.ns, p2.ip.into()),
+        std::net::IpAddr::from(p1.ip),
+        "pod-to-pod across nodes keeps the pod source"
+    );
+    assert_eq!(
+        ferry_tests::source_seen(&p1.ns, &lab.underlay, underlay_ip(1).into()),
+        std::net::IpAddr::from(underlay_ip(11)),
+        "traffic leaving the cluster network is masqueraded to the node address"
+    );
     let metrics = lab.http(0, "/metrics").unwrap().1;
     assert!(metrics.contains("ferry_peers_programmed 2"), "{metrics}");
     assert!(metrics.contains("ferry_lease_held 1"), "{metrics}");

@@ -765,3 +765,42 @@ pub fn store_leftovers(dir: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// Sends UDP datagrams from `pod` to a listener bound in `outside` (any
+/// namespace) at `dst` and returns the source address the listener saw.
+pub fn source_seen(
+    pod: &TestNetns,
+    outside: &TestNetns,
+    dst: std::net::IpAddr,
+) -> std::net::IpAddr {
+    // Sockets belong to the namespace they were created in: create each on
+    // a thread inside its namespace, use them from here.
+    let listener = ferry_netops::in_netns(outside.netns(), || {
+        std::net::UdpSocket::bind(std::net::SocketAddr::new(dst, 0))
+    })
+    .expect("bind the outside listener");
+    listener
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let target = listener.local_addr().unwrap();
+    let unspecified: std::net::IpAddr = if dst.is_ipv4() {
+        "0.0.0.0".parse().unwrap()
+    } else {
+        "::".parse().unwrap()
+    };
+    let sender = ferry_netops::in_netns(pod.netns(), || {
+        std::net::UdpSocket::bind(std::net::SocketAddr::new(unspecified, 0))
+    })
+    .expect("bind the pod socket");
+    let mut buf = [0u8; 64];
+    // The first datagrams may meet a tentative gateway address (IPv6 DAD on
+    // the bridge) or an unresolved neighbour: retry for a while.
+    for _ in 0..20 {
+        let _ = sender.send_to(b"ferry", target);
+        if let Ok((n, from)) = listener.recv_from(&mut buf) {
+            assert_eq!(&buf[..n], b"ferry");
+            return from.ip();
+        }
+    }
+    panic!("no datagram from the pod reached {target}");
+}

@@ -12,7 +12,7 @@ use ferry_tests::{
 };
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -224,40 +224,6 @@ impl Outside {
     }
 }
 
-/// Sends UDP datagrams from `pod` to a listener bound in `outside` (any
-/// namespace) at `dst` and returns the source address the listener saw.
-fn source_seen_outside(pod: &TestNetns, outside: &TestNetns, dst: IpAddr) -> IpAddr {
-    // Sockets belong to the namespace they were created in: create each on
-    // a thread inside its namespace, use them from here.
-    let listener =
-        ferry_netops::in_netns(outside.netns(), || UdpSocket::bind(SocketAddr::new(dst, 0)))
-            .expect("bind the outside listener");
-    listener
-        .set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    let target = listener.local_addr().unwrap();
-    let unspecified: IpAddr = if dst.is_ipv4() {
-        "0.0.0.0".parse().unwrap()
-    } else {
-        "::".parse().unwrap()
-    };
-    let sender = ferry_netops::in_netns(pod.netns(), || {
-        UdpSocket::bind(SocketAddr::new(unspecified, 0))
-    })
-    .expect("bind the pod socket");
-    let mut buf = [0u8; 64];
-    // The first datagrams may meet a tentative gateway address (IPv6 DAD on
-    // the bridge) or an unresolved neighbour: retry for a while.
-    for _ in 0..20 {
-        let _ = sender.send_to(b"ferry", target);
-        if let Ok((n, from)) = listener.recv_from(&mut buf) {
-            assert_eq!(&buf[..n], b"ferry");
-            return from.ip();
-        }
-    }
-    panic!("no datagram from the pod reached {target}");
-}
-
 /// (2) With ipMasq the outside sees the host's address, without it the pod's.
 #[test]
 fn masquerade_hides_the_pod_address() {
@@ -272,13 +238,13 @@ fn masquerade_hides_the_pod_address() {
     assert!(pod.ns.ping(out.out_v4, 5), "pod reaches the outside (v4)");
     assert!(pod.ns.ping(out.out_v6, 5), "pod reaches the outside (v6)");
     assert_eq!(
-        source_seen_outside(&pod.ns, &out.ns, out.out_v4),
+        ferry_tests::source_seen(&pod.ns, &out.ns, out.out_v4),
         out.host_v4,
         "IPv4 masqueraded to the host's uplink address (pod is {})",
         ips[0]
     );
     assert_eq!(
-        source_seen_outside(&pod.ns, &out.ns, out.out_v6),
+        ferry_tests::source_seen(&pod.ns, &out.ns, out.out_v6),
         out.host_v6,
         "IPv6 masqueraded to the host's uplink address (pod is {})",
         ips[1]
@@ -286,8 +252,8 @@ fn masquerade_hides_the_pod_address() {
     // Pod-to-pod traffic inside the subnet is not masqueraded.
     let other = Pod::new();
     let ro = addresses(&add(&net, &other, "1.1.0"));
-    assert_eq!(source_seen_outside(&pod.ns, &other.ns, ro[0]), ips[0]);
-    assert_eq!(source_seen_outside(&pod.ns, &other.ns, ro[1]), ips[1]);
+    assert_eq!(ferry_tests::source_seen(&pod.ns, &other.ns, ro[0]), ips[0]);
+    assert_eq!(ferry_tests::source_seen(&pod.ns, &other.ns, ro[1]), ips[1]);
     del(&net, &other, "1.1.0");
     // The per-network chain exists in ferry's table.
     let rules = net.host.exec("nft", &["list", "table", "inet", "ferry"]);
@@ -324,12 +290,12 @@ fn masquerade_spares_excluded_destinations() {
     let r = net.call("ADD", &pod.id, Some(&pod.path()), "eth0", &conf);
     let ips = addresses(&r.ok_json());
     assert_eq!(
-        source_seen_outside(&pod.ns, &out.ns, out.out_v4),
+        ferry_tests::source_seen(&pod.ns, &out.ns, out.out_v4),
         ips[0],
         "excluded destination sees the pod"
     );
     assert_eq!(
-        source_seen_outside(&pod.ns, &out.ns, far),
+        ferry_tests::source_seen(&pod.ns, &out.ns, far),
         out.host_v4,
         "other destinations are still masqueraded"
     );
@@ -349,8 +315,14 @@ fn without_masquerade_the_outside_sees_the_pod() {
     let r = add(&net, &pod, "1.1.0");
     let ips = addresses(&r);
     assert!(pod.ns.ping(out.out_v4, 5), "pod reaches the outside (v4)");
-    assert_eq!(source_seen_outside(&pod.ns, &out.ns, out.out_v4), ips[0]);
-    assert_eq!(source_seen_outside(&pod.ns, &out.ns, out.out_v6), ips[1]);
+    assert_eq!(
+        ferry_tests::source_seen(&pod.ns, &out.ns, out.out_v4),
+        ips[0]
+    );
+    assert_eq!(
+        ferry_tests::source_seen(&pod.ns, &out.ns, out.out_v6),
+        ips[1]
+    );
     // No netfilter state at all without ipMasq.
     let tables = net.host.exec("nft", &["list", "tables"]);
     assert!(!tables.contains("ferry"), "{tables}");
@@ -882,7 +854,7 @@ fn renamed_network_takes_over_the_masquerade() {
     assert_eq!(r.code, 0, "ADD under the new name: {r:?}");
     check(&net, &pod, "1.1.0", &r.json()).ok_empty();
     assert_eq!(
-        source_seen_outside(&pod.ns, &out.ns, out.out_v4),
+        ferry_tests::source_seen(&pod.ns, &out.ns, out.out_v4),
         out.host_v4,
         "masqueraded under the new name"
     );
