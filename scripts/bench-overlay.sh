@@ -23,7 +23,7 @@ FERRY_BIN_DIR=$PWD/target/release ./target/release/examples/overlay_bench >"$tmp
     echo "# ferryd: overlay programming, memory, new-node reachability"
     echo
     echo "Produced by \`sudo ./scripts/bench-overlay.sh\` on $(date -u +%Y-%m-%d), kernel $(uname -r), $(nproc) cores;"
-    echo "etcd $(etcd --version 2>/dev/null | head -1 | awk '{print $3}'), iproute2 $(ip -V | awk '{print $3}')."
+    echo "etcd $(etcd --version 2>/dev/null | head -1 | awk '{print $3}'), $(ip -V | sed -E 's/.*(iproute2-[0-9.]+).*/\1/')."
     echo
     echo "Each row: medians of ${FERRY_BENCH_RUNS:-3} runs, each in a fresh lab (real etcd in an underlay namespace, one"
     echo "real node running ferryd). Leases of N fake remote nodes are written straight into etcd."
