@@ -37,8 +37,23 @@ pub struct Cli {
     pub run: RunArgs,
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct EtcdArgs {
+    /// Log format on stderr (level with FERRY_LOG, e.g. debug).
+    #[arg(
+        long,
+        env = "FERRY_LOG_FORMAT",
+        value_enum,
+        default_value = "text",
+        global = true
+    )]
+    pub log_format: LogFormat,
     /// etcd client URLs, comma-separated.
     #[arg(
         long,
@@ -153,13 +168,15 @@ pub enum DaemonError {
 /// The process entry point; returns the exit code.
 pub fn main() -> i32 {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
+    let filter = tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("FERRY_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .init();
+        .with_env_filter(filter);
+    match cli.etcd.log_format {
+        LogFormat::Text => logs.init(),
+        LogFormat::Json => logs.json().init(),
+    }
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
