@@ -345,25 +345,76 @@ impl NsHandle {
         Ok(best.map(|(_, r)| r))
     }
 
-    /// The link holding the local address `ip` (from the kernel's `local`
-    /// table), or `None` when no link has it.
-    pub async fn link_holding(&self, ip: Ipv4Addr) -> Result<Option<u32>> {
+    /// The IPv6 default route of the main table with the lowest metric
+    /// (single-path unicast routes only: a multipath default has no one
+    /// output link).
+    pub async fn default_ipv6_route(&self) -> Result<Option<RouteSpec>> {
         let mut req = RouteMessage::default();
-        req.header.address_family = AddressFamily::Inet;
+        req.header.address_family = AddressFamily::Inet6;
+        let mut stream = self.handle.route().get(req).execute();
+        let mut best: Option<(u32, RouteSpec)> = None;
+        while let Some(m) = stream
+            .try_next()
+            .await
+            .map_err(|e| self.err("list routes", "<default6>", e))?
+        {
+            if m.header.address_family != AddressFamily::Inet6
+                || m.header.kind != RouteType::Unicast
+                || m.header.destination_prefix_length != 0
+            {
+                continue;
+            }
+            let mut table = u32::from(m.header.table);
+            let mut metric = 0;
+            let mut spec = RouteSpec {
+                dst: "::/0".parse().expect("valid"),
+                gw: None,
+                oif: 0,
+                onlink: m.header.flags.contains(RouteFlags::Onlink),
+            };
+            for a in &m.attributes {
+                match a {
+                    RouteAttribute::Table(t) => table = *t,
+                    RouteAttribute::Priority(p) => metric = *p,
+                    RouteAttribute::Gateway(g) => spec.gw = route_ip(g),
+                    RouteAttribute::Oif(i) => spec.oif = *i,
+                    _ => {}
+                }
+            }
+            if table != MAIN_TABLE || spec.oif == 0 {
+                continue;
+            }
+            if best.as_ref().is_none_or(|(b, _)| metric < *b) {
+                best = Some((metric, spec));
+            }
+        }
+        Ok(best.map(|(_, r)| r))
+    }
+
+    /// The link holding the local address `ip`, IPv4 or IPv6 (from the
+    /// kernel's `local` table), or `None` when no link has it.
+    pub async fn link_holding(&self, ip: impl Into<IpAddr>) -> Result<Option<u32>> {
+        let ip: IpAddr = ip.into();
+        let (family, len) = match ip {
+            IpAddr::V4(_) => (AddressFamily::Inet, 32),
+            IpAddr::V6(_) => (AddressFamily::Inet6, 128),
+        };
+        let mut req = RouteMessage::default();
+        req.header.address_family = family;
         let mut stream = self.handle.route().get(req).execute();
         while let Some(m) = stream
             .try_next()
             .await
             .map_err(|e| self.err("list routes", "<local>", e))?
         {
-            if m.header.kind != RouteType::Local || m.header.destination_prefix_length != 32 {
+            if m.header.kind != RouteType::Local || m.header.destination_prefix_length != len {
                 continue;
             }
             let mut dst = None;
             let mut oif = None;
             for a in &m.attributes {
                 match a {
-                    RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = Some(*d),
+                    RouteAttribute::Destination(d) => dst = route_ip(d),
                     RouteAttribute::Oif(i) => oif = Some(*i),
                     _ => {}
                 }

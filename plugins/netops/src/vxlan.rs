@@ -2,8 +2,9 @@
 //! spec (flannel's `ensureLink`, with the attributes compared explicitly).
 //!
 //! Attributes the kernel cannot change on a live VXLAN device (VNI, local
-//! address, underlay, port, learning) mean delete and create again; MTU, MAC
-//! and up are set in place.
+//! address and its family, underlay, port, learning) mean delete and create
+//! again; MTU, MAC and up are set in place. The underlay may be IPv4 (`local`)
+//! or IPv6 (`local6`); the fdb remotes of the device must be of its family.
 
 use crate::link::is_errno;
 use crate::neigh::mac_str;
@@ -13,18 +14,20 @@ use rtnetlink::packet_route::link::{
     InfoData, InfoVxlan, LinkAttribute, LinkFlags, LinkInfo, LinkMessage,
 };
 use rtnetlink::{LinkUnspec, LinkVxlan};
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 
 /// What the overlay's VXLAN device must look like
 /// (`ip link add <name> type vxlan id <vni> dev <underlay> local <local>
-/// dstport <port> nolearning mtu <mtu> address <mac> up`).
+/// dstport <port> nolearning mtu <mtu> address <mac> up`; an IPv6 `local` is
+/// sent as `IFLA_VXLAN_LOCAL6`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct VxlanSpec {
     pub name: String,
     pub vni: u32,
     /// Ifindex of the underlay link.
     pub underlay: u32,
-    pub local: Ipv4Addr,
+    /// The local underlay address: IPv4 or IPv6.
+    pub local: IpAddr,
     /// UDP destination port.
     pub port: u16,
     pub mtu: u32,
@@ -43,7 +46,8 @@ pub struct Vxlan {
     pub kind: Option<String>,
     pub vni: Option<u32>,
     pub underlay: Option<u32>,
-    pub local: Option<Ipv4Addr>,
+    /// `IFLA_VXLAN_LOCAL` or `IFLA_VXLAN_LOCAL6`.
+    pub local: Option<IpAddr>,
     pub port: Option<u16>,
     pub learning: Option<bool>,
     pub mtu: u32,
@@ -99,7 +103,8 @@ impl Vxlan {
                                     match a {
                                         InfoVxlan::Id(id) => v.vni = Some(id),
                                         InfoVxlan::Link(l) => v.underlay = Some(l),
-                                        InfoVxlan::Local(ip) => v.local = Some(ip),
+                                        InfoVxlan::Local(ip) => v.local = Some(IpAddr::V4(ip)),
+                                        InfoVxlan::Local6(ip) => v.local = Some(IpAddr::V6(ip)),
                                         InfoVxlan::Port(p) => v.port = Some(p),
                                         InfoVxlan::Learning(l) => v.learning = Some(l),
                                         _ => {}
@@ -124,7 +129,8 @@ pub enum VxlanChange {
     Unchanged,
     /// It was missing.
     Created,
-    /// It had the wrong VNI, port, local address, underlay or kind.
+    /// It had the wrong VNI, port, local address (or its family), underlay
+    /// or kind.
     Recreated,
     /// MTU, MAC or up were set in place.
     Adjusted,
@@ -148,10 +154,16 @@ impl NsHandle {
 
     /// Creates the device, up (EEXIST when the name is taken). Returns its index.
     pub async fn create_vxlan(&self, spec: &VxlanSpec) -> Result<u32> {
-        let msg = LinkVxlan::new(&spec.name, spec.vni)
+        let b = LinkVxlan::new(&spec.name, spec.vni)
             // The underlay is `dev` (IFLA_VXLAN_LINK), not the generic `link`.
-            .dev(spec.underlay)
-            .local(spec.local)
+            .dev(spec.underlay);
+        // LOCAL6 alone makes an IPv6 device (the kernel takes the remote's
+        // family from the local address's).
+        let b = match spec.local {
+            IpAddr::V4(v4) => b.local(v4),
+            IpAddr::V6(v6) => b.local6(v6),
+        };
+        let msg = b
             .port(spec.port)
             .learning(false)
             .mtu(spec.mtu)

@@ -3,7 +3,7 @@
 //! namespace with a veth pair as the underlay (this kernel has no `dummy`).
 
 use std::io::Write;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::process::Command;
 use std::time::Duration;
 
@@ -74,7 +74,7 @@ fn spec(underlay: u32) -> VxlanSpec {
         name: "ferry.7".into(),
         vni: 7,
         underlay,
-        local: Ipv4Addr::new(192, 0, 2, 1),
+        local: IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)),
         port: 4789,
         mtu: 1450,
         mac: [0x02, 0x42, 0xaa, 0, 0, 1],
@@ -98,7 +98,7 @@ fn vxlan_created_read_back_adjusted_and_recreated() {
         assert_eq!(v.kind.as_deref(), Some("vxlan"));
         assert_eq!(v.vni, Some(7));
         assert_eq!(v.underlay, Some(under));
-        assert_eq!(v.local, Some(Ipv4Addr::new(192, 0, 2, 1)));
+        assert_eq!(v.local, Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1))));
         assert_eq!(v.port, Some(4789));
         assert_eq!(v.learning, Some(false));
         assert_eq!(v.mtu, 1450);
@@ -211,6 +211,127 @@ fn neighbours_and_fdb_replace_dump_delete() {
         let f = h.fdb_entries(vx).await?;
         assert_eq!(f.len(), 1);
         assert_eq!(f[0].mac, mac_b);
+        Ok(())
+    })
+    .unwrap();
+}
+
+/// `underlay_ns` plus 2001:db8::1/64 (nodad) on `under0`.
+fn underlay6_ns() -> NetNs {
+    let ns = underlay_ns();
+    ip(
+        &ns,
+        &["addr", "add", "2001:db8::1/64", "dev", "under0", "nodad"],
+    );
+    ns
+}
+
+#[test]
+fn vxlan_over_an_ipv6_underlay_with_ipv6_fdb_remotes() {
+    if !root() {
+        return;
+    }
+    let ns = underlay6_ns();
+    block_on(async {
+        let h = NsHandle::new(&ns)?;
+        let under = h.require_link("under0").await?.index;
+        let local6: Ipv6Addr = "2001:db8::1".parse().unwrap();
+        let s6 = VxlanSpec {
+            local: IpAddr::V6(local6),
+            mtu: 1430,
+            ..spec(under)
+        };
+        let (vx, change) = h.ensure_vxlan(&s6).await?;
+        assert_eq!(change, VxlanChange::Created);
+        let v = h.vxlan_by_name("ferry.7").await?.expect("created");
+        assert_eq!(v.local, Some(IpAddr::V6(local6)));
+        assert_eq!((v.mtu, v.learning), (1430, Some(false)));
+        let d = ip(&ns, &["-d", "link", "show", "ferry.7"]);
+        assert!(d.contains("local 2001:db8::1"), "{d}");
+        assert_eq!(h.ensure_vxlan(&s6).await?, (vx, VxlanChange::Unchanged));
+
+        // IPv6 remotes: replace, move, dump, delete.
+        let mac_a = [0x02, 0x42, 0xbb, 0, 0, 2];
+        let mac_b = [0x02, 0x42, 0xbb, 0, 0, 3];
+        let dst1: IpAddr = "2001:db8::20".parse().unwrap();
+        let dst2: IpAddr = "2001:db8::21".parse().unwrap();
+        h.replace_fdb(vx, mac_a, dst1).await?;
+        h.replace_fdb(vx, mac_a, dst1).await?;
+        h.replace_fdb(vx, mac_b, dst1).await?;
+        h.replace_fdb(vx, mac_a, dst2).await?;
+        let mut f = h.fdb_entries(vx).await?;
+        f.sort_by_key(|e| e.mac);
+        assert_eq!(f.len(), 2, "{f:?}");
+        assert_eq!(
+            (f[0].mac, f[0].dst, f[0].permanent, f[0].is_self),
+            (mac_a, Some(dst2), true, true)
+        );
+        assert_eq!((f[1].mac, f[1].dst), (mac_b, Some(dst1)));
+        let shown = ip(&ns, &["-d", "link", "show", "ferry.7"]);
+        let fdb = in_netns(&ns, || {
+            Command::new("bridge")
+                .args(["fdb", "show", "dev", "ferry.7"])
+                .output()
+        })
+        .expect("bridge fdb");
+        let fdb = String::from_utf8_lossy(&fdb.stdout).to_string();
+        assert!(
+            fdb.contains("02:42:bb:00:00:02 dst 2001:db8::21 self permanent"),
+            "{fdb}\n{shown}"
+        );
+        assert!(h.delete_fdb(&f[0]).await?);
+        assert!(!h.delete_fdb(&f[0]).await?);
+        let f = h.fdb_entries(vx).await?;
+        assert_eq!((f.len(), f[0].mac), (1, mac_b), "{f:?}");
+
+        // IPv4 neighbours on the device are unchanged by the underlay's family.
+        h.replace_neighbour(vx, Ipv4Addr::new(10, 244, 2, 0), mac_b)
+            .await?;
+        assert_eq!(h.neighbours(vx).await?.len(), 1);
+
+        // The family of the local address cannot change in place.
+        let (vx4, change) = h.ensure_vxlan(&spec(under)).await?;
+        assert_eq!(change, VxlanChange::Recreated);
+        assert_ne!(vx4, vx);
+        assert_eq!(
+            h.vxlan_by_name("ferry.7").await?.unwrap().local,
+            Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)))
+        );
+        let (vx6, change) = h.ensure_vxlan(&s6).await?;
+        assert_eq!(change, VxlanChange::Recreated);
+        assert_eq!(
+            h.vxlan_by_name("ferry.7").await?.unwrap().local,
+            Some(IpAddr::V6(local6))
+        );
+        assert!(h.fdb_entries(vx6).await?.iter().all(|e| e.dst.is_none()));
+
+        // IPv6 lookups: the holder of an address, the default route.
+        assert_eq!(h.link_holding(IpAddr::V6(local6)).await?, Some(under));
+        assert_eq!(
+            h.link_holding("2001:db8::2".parse::<Ipv6Addr>().unwrap())
+                .await?,
+            None
+        );
+        assert_eq!(h.default_ipv6_route().await?, None);
+        ip(
+            &ns,
+            &[
+                "-6",
+                "route",
+                "add",
+                "default",
+                "via",
+                "2001:db8::fe",
+                "dev",
+                "under0",
+            ],
+        );
+        let def = h.default_ipv6_route().await?.unwrap();
+        assert_eq!(
+            (def.oif, def.gw),
+            (under, Some("2001:db8::fe".parse().unwrap()))
+        );
+        assert_eq!(h.default_ipv4_route().await?, None);
         Ok(())
     })
     .unwrap();
