@@ -62,7 +62,7 @@ fn write_leases(lab: &Lab, fakes: &[Fake]) -> Duration {
             let lease = SubnetLease {
                 subnet: Some(f.subnet),
                 node: format!("fake-{}", f.public_ip),
-                public_ip: f.public_ip,
+                public_ip: f.public_ip.into(),
                 backend: BackendType::Vxlan,
                 vtep_mac: Some(f.mac),
                 renewed_at: 0,

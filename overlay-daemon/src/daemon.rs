@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand};
 use ferry_netops::NsHandle;
 use ipnetwork::Ipv4Network;
 use std::collections::BTreeMap;
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::time::{Instant, sleep, sleep_until};
@@ -104,12 +104,14 @@ pub struct RunArgs {
     /// This node's name in its lease (default: the hostname).
     #[arg(long, env = "FERRY_NODE_NAME")]
     pub node_name: Option<String>,
-    /// Underlay interface (default: the one holding --public-ip, else the default route's).
+    /// Underlay interface (default: the one holding --public-ip, else the
+    /// IPv4 default route's, else the IPv6 default route's).
     #[arg(long, env = "FERRY_IFACE")]
     pub iface: Option<String>,
-    /// Underlay address other nodes reach this one at.
+    /// Underlay address other nodes reach this one at, IPv4 or IPv6 (default:
+    /// the underlay interface's first global address, IPv4 first).
     #[arg(long, env = "FERRY_PUBLIC_IP")]
-    pub public_ip: Option<Ipv4Addr>,
+    pub public_ip: Option<IpAddr>,
     #[arg(long, env = "FERRY_CNI_CONF_DIR", default_value = "/etc/cni/net.d")]
     pub cni_conf_dir: PathBuf,
     #[arg(long, env = "FERRY_CNI_CONF_NAME", default_value = "10-ferry.conflist")]
@@ -346,6 +348,7 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
     .await;
     let handle = NsHandle::host()?;
     let underlay = dataplane::find_underlay(&handle, r.iface.as_deref(), r.public_ip).await?;
+    dataplane::check_underlay(&cfg.backend, &underlay)?;
     let vtep_mac = Mac::derived(&node_name);
     let me = SubnetLease {
         subnet: None,

@@ -19,6 +19,14 @@
 //!   <public ip> dev <underlay>` and nothing on the device.
 //! - host-gw: that plain route for every peer.
 //!
+//! The underlay may be IPv4 or IPv6; the pod network is IPv4 either way, so
+//! only the device's `local`/`local6`, the fdb remotes and the MTU (underlay
+//! − 50, or − 70 over IPv6) depend on it. An IPv4 route needs an IPv4 next
+//! hop: over an IPv6 underlay host-gw is refused ([`check_underlay`]) and
+//! direct routing is off (every peer goes through the tunnel). A peer whose
+//! underlay address is of the other family cannot be reached: it is reported
+//! and counted in `failed`, the others are programmed all the same.
+//!
 //! A pass ([`Dataplane::reconcile`]) reads the kernel with one dump per kind
 //! (routes, neighbours, fdb), diffs it against the desired state and sends
 //! only the differences, with up to [`IN_FLIGHT`] peers programmed at once
@@ -43,6 +51,17 @@ use tracing::{debug, warn};
 /// inner Ethernet (14).
 pub const VXLAN_OVERHEAD: u32 = 50;
 
+/// VXLAN encapsulation over IPv6: the outer header is 40 bytes, not 20.
+pub const VXLAN6_OVERHEAD: u32 = 70;
+
+/// The VXLAN overhead over an underlay whose local address is `ip`.
+pub fn vxlan_overhead(ip: IpAddr) -> u32 {
+    match ip {
+        IpAddr::V4(_) => VXLAN_OVERHEAD,
+        IpAddr::V6(_) => VXLAN6_OVERHEAD,
+    }
+}
+
 /// Peers programmed concurrently. Bounded so the acks of the requests in
 /// flight always fit the netlink socket's receive buffer (an ack the kernel
 /// cannot queue is lost, and its request would wait forever).
@@ -60,11 +79,17 @@ pub enum DataplaneError {
     #[error("underlay interface {name}: no such link in netns {netns}")]
     NoSuchInterface { name: String, netns: String },
     #[error("no link holds the public IP {0} (pass --iface, or an address of this node)")]
-    NoLinkHolds(Ipv4Addr),
-    #[error("no IPv4 default route to take the underlay from (pass --iface or --public-ip)")]
+    NoLinkHolds(IpAddr),
+    #[error(
+        "no IPv4 or IPv6 default route to take the underlay from (pass --iface or --public-ip)"
+    )]
     NoDefaultRoute,
-    #[error("underlay interface {iface} has no IPv4 address (pass --public-ip)")]
+    #[error("underlay interface {iface} has no global IPv4 or IPv6 address (pass --public-ip)")]
     NoAddress { iface: String },
+    #[error(
+        "backend host-gw needs an IPv4 underlay (a route to an IPv4 pod subnet needs an IPv4 next hop), and the underlay address is {0}: use the vxlan backend, or an IPv4 --public-ip / --iface"
+    )]
+    HostGwNeedsIpv4(IpAddr),
     /// A kernel operation that is not about one peer (device, dumps).
     #[error("{what}: {source}")]
     Kernel {
@@ -77,7 +102,7 @@ pub enum DataplaneError {
     #[error("peer {subnet} at {public_ip}: {step}: {source}")]
     Peer {
         subnet: Ipv4Network,
-        public_ip: Ipv4Addr,
+        public_ip: IpAddr,
         step: &'static str,
         #[source]
         source: NetopsError,
@@ -85,7 +110,15 @@ pub enum DataplaneError {
     #[error("peer {subnet} at {public_ip} has no VTEP MAC: it cannot be reached over VXLAN")]
     NoVtepMac {
         subnet: Ipv4Network,
-        public_ip: Ipv4Addr,
+        public_ip: IpAddr,
+    },
+    #[error(
+        "peer {subnet} at {public_ip}: its underlay address is not of the family of this node's ({local}): it cannot be reached"
+    )]
+    FamilyMismatch {
+        subnet: Ipv4Network,
+        public_ip: IpAddr,
+        local: IpAddr,
     },
     #[error("kernel notifications: {0}")]
     Monitor(#[source] NetopsError),
@@ -102,17 +135,21 @@ pub struct Underlay {
     pub name: String,
     pub index: u32,
     pub mtu: u32,
-    pub ip: Ipv4Addr,
+    /// IPv4 or IPv6.
+    pub ip: IpAddr,
 }
 
 /// `iface` by name, else the interface holding `public_ip`, else the IPv4
-/// default route's interface; `ip` is `public_ip`, else the interface's first
-/// IPv4 address.
+/// default route's interface, else the IPv6 default route's. `ip` is
+/// `public_ip`, else the interface's first global address of the family
+/// preferred: the default route's, IPv4 for `iface` (the other family when
+/// the interface has none).
 pub async fn find_underlay(
     h: &NsHandle,
     iface: Option<&str>,
-    public_ip: Option<Ipv4Addr>,
+    public_ip: Option<IpAddr>,
 ) -> Result<Underlay, DataplaneError> {
+    let mut prefer_v6 = false;
     let link = if let Some(name) = iface {
         h.link_by_name(name)
             .await
@@ -127,10 +164,17 @@ pub async fn find_underlay(
                 .await
                 .map_err(kernel(format!("find the link holding {ip}")))?
                 .ok_or(DataplaneError::NoLinkHolds(ip))?
+        } else if let Some(r) = h
+            .default_ipv4_route()
+            .await
+            .map_err(kernel("find the IPv4 default route"))?
+        {
+            r.oif
         } else {
-            h.default_ipv4_route()
+            prefer_v6 = true;
+            h.default_ipv6_route()
                 .await
-                .map_err(kernel("find the default route"))?
+                .map_err(kernel("find the IPv6 default route"))?
                 .ok_or(DataplaneError::NoDefaultRoute)?
                 .oif
         };
@@ -144,18 +188,18 @@ pub async fn find_underlay(
     };
     let ip = match public_ip {
         Some(ip) => ip,
-        None => h
-            .addresses(link.index)
-            .await
-            .map_err(kernel(format!("list addresses of {}", link.name)))?
-            .into_iter()
-            .find_map(|a| match a {
-                IpNetwork::V4(v4) => Some(v4.ip()),
-                IpNetwork::V6(_) => None,
-            })
-            .ok_or_else(|| DataplaneError::NoAddress {
-                iface: link.name.clone(),
-            })?,
+        None => {
+            let addrs = h
+                .addresses(link.index)
+                .await
+                .map_err(kernel(format!("list addresses of {}", link.name)))?;
+            let of = |v6: bool| addrs.iter().map(|a| a.ip()).find(|ip| ip.is_ipv6() == v6);
+            of(prefer_v6)
+                .or_else(|| of(!prefer_v6))
+                .ok_or_else(|| DataplaneError::NoAddress {
+                    iface: link.name.clone(),
+                })?
+        }
     };
     Ok(Underlay {
         name: link.name,
@@ -163,6 +207,16 @@ pub async fn find_underlay(
         mtu: link.mtu,
         ip,
     })
+}
+
+/// Refuses a backend that cannot work over `underlay`: host-gw over an IPv6
+/// underlay (an IPv4 pod subnet cannot be routed via an IPv6 next hop).
+/// The daemon calls it at startup, before it leases a subnet.
+pub fn check_underlay(backend: &BackendConfig, underlay: &Underlay) -> Result<(), DataplaneError> {
+    match (backend.kind, underlay.ip) {
+        (BackendType::HostGw, ip @ IpAddr::V6(_)) => Err(DataplaneError::HostGwNeedsIpv4(ip)),
+        _ => Ok(()),
+    }
 }
 
 /// This node, as the dataplane needs it.
@@ -177,7 +231,8 @@ pub struct LocalNode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     pub subnet: Ipv4Network,
-    pub public_ip: Ipv4Addr,
+    /// Its underlay address; must be of the family of ours.
+    pub public_ip: IpAddr,
     pub vtep_mac: Option<Mac>,
 }
 
@@ -208,17 +263,17 @@ pub struct ReconcileReport {
 /// How one peer is reached.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Via {
-    /// Over the VXLAN device, to this VTEP MAC.
-    Tunnel([u8; 6]),
-    /// A plain route via its public IP on the underlay.
-    Direct,
+    /// Over the VXLAN device (this index), to this VTEP MAC.
+    Tunnel(u32, [u8; 6]),
+    /// A plain route via its (IPv4) public IP on the underlay.
+    Direct(Ipv4Addr),
 }
 
 /// One peer's desired entries and which of them are missing or wrong.
 struct PeerJob {
     peer: Peer,
     neigh: Option<(u32, Ipv4Addr, [u8; 6])>,
-    fdb: Option<(u32, [u8; 6], Ipv4Addr)>,
+    fdb: Option<(u32, [u8; 6], IpAddr)>,
     route: Option<Ipv4Route>,
 }
 
@@ -227,9 +282,13 @@ pub struct Dataplane {
     kind: BackendType,
     vni: u32,
     port: u16,
+    /// `directRouting`, and an IPv4 underlay to route over.
     direct_routing: bool,
     local: LocalNode,
     device: Option<String>,
+    /// Peers of the other underlay family already reported (each is
+    /// reported once, not on every pass).
+    reported: HashSet<(Ipv4Network, IpAddr)>,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -245,21 +304,35 @@ impl std::fmt::Debug for Dataplane {
 impl Dataplane {
     pub fn new(h: NsHandle, backend: &BackendConfig, local: LocalNode) -> Dataplane {
         let device = (backend.kind == BackendType::Vxlan).then(|| format!("ferry.{}", backend.vni));
+        let mut direct_routing = backend.direct_routing;
+        if direct_routing && device.is_some() && local.underlay.ip.is_ipv6() {
+            warn!(
+                underlay = %local.underlay.ip,
+                "directRouting is off: the underlay is IPv6 and a route to an IPv4 pod subnet needs an IPv4 next hop; every peer goes through the tunnel"
+            );
+            direct_routing = false;
+        }
         Dataplane {
             h,
             kind: backend.kind,
             vni: backend.vni,
             port: backend.port,
-            direct_routing: backend.direct_routing,
+            direct_routing,
             local,
             device,
+            reported: HashSet::new(),
         }
     }
 
-    /// Pod MTU for the conflist: the underlay's, less the VXLAN overhead.
+    /// Pod MTU for the conflist: the underlay's, less the VXLAN overhead
+    /// (50 over IPv4, 70 over IPv6).
     pub fn pod_mtu(&self) -> u32 {
         match self.kind {
-            BackendType::Vxlan => self.local.underlay.mtu.saturating_sub(VXLAN_OVERHEAD),
+            BackendType::Vxlan => self
+                .local
+                .underlay
+                .mtu
+                .saturating_sub(vxlan_overhead(self.local.underlay.ip)),
             BackendType::HostGw => self.local.underlay.mtu,
         }
     }
@@ -303,28 +376,66 @@ impl Dataplane {
             None => None,
         };
 
+        // Peers of the other underlay family cannot be reached at all.
+        let local_ip = self.local.underlay.ip;
+        let mut mismatched = HashSet::new();
+        wanted.retain(|_, p| {
+            if p.public_ip.is_ipv6() == local_ip.is_ipv6() {
+                return true;
+            }
+            mismatched.insert((p.subnet, p.public_ip));
+            false
+        });
+        report.failed += mismatched.len();
+        for &(subnet, public_ip) in &mismatched {
+            let e = DataplaneError::FamilyMismatch {
+                subnet,
+                public_ip,
+                local: local_ip,
+            };
+            if self.reported.contains(&(subnet, public_ip)) {
+                debug!("{e}");
+            } else {
+                warn!("{e}");
+            }
+        }
+        self.reported = mismatched;
+
         // How each peer is reached.
         let direct: HashSet<Ipv4Addr> = if vx.is_some() && self.direct_routing {
-            self.directly_reachable(wanted.values().map(|p| p.public_ip))
-                .await?
+            self.directly_reachable(wanted.values().filter_map(|p| match p.public_ip {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            }))
+            .await?
         } else {
             HashSet::new()
         };
         let mut plan: Vec<(&Peer, Via)> = Vec::with_capacity(wanted.len());
         for p in wanted.values() {
-            if vx.is_none() || direct.contains(&p.public_ip) {
-                plan.push((p, Via::Direct));
-            } else if let Some(mac) = p.vtep_mac {
-                plan.push((p, Via::Tunnel(mac.0)));
-            } else {
-                report.failed += 1;
-                warn!(
-                    "{}",
-                    DataplaneError::NoVtepMac {
-                        subnet: p.subnet,
-                        public_ip: p.public_ip
+            match (vx, p.public_ip) {
+                (None, IpAddr::V4(v4)) => plan.push((p, Via::Direct(v4))),
+                (Some(_), IpAddr::V4(v4)) if direct.contains(&v4) => {
+                    plan.push((p, Via::Direct(v4)))
+                }
+                (None, ip @ IpAddr::V6(_)) => {
+                    // check_underlay refuses this at startup; never a crash.
+                    report.failed += 1;
+                    warn!("peer {}: {}", p.subnet, DataplaneError::HostGwNeedsIpv4(ip));
+                }
+                (Some(vx), _) => match p.vtep_mac {
+                    Some(mac) => plan.push((p, Via::Tunnel(vx, mac.0))),
+                    None => {
+                        report.failed += 1;
+                        warn!(
+                            "{}",
+                            DataplaneError::NoVtepMac {
+                                subnet: p.subnet,
+                                public_ip: p.public_ip
+                            }
+                        );
                     }
-                );
+                },
             }
         }
 
@@ -371,9 +482,9 @@ impl Dataplane {
         let mut jobs = Vec::new();
         for (p, via) in &plan {
             let gw0 = p.subnet.network();
-            let route = match (via, vx) {
-                (Via::Tunnel(_), Some(vx)) => Ipv4Route::ferry(p.subnet, gw0, vx, true),
-                _ => Ipv4Route::ferry(p.subnet, p.public_ip, underlay, false),
+            let route = match via {
+                Via::Tunnel(vx, _) => Ipv4Route::ferry(p.subnet, gw0, *vx, true),
+                Via::Direct(next_hop) => Ipv4Route::ferry(p.subnet, *next_hop, underlay, false),
             };
             want_routes.insert(p.subnet);
             let mut job = PeerJob {
@@ -382,14 +493,14 @@ impl Dataplane {
                 fdb: None,
                 route: None,
             };
-            if let (Via::Tunnel(mac), Some(vx)) = (via, vx) {
+            if let Via::Tunnel(vx, mac) = *via {
                 want_neigh.insert(gw0);
-                want_fdb.insert((*mac, IpAddr::V4(p.public_ip)));
-                if have_neigh.get(&gw0) != Some(&Some(*mac)) {
-                    job.neigh = Some((vx, gw0, *mac));
+                want_fdb.insert((mac, p.public_ip));
+                if have_neigh.get(&gw0) != Some(&Some(mac)) {
+                    job.neigh = Some((vx, gw0, mac));
                 }
-                if !have_fdb.contains(&(*mac, IpAddr::V4(p.public_ip))) {
-                    job.fdb = Some((vx, *mac, p.public_ip));
+                if !have_fdb.contains(&(mac, p.public_ip)) {
+                    job.fdb = Some((vx, mac, p.public_ip));
                 }
             }
             if have_route.get(&p.subnet) != Some(&&route) {
@@ -556,7 +667,7 @@ async fn program(h: &NsHandle, job: PeerJob) -> (usize, Result<(), DataplaneErro
         added += 1;
     }
     if let Some((vx, mac, dst)) = job.fdb {
-        if let Err(e) = request(|| h.replace_fdb(vx, mac, IpAddr::V4(dst))).await {
+        if let Err(e) = request(|| h.replace_fdb(vx, mac, dst)).await {
             return (added, Err(fail("fdb entry", e)));
         }
         added += 1;

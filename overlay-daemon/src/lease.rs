@@ -6,7 +6,7 @@ use crate::network::BackendType;
 use ipnetwork::Ipv4Network;
 use serde::{Deserialize, Serialize};
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::str::FromStr;
 
 /// A MAC address, written `02:42:ac:11:00:02` in JSON.
@@ -91,8 +91,9 @@ pub struct SubnetLease {
     #[serde(skip)]
     pub subnet: Option<Ipv4Network>,
     pub node: String,
-    /// The node's underlay address (VXLAN remote / host-gw next hop).
-    pub public_ip: Ipv4Addr,
+    /// The node's underlay address (VXLAN remote / host-gw next hop), IPv4
+    /// or IPv6 (`"192.0.2.10"` or `"2001:db8::10"`).
+    pub public_ip: IpAddr,
     pub backend: BackendType,
     /// The MAC of the node's VXLAN device (vxlan backend only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -194,6 +195,26 @@ mod tests {
         assert_eq!(key, "/ferry/network/subnets/10.244.3.0-24");
         let back = SubnetLease::from_kv(&key, lease.to_json().as_bytes()).unwrap();
         assert_eq!(back, lease);
+    }
+
+    #[test]
+    fn public_ip_of_either_family() {
+        let key = "/ferry/network/subnets/10.244.3.0-24";
+        // A lease written before IPv6 underlays still parses.
+        let old = br#"{"node":"n1","publicIp":"192.0.2.10","backend":"vxlan","vtepMac":"02:42:ac:11:00:02","renewedAt":5}"#;
+        let l = SubnetLease::from_kv(key, old).unwrap();
+        assert_eq!(l.public_ip, "192.0.2.10".parse::<IpAddr>().unwrap());
+        assert!(l.to_json().contains(r#""publicIp":"192.0.2.10""#));
+        let v6 = br#"{"node":"n1","publicIp":"2001:db8::10","backend":"vxlan","vtepMac":"02:42:ac:11:00:02"}"#;
+        let l = SubnetLease::from_kv(key, v6).unwrap();
+        assert_eq!(l.public_ip, "2001:db8::10".parse::<IpAddr>().unwrap());
+        assert!(l.to_json().contains(r#""publicIp":"2001:db8::10""#));
+        assert_eq!(
+            SubnetLease::from_kv(key, l.to_json().as_bytes()).unwrap(),
+            l
+        );
+        let bad = br#"{"node":"n1","publicIp":"2001:db8::zz","backend":"vxlan"}"#;
+        assert!(SubnetLease::from_kv(key, bad).is_err());
     }
 
     #[test]

@@ -2,13 +2,14 @@
 //! namespaces it creates (a veth pair as the underlay), runs reconcile
 //! passes and reads the result back through netops dumps and `ip -j`.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 
 use ferry_netops::{FERRY_ROUTE_PROTO, NeighState, NsHandle, RouteFilter};
 use ferry_tests::{TestNetns, require_root};
 use ferryd::dataplane::{
-    Dataplane, KernelEvents, LocalNode, Peer, ReconcileReport, Underlay, find_underlay,
+    Dataplane, KernelEvents, LocalNode, Peer, ReconcileReport, Underlay, check_underlay,
+    find_underlay,
 };
 use ferryd::lease::Mac;
 use ferryd::network::{BackendConfig, BackendType};
@@ -55,20 +56,41 @@ fn peer(i: u32) -> Peer {
             24,
         )
         .unwrap(),
-        public_ip: Ipv4Addr::from(u32::from(Ipv4Addr::new(192, 0, 0, 10)) + i),
+        public_ip: IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(192, 0, 0, 10)) + i)),
         vtep_mac: Some(Mac::derived(&format!("node-{i}"))),
     }
 }
 
-/// A node namespace with underlay `ul0` (`addr`, up; its veth peer `ul1` up
-/// in the same namespace).
+/// Peer `i` over an IPv6 underlay: the same subnet and MAC as [`peer`], at
+/// fd00::10 + i (on the underlay's /64 segment).
+fn peer6(i: u32) -> Peer {
+    Peer {
+        public_ip: IpAddr::V6(Ipv6Addr::from(
+            u128::from("fd00::10".parse::<Ipv6Addr>().unwrap()) + u128::from(i),
+        )),
+        ..peer(i)
+    }
+}
+
+/// `ip addr add <addr> dev <dev>`, IPv6 without duplicate address detection
+/// (usable at once).
+fn add_addr(ns: &TestNetns, addr: &str, dev: &str) {
+    let mut args = vec!["addr", "add", addr, "dev", dev];
+    if addr.contains(':') {
+        args.push("nodad");
+    }
+    ns.exec("ip", &args);
+}
+
+/// A node namespace with underlay `ul0` (`addr`, IPv4 or IPv6, up; its veth
+/// peer `ul1` up in the same namespace).
 fn node_ns(addr: &str) -> TestNetns {
     let ns = TestNetns::new();
     ns.exec(
         "ip",
         &["link", "add", "ul0", "type", "veth", "peer", "name", "ul1"],
     );
-    ns.exec("ip", &["addr", "add", addr, "dev", "ul0"]);
+    add_addr(&ns, addr, "ul0");
     ns.exec("ip", &["link", "set", "ul0", "up"]);
     ns.exec("ip", &["link", "set", "ul1", "up"]);
     ns.exec("ip", &["link", "set", "lo", "up"]);
@@ -239,7 +261,7 @@ fn vxlan_programs_exactly_the_peers_and_is_idempotent() {
         );
         // A peer leaves, another changes its public IP and MAC.
         let gone = peers.remove(5);
-        peers[0].public_ip = Ipv4Addr::new(192, 0, 1, 200);
+        peers[0].public_ip = Ipv4Addr::new(192, 0, 1, 200).into();
         peers[0].vtep_mac = Some(Mac::derived("node-2-reborn"));
         let r = dp.reconcile(&peers).await.unwrap();
         assert_eq!(r.peers_programmed, 39);
@@ -380,7 +402,7 @@ fn direct_routing_and_host_gw_program_plain_routes() {
         let mut peers: Vec<Peer> = (2..=6).map(peer).collect();
         let far = Peer {
             subnet: net("10.244.7.0/24"),
-            public_ip: Ipv4Addr::new(198, 51, 100, 7),
+            public_ip: Ipv4Addr::new(198, 51, 100, 7).into(),
             vtep_mac: Some(Mac::derived("far")),
         };
         peers.push(far.clone());
@@ -429,9 +451,9 @@ fn find_underlay_by_name_ip_or_default_route() {
         let by_name = find_underlay(&h, Some("ul0"), None).await.unwrap();
         assert_eq!(
             (by_name.name.as_str(), by_name.ip),
-            ("ul0", Ipv4Addr::new(192, 0, 0, 1))
+            ("ul0", IpAddr::V4(Ipv4Addr::new(192, 0, 0, 1)))
         );
-        let by_ip = find_underlay(&h, None, Some(Ipv4Addr::new(192, 0, 0, 1)))
+        let by_ip = find_underlay(&h, None, Some(Ipv4Addr::new(192, 0, 0, 1).into()))
             .await
             .unwrap();
         assert_eq!(by_ip, by_name);
@@ -455,6 +477,158 @@ fn find_underlay_by_name_ip_or_default_route() {
         assert_eq!(by_default, by_name);
         let e = find_underlay(&h, Some("nope0"), None).await.unwrap_err();
         assert!(e.to_string().contains("nope0"), "{e}");
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn find_underlay_over_ipv6() {
+    if !require_root() {
+        return;
+    }
+    let ns = node_ns("fd00::1/64");
+    block_on(async {
+        let h = NsHandle::new(ns.netns())?;
+        let v6: IpAddr = "fd00::1".parse().unwrap();
+        // The interface's only global address is IPv6 (fe80:: is not global).
+        let by_name = find_underlay(&h, Some("ul0"), None).await.unwrap();
+        assert_eq!((by_name.name.as_str(), by_name.ip), ("ul0", v6));
+        assert_eq!(find_underlay(&h, None, Some(v6)).await.unwrap(), by_name);
+        let e = find_underlay(&h, None, None).await.unwrap_err();
+        assert!(e.to_string().contains("IPv6 default route"), "{e}");
+        ns.exec(
+            "ip",
+            &[
+                "-6", "route", "add", "default", "via", "fd00::fe", "dev", "ul0",
+            ],
+        );
+        assert_eq!(find_underlay(&h, None, None).await.unwrap(), by_name);
+        // Both families on the link: --iface prefers IPv4, the IPv6 default
+        // route its own family; an IPv4 default route wins over the IPv6 one.
+        add_addr(&ns, "192.0.0.1/16", "ul0");
+        let v4: IpAddr = "192.0.0.1".parse().unwrap();
+        assert_eq!(find_underlay(&h, Some("ul0"), None).await.unwrap().ip, v4);
+        assert_eq!(find_underlay(&h, None, None).await.unwrap().ip, v6);
+        assert_eq!(
+            find_underlay(&h, Some("ul0"), Some(v6)).await.unwrap().ip,
+            v6
+        );
+        ns.exec(
+            "ip",
+            &[
+                "route",
+                "add",
+                "default",
+                "via",
+                "192.0.0.254",
+                "dev",
+                "ul0",
+            ],
+        );
+        assert_eq!(find_underlay(&h, None, None).await.unwrap().ip, v4);
+        Ok(())
+    })
+    .unwrap();
+}
+
+#[test]
+fn vxlan_over_an_ipv6_underlay() {
+    if !require_root() {
+        return;
+    }
+    let ns = node_ns("fd00::1/64");
+    block_on(async {
+        let h = NsHandle::new(ns.netns())?;
+        let me = local(&h, "10.244.1.0/24").await;
+        assert_eq!(me.underlay.ip, "fd00::1".parse::<IpAddr>().unwrap());
+        let underlay_mtu = me.underlay.mtu;
+        check_underlay(&vxlan(false), &me.underlay).unwrap();
+        let mut dp = Dataplane::new(h.clone(), &vxlan(false), me.clone());
+        assert_eq!(dp.pod_mtu(), underlay_mtu - 70);
+
+        let peers: Vec<Peer> = (2..=11).map(peer6).collect();
+        // A peer with an IPv4 underlay address cannot be reached from here:
+        // an error for it alone.
+        let mut with_v4 = peers.clone();
+        with_v4.push(peer(12));
+        let r = dp.reconcile(&with_v4).await.unwrap();
+        assert_eq!((r.peers_programmed, r.failed), (10, 1), "{r:?}");
+        assert_eq!((r.added, r.removed), (2 + 3 * 10, 0), "{r:?}");
+
+        let v = h.vxlan_by_name("ferry.1").await?.unwrap();
+        assert_eq!(v.local, Some(me.underlay.ip));
+        assert_eq!(v.mtu, underlay_mtu - 70);
+        assert_eq!(v.learning, Some(false));
+        assert_eq!(
+            h.addresses(v.index).await?,
+            vec!["10.244.1.0/32".parse().unwrap()]
+        );
+        assert_eq!(
+            kernel_state(&h, "ferry.1").await,
+            expected_vxlan(&peers, v.index)
+        );
+        let d = ns.ip_json(&["-d", "link", "show", "ferry.1"]);
+        let info = &d[0]["linkinfo"]["info_data"];
+        assert_eq!(info["local6"], "fd00::1", "{d}");
+        let fdb = ns.exec("bridge", &["fdb", "show", "dev", "ferry.1"]);
+        assert!(
+            fdb.contains(&format!(
+                "{} dst fd00::12 self permanent",
+                peers[0].vtep_mac.unwrap()
+            )),
+            "{fdb}"
+        );
+        let shown = ns.exec("ip", &["route", "show", "10.244.2.0/24"]);
+        assert!(
+            shown.contains("via 10.244.2.0 dev ferry.1 proto 70 onlink"),
+            "{shown}"
+        );
+        let again = dp.reconcile(&with_v4).await.unwrap();
+        assert_eq!(
+            (again.added, again.removed, again.failed),
+            (0, 0, 1),
+            "{again:?}"
+        );
+
+        // directRouting needs an IPv4 next hop: over IPv6 every peer stays
+        // on the tunnel.
+        let mut direct = Dataplane::new(h.clone(), &vxlan(true), me.clone());
+        let r = direct.reconcile(&peers).await.unwrap();
+        assert_eq!(
+            (r.added, r.removed, r.peers_programmed),
+            (0, 0, 10),
+            "{r:?}"
+        );
+
+        // host-gw is refused at startup, and a pass fails every peer
+        // without crashing.
+        let e = check_underlay(&host_gw(), &me.underlay).unwrap_err();
+        assert!(
+            e.to_string().contains("host-gw needs an IPv4 underlay"),
+            "{e}"
+        );
+        let mut hg = Dataplane::new(h.clone(), &host_gw(), me.clone());
+        let r = hg.reconcile(&peers).await.unwrap();
+        assert_eq!((r.peers_programmed, r.failed), (0, 10), "{r:?}");
+
+        // The node's underlay turns IPv4: the device is recreated with
+        // `local`, the IPv4 MTU and IPv4 remotes.
+        add_addr(&ns, "192.0.0.1/16", "ul0");
+        let me4 = local(&h, "10.244.1.0/24").await;
+        assert!(me4.underlay.ip.is_ipv4());
+        let peers4: Vec<Peer> = (2..=11).map(peer).collect();
+        let mut dp4 = Dataplane::new(h.clone(), &vxlan(false), me4.clone());
+        let r = dp4.reconcile(&peers4).await.unwrap();
+        assert_eq!((r.peers_programmed, r.failed), (10, 0), "{r:?}");
+        let v4 = h.vxlan_by_name("ferry.1").await?.unwrap();
+        assert_ne!(v4.index, v.index, "recreated");
+        assert_eq!(v4.local, Some(me4.underlay.ip));
+        assert_eq!(v4.mtu, underlay_mtu - 50);
+        assert_eq!(
+            kernel_state(&h, "ferry.1").await,
+            expected_vxlan(&peers4, v4.index)
+        );
         Ok(())
     })
     .unwrap();
@@ -487,12 +661,13 @@ fn kernel_events_report_a_deleted_route() {
     });
 }
 
-/// Two nodes joined by a veth underlay, each with a pod namespace behind a
-/// veth; pods ping each other across the overlay.
-fn two_node_ping(backend: BackendConfig) {
+/// Two nodes joined by a veth underlay (IPv4, or IPv6 when `v6`), each with
+/// a pod namespace behind a veth; pods ping each other across the overlay.
+fn two_node_ping(backend: BackendConfig, v6: bool) {
     let a = TestNetns::new();
     let b = TestNetns::new();
-    // Underlay: a:ul0 192.0.0.1/16 <-> b:ul0 192.0.0.2/16.
+    // Underlay: a:ul0 192.0.0.1/16 <-> b:ul0 192.0.0.2/16 (or fd00::1/64,
+    // fd00::2/64).
     a.exec(
         "ip",
         &["link", "add", "ul0", "type", "veth", "peer", "name", "ulb"],
@@ -500,8 +675,13 @@ fn two_node_ping(backend: BackendConfig) {
     let b_path = b.path_str();
     a.exec("ip", &["link", "set", "ulb", "netns", &b_path]);
     b.exec("ip", &["link", "set", "ulb", "name", "ul0"]);
-    for (ns, addr) in [(&a, "192.0.0.1/16"), (&b, "192.0.0.2/16")] {
-        ns.exec("ip", &["addr", "add", addr, "dev", "ul0"]);
+    let addrs = if v6 {
+        ["fd00::1/64", "fd00::2/64"]
+    } else {
+        ["192.0.0.1/16", "192.0.0.2/16"]
+    };
+    for (ns, addr) in [(&a, addrs[0]), (&b, addrs[1])] {
+        add_addr(ns, addr, "ul0");
         ns.exec("ip", &["link", "set", "ul0", "up"]);
         ns.exec("ip", &["link", "set", "lo", "up"]);
         ns.exec("sysctl", &["-qw", "net.ipv4.ip_forward=1"]);
@@ -554,6 +734,7 @@ fn two_node_ping(backend: BackendConfig) {
             public_ip: lb.underlay.ip,
             vtep_mac: Some(lb.vtep_mac),
         };
+        assert_eq!(la.underlay.ip.is_ipv6(), v6);
         let all = [pa_, pb_];
         let mut da = Dataplane::new(ha, &backend, la);
         let mut db = Dataplane::new(hb, &backend, lb);
@@ -583,7 +764,15 @@ fn pods_ping_across_the_vxlan_overlay() {
     if !require_root() {
         return;
     }
-    two_node_ping(vxlan(false));
+    two_node_ping(vxlan(false), false);
+}
+
+#[test]
+fn pods_ping_across_the_vxlan_overlay_over_an_ipv6_underlay() {
+    if !require_root() {
+        return;
+    }
+    two_node_ping(vxlan(false), true);
 }
 
 #[test]
@@ -591,7 +780,7 @@ fn pods_ping_across_host_gw() {
     if !require_root() {
         return;
     }
-    two_node_ping(host_gw());
+    two_node_ping(host_gw(), false);
 }
 
 /// `cargo test -p ferryd --release --test dataplane -- --ignored --nocapture

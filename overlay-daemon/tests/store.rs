@@ -204,7 +204,10 @@ async fn same_node_gets_its_subnet_back_other_nodes_never_do() {
     assert_eq!(again.lease.subnet, first.lease.subnet);
     assert_eq!(again.key, first.key);
     assert_ne!(again.lease_id, first.lease_id);
-    assert_eq!(again.lease.public_ip, std::net::Ipv4Addr::new(192, 0, 2, 9));
+    assert_eq!(
+        again.lease.public_ip,
+        std::net::IpAddr::from([192, 0, 2, 9])
+    );
     let (_, lease_id) = raw_get(s.client(), &again.key).await.unwrap();
     assert_eq!(lease_id, again.lease_id, "key moved to the new etcd lease");
     // The old process's hold is fenced off.
