@@ -19,6 +19,7 @@ use std::time::Duration;
 
 pub mod etcd;
 pub mod lab;
+pub mod runtime;
 
 /// How long one plugin invocation may take before the test fails.
 pub const PLUGIN_TIMEOUT: Duration = Duration::from_secs(20);
