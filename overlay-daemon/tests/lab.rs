@@ -3,7 +3,7 @@
 //! conflist each ferryd wrote. See ferry_tests::lab.
 
 use ferry_tests::etcd::require_etcd;
-use ferry_tests::lab::{Lab, underlay_ip};
+use ferry_tests::lab::{Lab, Underlay, underlay_ip, underlay_ip6};
 use ferry_tests::{TestNetns, require_root, wait_until};
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -23,7 +23,12 @@ fn can_run() -> bool {
 
 /// `nodes` nodes, each ready, with `pods` pods each.
 fn lab(network: &str, nodes: usize, pods: usize) -> Lab {
-    let mut lab = Lab::new(network);
+    lab_over(network, Underlay::V4, nodes, pods)
+}
+
+/// [`lab`] with the nodes' underlay of `family`.
+fn lab_over(network: &str, family: Underlay, nodes: usize, pods: usize) -> Lab {
+    let mut lab = Lab::new_with(network, family);
     for _ in 0..nodes {
         lab.add_node();
     }
@@ -124,6 +129,72 @@ fn vxlan_every_pod_reaches_every_pod() {
     let metrics = lab.http(0, "/metrics").unwrap().1;
     assert!(metrics.contains("ferry_peers_programmed 2"), "{metrics}");
     assert!(metrics.contains("ferry_lease_held 1"), "{metrics}");
+}
+
+#[test]
+fn vxlan_over_an_ipv6_underlay_every_pod_reaches_every_pod() {
+    if !can_run() {
+        return;
+    }
+    let lab = lab_over(VXLAN, Underlay::V6, 3, 2);
+    assert_full_matrix(&lab);
+
+    let n1 = &lab.nodes[0].ns;
+    assert_eq!(lab.nodes[0].public_ip, underlay_ip6(11));
+    let dev = n1.ip_json(&["-d", "link", "show", "ferry.1"]);
+    let info = &dev[0]["linkinfo"]["info_data"];
+    assert_eq!(info["local6"], underlay_ip6(11).to_string(), "{dev}");
+    assert_eq!(info["learning"], false, "{dev}");
+    assert_eq!(dev[0]["mtu"], 1430, "underlay 1500 - 70: {dev}");
+    let conflist: Value =
+        serde_json::from_str(&std::fs::read_to_string(lab.conflist(0)).unwrap()).unwrap();
+    assert_eq!(conflist["plugins"][0]["mtu"], 1430, "{conflist}");
+    let fdb = n1.exec("bridge", &["fdb", "show", "dev", "ferry.1"]);
+    for peer in [12, 13] {
+        assert!(
+            fdb.contains(&format!("dst {} ", underlay_ip6(peer))),
+            "{fdb}"
+        );
+    }
+    // Pod routes stay IPv4, through the device.
+    let r = routes(n1);
+    for peer in [1, 2] {
+        let subnet = subnet_of(&lab, peer);
+        let route = route_to(&r, &subnet).unwrap_or_else(|| panic!("no route to {subnet}: {r:?}"));
+        assert_eq!(route["dev"], "ferry.1", "{route}");
+        assert_eq!(route["gateway"], subnet_base(&subnet), "{route}");
+    }
+    // Each lease publishes the IPv6 address.
+    let show = lab.ferryd_cli(&["show"]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    for host in [11, 12, 13] {
+        assert!(
+            text.contains(&format!("\"publicIp\":\"{}\"", underlay_ip6(host))),
+            "{text}"
+        );
+    }
+}
+
+#[test]
+fn host_gw_over_an_ipv6_underlay_is_a_startup_error() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new_with(HOST_GW, Underlay::V6);
+    let n1 = lab.add_node();
+    assert!(
+        wait_until(Duration::from_secs(10), || !lab.ferryd_running(n1)),
+        "ferryd kept running:\n{}",
+        lab.ferryd_log(n1)
+    );
+    let log = lab.ferryd_log(n1);
+    assert!(log.contains("host-gw needs an IPv4 underlay"), "{log}");
+    let show = lab.ferryd_cli(&["show"]);
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        text.contains("leases at revision") && !text.contains("\"node\":"),
+        "no lease taken: {text}"
+    );
 }
 
 #[test]

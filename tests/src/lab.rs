@@ -3,6 +3,11 @@
 //! `eth0` on the underlay) each running `ferryd`, and pods ADDed through the
 //! conflist ferryd wrote, by `cnirun` (plugins chained as libcni does).
 //!
+//! The underlay carries IPv4 (192.168.77.0/24) and, with [`Underlay::V6`],
+//! IPv6 too (fd77::/64): the nodes' only default route is then the IPv6 one,
+//! so ferryd takes the IPv6 address as its underlay, while etcd stays on the
+//! IPv4 address.
+//!
 //! Every namespace is anonymous ([`TestNetns`]), so two labs in parallel can
 //! use the same addresses, and everything vanishes when the [`Lab`] drops:
 //! processes are killed, namespaces closed, the directory removed.
@@ -10,7 +15,7 @@
 use crate::{TestDir, TestNetns, bin, in_netns_cmd, wait_until};
 use ferry_netops::{BridgeSpec, NsHandle, VethPair, block_on};
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -25,6 +30,22 @@ pub fn underlay_ip(host: u8) -> Ipv4Addr {
     Ipv4Addr::new(UNDERLAY[0], UNDERLAY[1], UNDERLAY[2], host)
 }
 
+/// `fd77::<host>` (the host number written as the last group: fd77::11 for
+/// the first node, as its IPv4 address ends in .11).
+pub fn underlay_ip6(host: u8) -> Ipv6Addr {
+    format!("fd77::{host}").parse().expect("valid IPv6")
+}
+
+/// The family the nodes' ferryd takes its underlay address from.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Underlay {
+    /// IPv4 only, an IPv4 default route.
+    #[default]
+    V4,
+    /// IPv4 and IPv6 on every node (nodad), an IPv6 default route only.
+    V6,
+}
+
 pub fn etcd_endpoint() -> String {
     format!("http://{}:{ETCD_PORT}", underlay_ip(1))
 }
@@ -32,6 +53,7 @@ pub fn etcd_endpoint() -> String {
 pub struct Lab {
     pub dir: TestDir,
     pub underlay: TestNetns,
+    pub family: Underlay,
     etcd: Option<Child>,
     pub nodes: Vec<LabNode>,
     /// Extra ferryd arguments for every node (e.g. a short resync).
@@ -41,7 +63,10 @@ pub struct Lab {
 pub struct LabNode {
     pub name: String,
     pub ns: TestNetns,
+    /// The node's IPv4 address on the underlay (it always has one).
     pub ip: Ipv4Addr,
+    /// The address ferryd takes as its underlay: `ip`, or the IPv6 one.
+    pub public_ip: IpAddr,
     pub dir: PathBuf,
     ferryd: Option<Child>,
     /// Pods set up in this node, in order.
@@ -58,6 +83,11 @@ impl Lab {
     /// The underlay with etcd running and `network_json` stored as the
     /// cluster network config. No nodes yet.
     pub fn new(network_json: &str) -> Lab {
+        Lab::new_with(network_json, Underlay::V4)
+    }
+
+    /// [`Self::new`] with the nodes' underlay of `family`.
+    pub fn new_with(network_json: &str, family: Underlay) -> Lab {
         let dir = TestDir::new("lab");
         let underlay = TestNetns::new();
         underlay.exec("ip", &["link", "set", "lo", "up"]);
@@ -82,9 +112,23 @@ impl Lab {
                 "ul0",
             ],
         );
+        if family == Underlay::V6 {
+            underlay.exec(
+                "ip",
+                &[
+                    "addr",
+                    "add",
+                    &format!("{}/64", underlay_ip6(1)),
+                    "dev",
+                    "ul0",
+                    "nodad",
+                ],
+            );
+        }
         let mut lab = Lab {
             dir,
             underlay,
+            family,
             etcd: None,
             nodes: Vec::new(),
             ferryd_args: vec!["--resync-interval".into(), "1".into()],
@@ -167,8 +211,8 @@ impl Lab {
         cmd.output().expect("run ferryd")
     }
 
-    /// Adds a node namespace on the underlay (address .11, .12, …) and
-    /// starts its ferryd. Returns its index.
+    /// Adds a node namespace on the underlay (address .11, .12, …, and
+    /// fd77::11, … with [`Underlay::V6`]) and starts its ferryd. Returns its index.
     pub fn add_node(&mut self) -> usize {
         let i = self.add_idle_node();
         self.start_ferryd(i);
@@ -198,22 +242,47 @@ impl Lab {
         .expect("link the node to the underlay");
         ns.exec("ip", &["addr", "add", &format!("{ip}/24"), "dev", "eth0"]);
         ns.exec("ip", &["link", "set", "eth0", "up"]);
-        ns.exec(
-            "ip",
-            &[
-                "route",
-                "add",
-                "default",
-                "via",
-                &underlay_ip(1).to_string(),
-            ],
-        );
+        let public_ip = match self.family {
+            Underlay::V4 => {
+                ns.exec(
+                    "ip",
+                    &[
+                        "route",
+                        "add",
+                        "default",
+                        "via",
+                        &underlay_ip(1).to_string(),
+                    ],
+                );
+                IpAddr::V4(ip)
+            }
+            Underlay::V6 => {
+                let ip6 = underlay_ip6(11 + i as u8);
+                ns.exec(
+                    "ip",
+                    &["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"],
+                );
+                ns.exec(
+                    "ip",
+                    &[
+                        "-6",
+                        "route",
+                        "add",
+                        "default",
+                        "via",
+                        &underlay_ip6(1).to_string(),
+                    ],
+                );
+                IpAddr::V6(ip6)
+            }
+        };
         let dir = self.dir.path().join(&name);
         std::fs::create_dir_all(&dir).expect("node dir");
         self.nodes.push(LabNode {
             name,
             ns,
             ip,
+            public_ip,
             dir,
             ferryd: None,
             pods: Vec::new(),
