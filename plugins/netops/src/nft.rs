@@ -297,3 +297,117 @@ fn query(
         }
     }
 }
+
+// --- Map elements, for removing a pod's elements without knowing their keys. ---
+
+const NFTA_SET_ELEM_DATA: u16 = 2;
+const NFTA_DATA_VERDICT: u16 = 2;
+const NFTA_VERDICT_CHAIN: u16 = 2;
+
+/// One element of an nftables map: its raw key (concatenated fields, each
+/// padded to 4 bytes, in network byte order where the type says so) and, for
+/// a verdict map, the chain its `jump`/`goto` names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MapElement {
+    pub key: Vec<u8>,
+    pub chain: Option<String>,
+}
+
+/// Every element of map `map` of `table` (one netlink dump). A missing table
+/// or map has no elements.
+pub fn map_elements(family: NftFamily, table: &str, map: &str) -> Result<Vec<MapElement>> {
+    let mut attrs = Vec::new();
+    push_str_attr(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, table);
+    push_str_attr(&mut attrs, NFTA_SET_ELEM_LIST_SET, map);
+    let what = format!("elements of nft map {table}/{map}");
+    let answers = query(
+        NFT_MSG_GETSETELEM,
+        NLM_F_REQUEST | NLM_F_DUMP,
+        family,
+        &attrs,
+        &what,
+    )?
+    .unwrap_or_default();
+    let mut out = Vec::new();
+    for body in &answers {
+        // nfgenmsg (4 bytes), then the list's attributes.
+        let Some(attrs) = body.get(4..) else { continue };
+        for (kind, list) in attributes(attrs) {
+            if kind != NFTA_SET_ELEM_LIST_ELEMENTS {
+                continue;
+            }
+            for (kind, elem) in attributes(list) {
+                if kind == NFTA_LIST_ELEM {
+                    out.push(parse_element(elem));
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn parse_element(elem: &[u8]) -> MapElement {
+    let mut e = MapElement {
+        key: Vec::new(),
+        chain: None,
+    };
+    for (kind, data) in attributes(elem) {
+        match kind {
+            NFTA_SET_ELEM_KEY => {
+                if let Some((_, v)) = attributes(data).find(|(k, _)| *k == NFTA_DATA_VALUE) {
+                    e.key = v.to_vec();
+                }
+            }
+            NFTA_SET_ELEM_DATA => {
+                let verdict = attributes(data).find(|(k, _)| *k == NFTA_DATA_VERDICT);
+                if let Some((_, v)) = verdict
+                    && let Some((_, name)) = attributes(v).find(|(k, _)| *k == NFTA_VERDICT_CHAIN)
+                {
+                    let name = name.split(|b| *b == 0).next().unwrap_or_default();
+                    e.chain = Some(String::from_utf8_lossy(name).into_owned());
+                }
+            }
+            _ => {}
+        }
+    }
+    e
+}
+
+/// The netlink attributes in `buf` as (type without flag bits, payload);
+/// stops at the first malformed one.
+fn attributes(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+    let mut off = 0;
+    std::iter::from_fn(move || {
+        let hdr = buf.get(off..off + 4)?;
+        let len = u16::from_ne_bytes([hdr[0], hdr[1]]) as usize;
+        let kind = u16::from_ne_bytes([hdr[2], hdr[3]]) & 0x3fff;
+        let data = buf.get(off + 4..off + len.max(4))?;
+        off += (len.max(4) + 3) & !3;
+        Some((kind, data))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_verdict_map_element() {
+        let mut value = Vec::new();
+        push_attr(&mut value, NFTA_DATA_VALUE, &[6, 0, 0, 0, 0x1f, 0x90, 0, 0]);
+        let mut chain = Vec::new();
+        push_attr(&mut chain, 1, &(-3i32 as u32).to_be_bytes()); // NFTA_VERDICT_CODE: jump
+        push_str_attr(&mut chain, NFTA_VERDICT_CHAIN, "hp-0123");
+        let mut verdict = Vec::new();
+        push_attr(&mut verdict, NFTA_DATA_VERDICT | NLA_F_NESTED, &chain);
+        let mut elem = Vec::new();
+        push_attr(&mut elem, NFTA_SET_ELEM_KEY | NLA_F_NESTED, &value);
+        push_attr(&mut elem, NFTA_SET_ELEM_DATA | NLA_F_NESTED, &verdict);
+        let e = parse_element(&elem);
+        assert_eq!(e.key, [6, 0, 0, 0, 0x1f, 0x90, 0, 0]);
+        assert_eq!(e.chain.as_deref(), Some("hp-0123"));
+        // Truncated input: no panic, nothing made up.
+        assert_eq!(parse_element(&elem[..elem.len() - 9]).chain, None);
+        assert_eq!(attributes(&[0xff, 0xff, 1]).count(), 0);
+    }
+}

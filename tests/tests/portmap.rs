@@ -1,0 +1,612 @@
+//! ferry-portmap chained after ferry-bridge (+ ferry-ipam), executed as a
+//! runtime executes them, with real TCP and UDP traffic.
+//!
+//! Every test builds its own world in namespaces it creates: a fake host
+//! (both plugins run inside it, so the bridge, the veths and `table inet
+//! ferry` never reach the real host), pods, and an "outside" namespace linked
+//! to the fake host by a veth (the host's uplink address is what hostPorts
+//! are reached on). All of it vanishes on drop, also when a test panics.
+
+use ferry_tests::{
+    BridgeNet, PluginOutput, TestNetns, bin, container_id, require_root, run_plugin, run_plugin_in,
+    unique_index,
+};
+use serde_json::{Value, json};
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::time::Duration;
+
+struct Pod {
+    ns: TestNetns,
+    id: String,
+}
+
+impl Pod {
+    fn new() -> Pod {
+        Pod {
+            ns: TestNetns::new(),
+            id: container_id(),
+        }
+    }
+}
+
+/// The bridge config of the chain. `hairpinMode`, as in flannel's and the
+/// reference's Kubernetes conflists: with br_netfilter loaded (as on this
+/// kind of node) the DNAT of a pod's packet to itself is bridged back out of
+/// the port it came in on, which the bridge allows only in hairpin mode.
+fn bridge_conf(net: &BridgeNet) -> Value {
+    let mut c = net.conf("1.0.0");
+    c["hairpinMode"] = json!(true);
+    c
+}
+
+/// ferry-bridge ADD for `pod`: its result.
+fn bridge_add(net: &BridgeNet, pod: &Pod) -> Value {
+    net.call(
+        "ADD",
+        &pod.id,
+        Some(&pod.ns.path_str()),
+        "eth0",
+        &bridge_conf(net),
+    )
+    .ok_json()
+}
+
+/// The portmap config of the chain: `mappings` in runtimeConfig, `prev` as prevResult.
+fn pm_conf(net: &BridgeNet, mappings: Value, prev: Option<&Value>, extra: Value) -> Value {
+    let mut c = json!({
+        "cniVersion": "1.0.0",
+        "name": net.name,
+        "type": "ferry-portmap",
+        "capabilities": {"portMappings": true},
+        "runtimeConfig": {"portMappings": mappings},
+    });
+    if let Some(p) = prev {
+        c["prevResult"] = p.clone();
+    }
+    for (k, v) in extra.as_object().expect("object") {
+        c[k] = v.clone();
+    }
+    c
+}
+
+fn portmap(
+    net: &BridgeNet,
+    cmd: &str,
+    id: &str,
+    netns: Option<&str>,
+    conf: &Value,
+) -> PluginOutput {
+    run_plugin_in(
+        &net.host,
+        &bin("ferry-portmap"),
+        cmd,
+        &[
+            ("CNI_CONTAINERID", Some(id)),
+            ("CNI_NETNS", netns),
+            ("CNI_IFNAME", Some("eth0")),
+        ],
+        &conf.to_string(),
+    )
+}
+
+/// bridge ADD then portmap ADD (the chain); returns the bridge's result and
+/// asserts portmap passed it through unchanged.
+fn chain_add(net: &BridgeNet, pod: &Pod, mappings: Value) -> Value {
+    let prev = bridge_add(net, pod);
+    let conf = pm_conf(net, mappings, Some(&prev), json!({}));
+    let out = portmap(net, "ADD", &pod.id, Some(&pod.ns.path_str()), &conf);
+    assert_eq!(out.ok_json(), prev, "portmap must pass prevResult through");
+    prev
+}
+
+/// portmap DEL then bridge DEL (reverse order), with everything a runtime knows.
+fn chain_del(net: &BridgeNet, pod: &Pod, mappings: Value, prev: &Value) {
+    let conf = pm_conf(net, mappings, Some(prev), json!({}));
+    portmap(net, "DEL", &pod.id, Some(&pod.ns.path_str()), &conf).ok_empty();
+    net.call(
+        "DEL",
+        &pod.id,
+        Some(&pod.ns.path_str()),
+        "eth0",
+        &bridge_conf(net),
+    )
+    .ok_empty();
+}
+
+fn ruleset(ns: &TestNetns) -> String {
+    ns.exec("nft", &["list", "ruleset"])
+}
+
+/// The pod's first address of a family in a bridge result.
+fn pod_ip(result: &Value, v4: bool) -> IpAddr {
+    result["ips"]
+        .as_array()
+        .expect("ips")
+        .iter()
+        .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
+        .find(|ip: &IpAddr| ip.is_ipv4() == v4)
+        .expect("an address of the family")
+}
+
+/// A TCP and a UDP server on `port` (both families) inside `ns` that answer
+/// every connection or datagram with "<tag> <peer address>". They live until
+/// the namespace's process ends (detached threads).
+fn serve(ns: &TestNetns, port: u16, tag: &'static str) {
+    let (tcp, udp) = ferry_netops::in_netns(ns.netns(), || {
+        Ok((
+            TcpListener::bind(SocketAddr::new("::".parse().unwrap(), port))?,
+            UdpSocket::bind(SocketAddr::new("::".parse().unwrap(), port))?,
+        ))
+    })
+    .expect("bind the pod's servers");
+    std::thread::spawn(move || {
+        for mut s in tcp.incoming().flatten() {
+            let peer = s.peer_addr().map(|p| p.ip().to_canonical());
+            let _ = write!(
+                s,
+                "{tag} {}",
+                peer.map(|p| p.to_string()).unwrap_or_default()
+            );
+        }
+    });
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 64];
+        while let Ok((_, from)) = udp.recv_from(&mut buf) {
+            let reply = format!("{tag} {}", from.ip().to_canonical());
+            let _ = udp.send_to(reply.as_bytes(), from);
+        }
+    });
+}
+
+/// Connects from `ns` to `dst` over TCP and returns the server's answer, or
+/// `None` when nothing answers.
+fn tcp_from(ns: &TestNetns, dst: SocketAddr) -> Option<String> {
+    ferry_netops::in_netns(ns.netns(), || {
+        // The first SYN may meet a tentative IPv6 address or an unresolved
+        // neighbour: a few tries.
+        let mut last = Err(std::io::Error::other("no try"));
+        for _ in 0..4 {
+            last = TcpStream::connect_timeout(&dst, Duration::from_millis(700));
+            if last.is_ok() {
+                break;
+            }
+        }
+        let mut s = last?;
+        s.set_read_timeout(Some(Duration::from_secs(2)))?;
+        let mut out = String::new();
+        s.read_to_string(&mut out)?;
+        Ok(out)
+    })
+    .ok()
+}
+
+fn udp_from(ns: &TestNetns, dst: SocketAddr) -> Option<String> {
+    ferry_netops::in_netns(ns.netns(), || {
+        let any: IpAddr = if dst.is_ipv4() {
+            "0.0.0.0".parse().unwrap()
+        } else {
+            "::".parse().unwrap()
+        };
+        let s = UdpSocket::bind(SocketAddr::new(any, 0))?;
+        s.set_read_timeout(Some(Duration::from_millis(400)))?;
+        let mut buf = [0u8; 64];
+        for _ in 0..8 {
+            s.send_to(b"hi", dst)?;
+            if let Ok(n) = s.recv(&mut buf) {
+                return Ok(String::from_utf8_lossy(&buf[..n]).into_owned());
+            }
+        }
+        Err(std::io::Error::other("no answer"))
+    })
+    .ok()
+}
+
+/// The world outside the node: a namespace linked to the fake host by the
+/// veth "uplink", with the host's addresses on its end.
+struct Outside {
+    ns: TestNetns,
+    host_v4: IpAddr,
+    out_v4: IpAddr,
+    host_v6: IpAddr,
+    out_v6: IpAddr,
+}
+
+impl Outside {
+    fn new(net: &BridgeNet) -> Outside {
+        let ns = TestNetns::new();
+        let i = unique_index();
+        let (o2, o3) = (18 + (i / 256) % 2, i % 256);
+        let host_v4: IpAddr = format!("198.{o2}.{o3}.1").parse().unwrap();
+        let out_v4: IpAddr = format!("198.{o2}.{o3}.2").parse().unwrap();
+        let host_v6: IpAddr = format!("2001:db8:{i:x}::1").parse().unwrap();
+        let out_v6: IpAddr = format!("2001:db8:{i:x}::2").parse().unwrap();
+        let h = &net.host;
+        h.exec(
+            "ip",
+            &[
+                "link",
+                "add",
+                "uplink",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "uplink",
+                "netns",
+                &ns.path_str(),
+            ],
+        );
+        for (side, a4, a6) in [(h, host_v4, host_v6), (&ns, out_v4, out_v6)] {
+            side.exec("ip", &["addr", "add", &format!("{a4}/24"), "dev", "uplink"]);
+            side.exec(
+                "ip",
+                &["addr", "add", &format!("{a6}/64"), "dev", "uplink", "nodad"],
+            );
+            side.exec("ip", &["link", "set", "uplink", "up"]);
+            side.exec("ip", &["link", "set", "lo", "up"]);
+        }
+        Outside {
+            ns,
+            host_v4,
+            out_v4,
+            host_v6,
+            out_v6,
+        }
+    }
+}
+
+fn sa(ip: IpAddr, port: u16) -> SocketAddr {
+    SocketAddr::new(ip, port)
+}
+
+fn port() -> u16 {
+    20000 + (std::process::id() % 20000) as u16 + (unique_index() % 1000) as u16
+}
+
+/// The spec's reach matrix: a hostPort is reached from outside (both
+/// families, TCP and UDP, the client's address kept), from the host itself
+/// via its own address and via 127.0.0.1, from another pod and from the pod
+/// itself (both masqueraded to the gateway). DEL removes every trace and the
+/// port stops answering.
+#[test]
+fn host_port_reaches_the_pod_from_everywhere() {
+    if !require_root() {
+        return;
+    }
+    let net = BridgeNet::new(true);
+    let out = Outside::new(&net);
+    let (a, b) = (Pod::new(), Pod::new());
+    let hp = port();
+    let mappings = json!([
+        {"hostPort": hp, "containerPort": 8080, "protocol": "tcp"},
+        {"hostPort": hp, "containerPort": 8080, "protocol": "udp"},
+    ]);
+    let ra = chain_add(&net, &a, mappings.clone());
+    let rb = bridge_add(&net, &b); // a pod without mappings
+    net.host.exec("ip", &["link", "set", "lo", "up"]);
+    serve(&a.ns, 8080, "pod-a");
+    let (gw4, gw6) = net.gateways();
+
+    let expect = |what: &str, got: Option<String>, peer: IpAddr| {
+        assert_eq!(got, Some(format!("pod-a {peer}")), "{what}");
+    };
+    expect(
+        "outside → host v4",
+        tcp_from(&out.ns, sa(out.host_v4, hp)),
+        out.out_v4,
+    );
+    expect(
+        "outside → host v6",
+        tcp_from(&out.ns, sa(out.host_v6, hp)),
+        out.out_v6,
+    );
+    expect(
+        "outside → host v4, UDP",
+        udp_from(&out.ns, sa(out.host_v4, hp)),
+        out.out_v4,
+    );
+    expect(
+        "outside → host v6, UDP",
+        udp_from(&out.ns, sa(out.host_v6, hp)),
+        out.out_v6,
+    );
+    expect(
+        "host → 127.0.0.1 (route_localnet + masquerade)",
+        tcp_from(&net.host, sa("127.0.0.1".parse().unwrap(), hp)),
+        gw4,
+    );
+    expect(
+        "host → its own address",
+        tcp_from(&net.host, sa(out.host_v4, hp)),
+        out.host_v4,
+    );
+    expect(
+        "other pod → host v4 (masqueraded)",
+        tcp_from(&b.ns, sa(out.host_v4, hp)),
+        gw4,
+    );
+    expect(
+        "other pod → host v6 (masqueraded)",
+        tcp_from(&b.ns, sa(out.host_v6, hp)),
+        gw6,
+    );
+    expect("hairpin v4", tcp_from(&a.ns, sa(out.host_v4, hp)), gw4);
+    expect("hairpin v6", tcp_from(&a.ns, sa(out.host_v6, hp)), gw6);
+    expect("hairpin UDP", udp_from(&a.ns, sa(out.host_v4, hp)), gw4);
+    // Another port of the host is not forwarded.
+    assert_eq!(tcp_from(&out.ns, sa(out.host_v4, hp + 1)), None);
+    // The pod itself still answers directly, unNATed.
+    expect(
+        "pod address, direct",
+        tcp_from(&b.ns, sa(pod_ip(&ra, true), 8080)),
+        pod_ip(&rb, true),
+    );
+
+    let conf = pm_conf(&net, mappings.clone(), Some(&ra), json!({}));
+    portmap(&net, "CHECK", &a.id, Some(&a.ns.path_str()), &conf).ok_empty();
+    chain_del(&net, &a, mappings, &ra);
+    let rs = ruleset(&net.host);
+    assert!(!rs.contains("hp-"), "DEL left pod state:\n{rs}");
+    assert_eq!(tcp_from(&out.ns, sa(out.host_v4, hp)), None);
+    net.call(
+        "DEL",
+        &b.id,
+        Some(&b.ns.path_str()),
+        "eth0",
+        &bridge_conf(&net),
+    )
+    .ok_empty();
+}
+
+/// hostIP: only that destination is forwarded; another address of the host
+/// (and 127.0.0.1) is not.
+#[test]
+fn host_ip_restricts_the_destination() {
+    if !require_root() {
+        return;
+    }
+    let net = BridgeNet::new(true);
+    let out = Outside::new(&net);
+    let other = match out.host_v4 {
+        IpAddr::V4(a) => IpAddr::V4((u32::from(a) + 2).into()),
+        _ => unreachable!(),
+    };
+    net.host.exec(
+        "ip",
+        &["addr", "add", &format!("{other}/24"), "dev", "uplink"],
+    );
+    let a = Pod::new();
+    let hp = port();
+    let mappings = json!([
+        {"hostPort": hp, "containerPort": 8080, "protocol": "tcp", "hostIP": out.host_v4.to_string()},
+        {"hostPort": hp, "containerPort": 8080, "protocol": "tcp", "hostIP": out.host_v6.to_string()},
+    ]);
+    let ra = chain_add(&net, &a, mappings.clone());
+    serve(&a.ns, 8080, "pod-a");
+    assert_eq!(
+        tcp_from(&out.ns, sa(out.host_v4, hp)),
+        Some(format!("pod-a {}", out.out_v4))
+    );
+    assert_eq!(
+        tcp_from(&out.ns, sa(out.host_v6, hp)),
+        Some(format!("pod-a {}", out.out_v6))
+    );
+    assert_eq!(tcp_from(&out.ns, sa(other, hp)), None, "other host address");
+    let rs = ruleset(&net.host);
+    assert!(
+        rs.contains(&format!("{} . tcp . {hp} : jump hp-", out.host_v4)),
+        "{rs}"
+    );
+    chain_del(&net, &a, mappings, &ra);
+    assert!(!ruleset(&net.host).contains("hp-"));
+}
+
+/// Two pods, one hostPort: the second ADD is a clear CNI error and adds
+/// nothing; another protocol on the same port is no conflict; once the first
+/// pod is gone the port is free again.
+#[test]
+fn conflicting_host_port_is_refused_atomically() {
+    if !require_root() {
+        return;
+    }
+    let net = BridgeNet::new(false);
+    let (a, b) = (Pod::new(), Pod::new());
+    let hp = port();
+    let tcp = json!([{"hostPort": hp, "containerPort": 80, "protocol": "tcp"}]);
+    let both = json!([
+        {"hostPort": hp + 1, "containerPort": 81, "protocol": "tcp"},
+        {"hostPort": hp, "containerPort": 80, "protocol": "tcp"},
+    ]);
+    let ra = chain_add(&net, &a, tcp.clone());
+    let rb = bridge_add(&net, &b);
+    let before = ruleset(&net.host);
+    let e = portmap(
+        &net,
+        "ADD",
+        &b.id,
+        Some(&b.ns.path_str()),
+        &pm_conf(&net, both.clone(), Some(&rb), json!({})),
+    )
+    .err_json();
+    assert_eq!(e["code"], 120, "{e}");
+    let msg = e["msg"].as_str().unwrap();
+    assert!(msg.contains(&format!("{hp}/tcp")), "{e}");
+    assert_eq!(
+        ruleset(&net.host),
+        before,
+        "a refused ADD changed the ruleset"
+    );
+
+    // UDP on the same port is another key.
+    let udp = json!([{"hostPort": hp, "containerPort": 80, "protocol": "udp"}]);
+    let conf_b = pm_conf(&net, udp.clone(), Some(&rb), json!({}));
+    portmap(&net, "ADD", &b.id, Some(&b.ns.path_str()), &conf_b).ok_json();
+    // After a's DEL, b may take the TCP port too (a retried ADD with more).
+    chain_del(&net, &a, tcp, &ra);
+    let conf_b2 = pm_conf(&net, both.clone(), Some(&rb), json!({}));
+    portmap(&net, "ADD", &b.id, Some(&b.ns.path_str()), &conf_b2).ok_json();
+    chain_del(&net, &b, both, &rb);
+    assert!(!ruleset(&net.host).contains("hp-"));
+}
+
+/// DEL knows only (container ID, ifname, config): no netns, no prevResult,
+/// no runtimeConfig. It removes exactly that pod's state, and is idempotent.
+#[test]
+fn del_without_netns_or_prev_result_removes_only_that_pod() {
+    if !require_root() {
+        return;
+    }
+    let net = BridgeNet::new(false);
+    let (a, b) = (Pod::new(), Pod::new());
+    let (hp_a, hp_b) = (port(), port() + 2000);
+    chain_add(
+        &net,
+        &a,
+        json!([{"hostPort": hp_a, "containerPort": 80}, {"hostPort": hp_a, "containerPort": 80, "protocol": "sctp"}]),
+    );
+    let mb = json!([{"hostPort": hp_b, "containerPort": 80}]);
+    let rb = chain_add(&net, &b, mb.clone());
+    let id_a = a.id.clone();
+    drop(a);
+    let bare = json!({"cniVersion": "1.0.0", "name": net.name, "type": "ferry-portmap"});
+    portmap(&net, "DEL", &id_a, None, &bare).ok_empty();
+    let rs = ruleset(&net.host);
+    assert!(!rs.contains(&format!("{hp_a}")), "a's state is left:\n{rs}");
+    assert!(
+        rs.contains(&format!("tcp . {hp_b} : jump hp-")),
+        "b's state went too:\n{rs}"
+    );
+    portmap(&net, "DEL", &id_a, None, &bare).ok_empty();
+    let conf = pm_conf(&net, mb.clone(), Some(&rb), json!({}));
+    portmap(&net, "CHECK", &b.id, Some(&b.ns.path_str()), &conf).ok_empty();
+    chain_del(&net, &b, mb, &rb);
+    assert!(!ruleset(&net.host).contains("hp-"));
+}
+
+/// CHECK passes after ADD and fails once the pod's map element is deleted by
+/// hand; DEL still cleans up.
+#[test]
+fn check_fails_after_the_element_is_deleted() {
+    if !require_root() {
+        return;
+    }
+    let net = BridgeNet::new(false);
+    let a = Pod::new();
+    let hp = port();
+    let m = json!([{"hostPort": hp, "containerPort": 80, "protocol": "udp"}]);
+    let ra = chain_add(&net, &a, m.clone());
+    let conf = pm_conf(&net, m.clone(), Some(&ra), json!({}));
+    portmap(&net, "CHECK", &a.id, Some(&a.ns.path_str()), &conf).ok_empty();
+    net.host.exec(
+        "nft",
+        &[
+            "delete",
+            "element",
+            "inet",
+            "ferry",
+            "hostports",
+            &format!("{{ udp . {hp} }}"),
+        ],
+    );
+    let e = portmap(&net, "CHECK", &a.id, Some(&a.ns.path_str()), &conf).err_json();
+    assert_eq!(e["code"], 121, "{e}");
+    assert!(e["msg"].as_str().unwrap().contains("hostports"), "{e}");
+    chain_del(&net, &a, m, &ra);
+    assert!(!ruleset(&net.host).contains("hp-"));
+}
+
+/// No portMappings: ADD returns prevResult and writes nothing; DEL writes
+/// nothing either (without ipMasq there is no ferry table at all).
+#[test]
+fn no_port_mappings_no_nft_state() {
+    if !require_root() {
+        return;
+    }
+    let net = BridgeNet::new(false);
+    let a = Pod::new();
+    let ra = chain_add(&net, &a, json!([]));
+    let rs = ruleset(&net.host);
+    assert!(!rs.contains("inet ferry"), "{rs}");
+    let conf = pm_conf(&net, json!([]), Some(&ra), json!({}));
+    portmap(&net, "CHECK", &a.id, Some(&a.ns.path_str()), &conf).ok_empty();
+    chain_del(&net, &a, json!([]), &ra);
+    assert!(!ruleset(&net.host).contains("inet ferry"));
+}
+
+/// Bad configurations are refused before any kernel work, with the spec's
+/// codes and no panic (no namespace needed).
+#[test]
+fn config_refusals() {
+    let prev = json!({"cniVersion": "1.0.0", "interfaces": [{"name": "eth0", "sandbox": "/x"}],
+        "ips": [{"interface": 0, "address": "10.9.0.2/24"}]});
+    let m = |v: Value| json!({"runtimeConfig": {"portMappings": [v]}, "prevResult": prev});
+    let ok = json!([{"hostPort": 1, "containerPort": 1}]);
+    let cases = [
+        (
+            "no prevResult",
+            json!({"runtimeConfig": {"portMappings": ok}}),
+            7,
+        ),
+        (
+            "hostPort 0",
+            m(json!({"hostPort": 0, "containerPort": 1})),
+            7,
+        ),
+        (
+            "hostPort too big",
+            m(json!({"hostPort": 70000, "containerPort": 1})),
+            7,
+        ),
+        (
+            "bad protocol",
+            m(json!({"hostPort": 1, "containerPort": 1, "protocol": "icmp"})),
+            7,
+        ),
+        (
+            "bad hostIP",
+            m(json!({"hostPort": 1, "containerPort": 1, "hostIP": "300.1.1.1"})),
+            7,
+        ),
+        (
+            "markMasqBit 40",
+            json!({"markMasqBit": 40, "runtimeConfig": {"portMappings": ok}, "prevResult": prev}),
+            7,
+        ),
+        (
+            "externalSetMarkChain",
+            json!({"externalSetMarkChain": "KUBE-MARK-MASQ", "runtimeConfig": {"portMappings": ok}, "prevResult": prev}),
+            2,
+        ),
+        (
+            "conditionsV4",
+            json!({"conditionsV4": ["-s", "1.1.1.1"], "runtimeConfig": {"portMappings": ok}, "prevResult": prev}),
+            2,
+        ),
+        (
+            "portMappings not a list",
+            json!({"runtimeConfig": {"portMappings": 5}, "prevResult": prev}),
+            7,
+        ),
+        (
+            "prevResult garbage",
+            json!({"runtimeConfig": {"portMappings": ok}, "prevResult": {"ips": 3}}),
+            6,
+        ),
+    ];
+    for (name, extra, code) in cases {
+        let mut conf = json!({"cniVersion": "1.0.0", "name": "pm", "type": "ferry-portmap"});
+        for (k, v) in extra.as_object().unwrap() {
+            conf[k] = v.clone();
+        }
+        let out = run_plugin(
+            &bin("ferry-portmap"),
+            "ADD",
+            &[("CNI_NETNS", Some("/proc/self/ns/net"))],
+            &conf.to_string(),
+        );
+        let e = out.err_json();
+        assert_eq!(e["code"], code, "{name}: {out:?}");
+        assert!(!out.stderr.contains("panicked"), "{name}: {out:?}");
+    }
+}
