@@ -59,8 +59,11 @@ pub fn conflist(n: &NodeNetwork, o: &CniConfOptions) -> String {
     if let Some(dir) = &o.ipam_data_dir {
         ipam["dataDir"] = json!(dir);
     }
+    // containerd 1.6 and podman 4 (Debian 12) refuse a 1.1.0 conflist;
+    // newer runtimes pick 1.1.0 (GC, STATUS) from `cniVersions`.
     let doc = json!({
-        "cniVersion": "1.1.0",
+        "cniVersion": "1.0.0",
+        "cniVersions": ["1.0.0", "1.1.0"],
         "name": o.network_name,
         "plugins": [{
             "type": "ferry-bridge",
@@ -154,6 +157,8 @@ mod tests {
         let text = conflist(&node(), &o);
         let list = ferry_cni::config::NetConfList::parse(text.as_bytes()).unwrap();
         assert_eq!(list.name, "ferry");
+        assert_eq!(list.cni_version, "1.0.0", "what Debian 12's runtimes accept");
+        assert_eq!(list.negotiated_version().unwrap().as_str(), "1.1.0");
         let v: Value = serde_json::from_str(&text).unwrap();
         let bridge = &v["plugins"][0];
         assert_eq!(
