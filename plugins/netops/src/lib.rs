@@ -24,6 +24,7 @@ pub mod nft;
 mod pod_link;
 mod route;
 pub mod sysctl;
+mod tc;
 mod vxlan;
 
 pub use bridge_vlan::PortVlan;
@@ -40,6 +41,7 @@ pub use netns::{NetNs, in_netns};
 pub use pod_link::{BridgeSpec, VethPair};
 pub use route::RouteSpec;
 pub use route::{FERRY_ROUTE_PROTO, Ipv4Route, RouteFilter};
+pub use tc::{Qdisc, Tbf, TbfState};
 pub use vxlan::{Vxlan, VxlanChange, VxlanSpec};
 
 /// Shorthand used across the crate.
