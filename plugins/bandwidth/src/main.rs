@@ -1,0 +1,3 @@
+fn main() {
+    ferry_cni::skel::main(&ferry_bandwidth::Bandwidth)
+}
