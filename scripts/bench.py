@@ -150,6 +150,7 @@ def main():
     a = ap.parse_args()
 
     sh("ip", "link", "set", "lo", "up")
+    a.load_start = os.getloadavg()[0]
     work = tempfile.mkdtemp(prefix="ferry-bench-")
     try:
         return run_all(a, work)
@@ -208,7 +209,9 @@ def run_all(a, work):
         f"{os.cpu_count()} CPUs. Reference: Debian containernetworking-plugins in {REF_DIR}. "
         f"Single-pod rows: median of {a.rounds} alternating A/B rounds (a fresh netns per pod, not timed). "
         f"Storm rows: median of {a.storm_rounds} alternating rounds, wall time for all pods. "
-        "cniVersion 1.0.0 (the newest the Debian reference speaks).",
+        "cniVersion 1.0.0 (the newest the Debian reference speaks). "
+        f"Load average (1 min) {a.load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end: other work on "
+        "the machine slows both sides and moves the ratios, so compare runs made at a similar load.",
         "",
         "| measurement | reference | ferry | ferry / reference |",
         "|---|---|---|---|",
