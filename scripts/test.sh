@@ -61,7 +61,7 @@ step() {
 step build cargo build --workspace --all-targets
 if [ "$failed" -eq 0 ]; then
     # Integration tests execute the binaries the build step just produced.
-    step test cargo test --workspace
+    step test cargo test --workspace --no-fail-fast
 else
     results+=("SKIP  test (build failed)")
 fi

@@ -157,7 +157,10 @@ mod tests {
         let text = conflist(&node(), &o);
         let list = ferry_cni::config::NetConfList::parse(text.as_bytes()).unwrap();
         assert_eq!(list.name, "ferry");
-        assert_eq!(list.cni_version, "1.0.0", "what Debian 12's runtimes accept");
+        assert_eq!(
+            list.cni_version, "1.0.0",
+            "what Debian 12's runtimes accept"
+        );
         assert_eq!(list.negotiated_version().unwrap().as_str(), "1.1.0");
         let v: Value = serde_json::from_str(&text).unwrap();
         let bridge = &v["plugins"][0];
