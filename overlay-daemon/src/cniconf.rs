@@ -1,8 +1,10 @@
 //! The node's CNI conflist and its `subnet.env`, both written atomically.
 //!
-//! The conflist is what the runtime executes for every pod on this node:
-//! `ferry-bridge` with `ferry-ipam` handing out this node's subnet. No
-//! loopback entry: runtimes bring up `lo` themselves. Masquerade applies only
+//! The conflist is what the runtime executes for every pod on this node,
+//! the Kubernetes chain: `ferry-bridge` with `ferry-ipam` handing out this
+//! node's subnet, then `ferry-portmap` (hostPort) and `ferry-bandwidth`
+//! (the bandwidth annotations), which do nothing for pods that ask for
+//! neither. No loopback entry: runtimes bring up `lo` themselves. Masquerade applies only
 //! to traffic leaving the cluster network (`ipMasqExclude`), so pod-to-pod
 //! traffic across nodes keeps its pod source address.
 
@@ -75,6 +77,12 @@ pub fn conflist(n: &NodeNetwork, o: &CniConfOptions) -> String {
             "ipMasqExclude": [n.network.to_string()],
             "mtu": n.mtu,
             "ipam": ipam,
+        }, {
+            "type": "ferry-portmap",
+            "capabilities": { "portMappings": true },
+        }, {
+            "type": "ferry-bandwidth",
+            "capabilities": { "bandwidth": true },
         }],
     });
     let mut s = serde_json::to_string_pretty(&doc).expect("conflist serializes");
@@ -164,11 +172,19 @@ mod tests {
         assert_eq!(list.negotiated_version().unwrap().as_str(), "1.1.0");
         let v: Value = serde_json::from_str(&text).unwrap();
         let bridge = &v["plugins"][0];
+        let types: Vec<&str> = v["plugins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["type"].as_str().unwrap())
+            .collect();
         assert_eq!(
-            v["plugins"].as_array().unwrap().len(),
-            1,
-            "no loopback entry"
+            types,
+            ["ferry-bridge", "ferry-portmap", "ferry-bandwidth"],
+            "the Kubernetes chain, no loopback entry"
         );
+        assert_eq!(v["plugins"][1]["capabilities"]["portMappings"], true);
+        assert_eq!(v["plugins"][2]["capabilities"]["bandwidth"], true);
         assert_eq!(bridge["type"], "ferry-bridge");
         assert_eq!(bridge["mtu"], 1450);
         assert_eq!(bridge["ipMasqExclude"][0], "10.244.0.0/16");
