@@ -38,16 +38,6 @@ const APPLETS: &[&str] = &["sh", "sleep", "ping", "ip", "httpd", "cat", "ls", "t
 /// What the test image's httpd serves at `/`.
 pub const HTTP_MARKER: &str = "ferry-hostport-ok";
 
-/// `Some(path)` of a ferry binary when it has been built (`None` for a
-/// plugin another engineer has not finished yet).
-pub fn built(name: &str) -> Option<PathBuf> {
-    let dir = std::env::var_os("FERRY_BIN_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| crate::workspace_root().join("target").join("debug"));
-    let p = dir.join(name);
-    p.is_file().then_some(p)
-}
-
 /// Whether `program` is on PATH.
 pub fn have(program: &str) -> bool {
     std::env::var_os("PATH")
@@ -230,13 +220,13 @@ impl Node {
             std::fs::copy(src, bin_dir.join(to))
                 .unwrap_or_else(|e| panic!("copy {name} to {}: {e}", bin_dir.display()));
         };
-        for name in ["ferry-loopback", "ferry-ipam"] {
+        for name in [
+            "ferry-loopback",
+            "ferry-ipam",
+            "ferry-portmap",
+            "ferry-bandwidth",
+        ] {
             copy(name, &bin(name), name);
-        }
-        for name in ["ferry-portmap", "ferry-bandwidth"] {
-            if let Some(p) = built(name) {
-                copy(name, &p, name);
-            }
         }
         copy("ferry-bridge", &bin("ferry-bridge"), "ferry-bridge.real");
         let wrapper = format!(
@@ -773,32 +763,37 @@ impl Podman {
     }
 }
 
-/// The conflist the runtime tests use: ferry-bridge + ferry-ipam on
-/// `subnet` (a /24) with the node's dataDir, then ferry-portmap when
-/// `portmap` (with the `portMappings` capability, so podman's `-p` reaches
-/// it). cniVersion 1.0.0: the Debian 12 runtimes' libcni refuses 1.1.0
-/// results ("unsupported CNI result version").
-pub fn conflist(node: &Node, network: &str, bridge: &str, subnet: &str, portmap: bool) -> Value {
-    let mut plugins = vec![json!({
-        "type": "ferry-bridge",
-        "bridge": bridge,
-        "isGateway": true,
-        "ipMasq": true,
-        "hairpinMode": true,
-        "ipam": {
-            "type": "ferry-ipam",
-            "dataDir": node.ipam_dir(),
-            "ranges": [[{"subnet": subnet}]],
-            "routes": [{"dst": "0.0.0.0/0"}],
-        },
-    })];
-    if portmap {
-        plugins.push(json!({
+/// The conflist the runtime tests use, the Kubernetes chain ferryd writes:
+/// ferry-bridge + ferry-ipam on `subnet` (a /24) with the node's dataDir,
+/// then ferry-portmap (`portMappings` capability, so podman's `-p` reaches
+/// it) and ferry-bandwidth (`bandwidth` capability). cniVersion 1.0.0: the
+/// Debian 12 runtimes' libcni refuses 1.1.0 results ("unsupported CNI
+/// result version").
+pub fn conflist(node: &Node, network: &str, bridge: &str, subnet: &str) -> Value {
+    let plugins = vec![
+        json!({
+            "type": "ferry-bridge",
+            "bridge": bridge,
+            "isGateway": true,
+            "ipMasq": true,
+            "hairpinMode": true,
+            "ipam": {
+                "type": "ferry-ipam",
+                "dataDir": node.ipam_dir(),
+                "ranges": [[{"subnet": subnet}]],
+                "routes": [{"dst": "0.0.0.0/0"}],
+            },
+        }),
+        json!({
             "type": "ferry-portmap",
             "capabilities": {"portMappings": true},
             "snat": true,
-        }));
-    }
+        }),
+        json!({
+            "type": "ferry-bandwidth",
+            "capabilities": {"bandwidth": true},
+        }),
+    ];
     json!({"cniVersion": "1.0.0", "name": network, "plugins": plugins})
 }
 

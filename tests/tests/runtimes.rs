@@ -12,8 +12,8 @@
 //! still exists.
 
 use ferry_tests::runtime::{
-    Containerd, HTTP_MARKER, IMAGE, Node, Podman, built, busybox_eth0_ipv4, busybox_rootfs,
-    conflist, docker_archive, have, note, ok, parse_call, tar_dir,
+    Containerd, HTTP_MARKER, IMAGE, Node, Podman, busybox_eth0_ipv4, busybox_rootfs, conflist,
+    docker_archive, have, note, ok, parse_call, tar_dir,
 };
 use ferry_tests::{require_root, skip, unique_index, wait_until};
 use std::net::Ipv4Addr;
@@ -95,8 +95,7 @@ fn containerd_ctr_run_cni() {
     let mut node = Node::new("ctrd");
     let network = "ferryctr";
     let bridge = bridge_name("fc");
-    let portmap = built("ferry-portmap").is_some();
-    let conf = conflist(&node, network, &bridge, "10.88.0.0/24", portmap);
+    let conf = conflist(&node, network, &bridge, "10.88.0.0/24");
     node.write_conf("10-ferry.conflist", &conf);
     let gateway = Ipv4Addr::new(10, 88, 0, 1);
 
@@ -198,18 +197,18 @@ fn containerd_ctr_run_cni() {
     }
     assert_clean(&node, network, &ips);
     note(&format!(
-        "containerd_ctr_run_cni: {:.1}s (portmap in chain: {portmap})",
+        "containerd_ctr_run_cni: {:.1}s",
         t0.elapsed().as_secs_f64()
     ));
 }
 
 /// podman with the image imported from the busybox rootfs.
-fn podman_node(tag: &str, network: &str, subnet: &str, portmap: bool) -> (Node, Podman) {
+fn podman_node(tag: &str, network: &str, subnet: &str) -> (Node, Podman) {
     let node = Node::new(tag);
     let bridge = bridge_name("fp");
     node.write_conf(
         &format!("{network}.conflist"),
-        &conflist(&node, network, &bridge, subnet, portmap),
+        &conflist(&node, network, &bridge, subnet),
     );
     let podman = Podman::new(&node);
     let rootfs = busybox_rootfs(node.dir.path());
@@ -243,8 +242,7 @@ fn podman_cni_backend() {
     }
     let t0 = Instant::now();
     let network = "ferrypod";
-    let portmap = built("ferry-portmap").is_some();
-    let (node, podman) = podman_node("podman", network, "10.89.0.0/24", portmap);
+    let (node, podman) = podman_node("podman", network, "10.89.0.0/24");
     let gateway = Ipv4Addr::new(10, 89, 0, 1);
     let names = ["p1", "p2"];
     for n in names {
@@ -302,7 +300,7 @@ fn podman_cni_backend() {
     }
     assert_clean(&node, network, &ips);
     note(&format!(
-        "podman_cni_backend: {:.1}s (portmap in chain: {portmap})",
+        "podman_cni_backend: {:.1}s",
         t0.elapsed().as_secs_f64()
     ));
 }
@@ -325,13 +323,9 @@ fn podman_host_port() {
     ) {
         return;
     }
-    if built("ferry-portmap").is_none() {
-        skip("ferry-portmap is not built yet (plugins/portmap is being written)");
-        return;
-    }
     let t0 = Instant::now();
     let network = "ferryhp";
-    let (node, podman) = podman_node("hostport", network, "10.90.0.0/24", true);
+    let (node, podman) = podman_node("hostport", network, "10.90.0.0/24");
     let (node_ip, client_ip) = ("192.168.151.1", "192.168.151.2");
     let client = node.add_uplink(node_ip, client_ip);
     podman.run(
