@@ -467,6 +467,13 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
                     None => Dirty::Kernel,
                 };
                 resync_at = Instant::now() + Duration::from_secs(r.resync_interval.max(1));
+                // The files are part of the desired state too: a conflist
+                // deleted or edited by hand comes back.
+                match write_node_files(&node, r, &conf) {
+                    Ok(true) => metrics.repaired(1),
+                    Ok(false) => {}
+                    Err(e) => warn!("{e}"),
+                }
                 let list: Vec<Peer> = peers.values().cloned().collect();
                 match node.dataplane.reconcile(&list).await {
                     Ok(report) => {
@@ -533,7 +540,9 @@ fn apply_event(peers: &mut BTreeMap<Ipv4Network, Peer>, ev: LeaseEvent, node: &N
     }
 }
 
-fn write_node_files(node: &Node, r: &RunArgs, conf: &CniConfOptions) -> Result<(), DaemonError> {
+/// Writes the conflist and subnet.env when they differ from what they
+/// should be (missing, edited, or a new lease); returns whether it wrote.
+fn write_node_files(node: &Node, r: &RunArgs, conf: &CniConfOptions) -> Result<bool, DaemonError> {
     let n = NodeNetwork {
         network: node.cfg.network,
         subnet: node.held.lease.subnet(),
@@ -541,18 +550,22 @@ fn write_node_files(node: &Node, r: &RunArgs, conf: &CniConfOptions) -> Result<(
         ip_masq: r.ip_masq,
     };
     let path = conf.path();
-    cniconf::write_atomic(&path, &cniconf::conflist(&n, conf)).map_err(|source| {
-        DaemonError::Io {
-            what: format!("write {}", path.display()),
-            source,
-        }
-    })?;
-    cniconf::write_atomic(&r.subnet_file, &cniconf::subnet_env(&n)).map_err(|source| {
-        DaemonError::Io {
-            what: format!("write {}", r.subnet_file.display()),
-            source,
-        }
-    })?;
-    info!(conflist = %path.display(), subnet = %n.subnet, mtu = n.mtu, "node CNI config written");
-    Ok(())
+    let wrote_conf =
+        cniconf::write_atomic(&path, &cniconf::conflist(&n, conf)).map_err(|source| {
+            DaemonError::Io {
+                what: format!("write {}", path.display()),
+                source,
+            }
+        })?;
+    let wrote_env =
+        cniconf::write_atomic(&r.subnet_file, &cniconf::subnet_env(&n)).map_err(|source| {
+            DaemonError::Io {
+                what: format!("write {}", r.subnet_file.display()),
+                source,
+            }
+        })?;
+    if wrote_conf || wrote_env {
+        info!(conflist = %path.display(), subnet = %n.subnet, mtu = n.mtu, "node CNI config written");
+    }
+    Ok(wrote_conf || wrote_env)
 }

@@ -105,6 +105,11 @@ impl Metrics {
             self.0.repairs.inc_by(changed as u64);
         }
     }
+    /// A drift repair outside the kernel (a rewritten conflist).
+    pub fn repaired(&self, changed: usize) {
+        self.0.entries_changed.inc_by(changed as u64);
+        self.0.repairs.inc_by(changed as u64);
+    }
     pub fn etcd_error(&self) {
         self.0.etcd_errors.inc();
     }
