@@ -29,15 +29,26 @@
 //!
 //! A pass ([`Dataplane::reconcile`]) reads the kernel with one dump per kind
 //! (routes, neighbours, fdb), diffs it against the desired state and sends
-//! only the differences, with up to [`IN_FLIGHT`] peers programmed at once
-//! (each peer's steps stay in order). Correct entries are never touched, so
-//! a pass over an unchanged kernel sends nothing and causes no events.
+//! only the differences. Correct entries are never touched, so a pass over an
+//! unchanged kernel sends nothing and causes no events.
+//!
+//! The differences go out in netlink batches ([`Batch`]: hundreds of
+//! requests in one `sendmsg`, the acks read back in bulk and mapped to their
+//! peer and step), [`PEERS_PER_ROUND`] peers per round. A round sends the
+//! neighbours and fdb entries of its peers in one buffer, then the routes of
+//! the peers whose neighbour and fdb entry are both in place in a second:
+//! a route never points at an entry that failed (the old one-peer-at-a-time
+//! rule). A peer whose neighbour failed may keep a new fdb entry (harmless
+//! without the route; it is wanted anyway); the peer is counted in `failed`,
+//! logged, and the next pass (a kernel event, the resync) tries it again.
+//! ENOBUFS (the kernel short of memory, or acks lost to a full socket
+//! buffer) is retried with doubling delays; every request is idempotent.
 
 use crate::lease::{Mac, SubnetLease};
 use crate::network::{BackendConfig, BackendType};
 use ferry_netops::{
-    FERRY_ROUTE_PROTO, FdbEntry, Ipv4Route, KernelEvent, Monitor, NeighState, NetNs, NetopsError,
-    NsHandle, RouteFilter, VxlanChange, VxlanSpec,
+    Batch, BatchOp, FERRY_ROUTE_PROTO, FdbEntry, Ipv4Route, KernelEvent, Monitor, NeighState,
+    NetNs, NetopsError, NsHandle, RouteFilter, VxlanChange, VxlanSpec,
 };
 use futures::StreamExt;
 use ipnetwork::{IpNetwork, Ipv4Network};
@@ -62,10 +73,14 @@ pub fn vxlan_overhead(ip: IpAddr) -> u32 {
     }
 }
 
-/// Peers programmed concurrently. Bounded so the acks of the requests in
-/// flight always fit the netlink socket's receive buffer (an ack the kernel
-/// cannot queue is lost, and its request would wait forever).
+/// Concurrent requests on the rtnetlink handle (route lookups for direct
+/// routing). Bounded so their acks always fit the socket's receive buffer.
 pub const IN_FLIGHT: usize = 64;
+
+/// Peers per programming round: one buffer of their neighbours and fdb
+/// entries, one of their routes (at most [`Batch::MAX_OPS`] requests each).
+/// Between rounds the runtime gets the thread back.
+pub const PEERS_PER_ROUND: usize = Batch::MAX_OPS / 2;
 
 /// One netlink request may take this long before it counts as failed.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -289,6 +304,8 @@ pub struct Dataplane {
     /// Peers of the other underlay family already reported (each is
     /// reported once, not on every pass).
     reported: HashSet<(Ipv4Network, IpAddr)>,
+    /// The netlink batch socket, opened at the first pass that needs it.
+    batch: Option<Batch>,
 }
 
 impl std::fmt::Debug for Dataplane {
@@ -321,6 +338,7 @@ impl Dataplane {
             local,
             device,
             reported: HashSet::new(),
+            batch: None,
         }
     }
 
@@ -529,47 +547,53 @@ impl Dataplane {
             .collect();
         drop(plan);
 
+        let stale_routes: Vec<BatchOp> = stale_routes
+            .into_iter()
+            .map(|r| BatchOp::DeleteRoute(r.clone()))
+            .collect();
+        let stale_fdb: Vec<BatchOp> = stale_fdb
+            .into_iter()
+            .map(|e| BatchOp::DeleteFdb(e.clone()))
+            .collect();
+        let stale_neigh: Vec<BatchOp> = match vx {
+            Some(vx) => stale_neigh
+                .into_iter()
+                .map(|ip| BatchOp::DeleteNeighbour { ifindex: vx, ip })
+                .collect(),
+            None => Vec::new(),
+        };
+        if jobs.is_empty()
+            && stale_routes.is_empty()
+            && stale_fdb.is_empty()
+            && stale_neigh.is_empty()
+        {
+            debug!(?report, "reconcile pass");
+            return Ok(report);
+        }
+        if self.batch.is_none() {
+            self.batch = Some(
+                self.h
+                    .batch()
+                    .map_err(kernel("open the netlink batch socket"))?,
+            );
+        }
+        let batch = self.batch.as_mut().expect("opened above");
+
         // Routes of departed peers first, so nothing points at entries about
         // to go.
-        let h = &self.h;
-        let results: Vec<Result<bool, NetopsError>> = futures::stream::iter(stale_routes)
-            .map(|r| request(move || h.delete_ipv4_route(r)))
-            .buffer_unordered(IN_FLIGHT)
-            .collect()
-            .await;
+        let results = run_ops(batch, &stale_routes).await;
         tally_removed(&mut report, results, "delete stale route");
 
-        // Each peer: neighbour → fdb → route, many peers at once.
-        let outcomes: Vec<(usize, Result<(), DataplaneError>)> = futures::stream::iter(jobs)
-            .map(|job| program(h, job))
-            .buffer_unordered(IN_FLIGHT)
-            .collect()
-            .await;
-        for (added, r) in outcomes {
-            report.added += added;
-            match r {
-                Ok(()) => report.peers_programmed += 1,
-                Err(e) => {
-                    report.failed += 1;
-                    warn!("{e}");
-                }
-            }
+        // Each peer: neighbour and fdb entry, then the route, many peers per
+        // round.
+        for round in jobs.chunks(PEERS_PER_ROUND) {
+            program_round(batch, round, &mut report).await;
         }
 
-        let results: Vec<Result<bool, NetopsError>> = futures::stream::iter(stale_fdb)
-            .map(|e| request(move || h.delete_fdb(e)))
-            .buffer_unordered(IN_FLIGHT)
-            .collect()
-            .await;
+        let results = run_ops(batch, &stale_fdb).await;
         tally_removed(&mut report, results, "delete stale fdb entry");
-        if let Some(vx) = vx {
-            let results: Vec<Result<bool, NetopsError>> = futures::stream::iter(stale_neigh)
-                .map(|ip| request(move || h.delete_neighbour(vx, ip)))
-                .buffer_unordered(IN_FLIGHT)
-                .collect()
-                .await;
-            tally_removed(&mut report, results, "delete stale neighbour");
-        }
+        let results = run_ops(batch, &stale_neigh).await;
+        tally_removed(&mut report, results, "delete stale neighbour");
         debug!(?report, "reconcile pass");
         Ok(report)
     }
@@ -649,36 +673,100 @@ impl Dataplane {
     }
 }
 
-/// One peer's missing entries, in order; stops at the first failure (a
-/// route must never point at a neighbour or fdb entry that is not there).
-/// Returns how many entries were written.
-async fn program(h: &NsHandle, job: PeerJob) -> (usize, Result<(), DataplaneError>) {
-    let mut added = 0;
-    let fail = |step: &'static str, source: NetopsError| DataplaneError::Peer {
+/// The missing entries of a round of peers: their neighbours and fdb
+/// entries in one batch, then the routes of the peers whose neighbour and fdb
+/// entry are in place in another. A peer with a failed step gets no route
+/// (a route must never point at a neighbour or fdb entry that is not there);
+/// it is logged and counted in `failed`.
+async fn program_round(batch: &mut Batch, round: &[PeerJob], report: &mut ReconcileReport) {
+    let mut failed: Vec<Option<DataplaneError>> = round.iter().map(|_| None).collect();
+    let fail = |job: &PeerJob, step: &'static str, source: NetopsError| DataplaneError::Peer {
         subnet: job.peer.subnet,
         public_ip: job.peer.public_ip,
         step,
         source,
     };
-    if let Some((vx, ip, mac)) = job.neigh {
-        if let Err(e) = request(|| h.replace_neighbour(vx, ip, mac)).await {
-            return (added, Err(fail("neighbour", e)));
+
+    let mut ops = Vec::with_capacity(2 * round.len());
+    let mut owner: Vec<(usize, &'static str)> = Vec::with_capacity(2 * round.len());
+    for (i, job) in round.iter().enumerate() {
+        if let Some((ifindex, ip, mac)) = job.neigh {
+            ops.push(BatchOp::ReplaceNeighbour { ifindex, ip, mac });
+            owner.push((i, "neighbour"));
         }
-        added += 1;
-    }
-    if let Some((vx, mac, dst)) = job.fdb {
-        if let Err(e) = request(|| h.replace_fdb(vx, mac, dst)).await {
-            return (added, Err(fail("fdb entry", e)));
+        if let Some((ifindex, mac, dst)) = job.fdb {
+            ops.push(BatchOp::ReplaceFdb { ifindex, mac, dst });
+            owner.push((i, "fdb entry"));
         }
-        added += 1;
     }
-    if let Some(route) = &job.route {
-        if let Err(e) = request(|| h.replace_ipv4_route(route)).await {
-            return (added, Err(fail("route", e)));
+    for ((i, step), r) in owner.into_iter().zip(run_ops(batch, &ops).await) {
+        match r {
+            Ok(_) => report.added += 1,
+            Err(e) => {
+                if failed[i].is_none() {
+                    failed[i] = Some(fail(&round[i], step, e));
+                }
+            }
         }
-        added += 1;
     }
-    (added, Ok(()))
+
+    ops.clear();
+    let mut owner: Vec<usize> = Vec::with_capacity(round.len());
+    for (i, job) in round.iter().enumerate() {
+        if let (Some(route), None) = (&job.route, &failed[i]) {
+            ops.push(BatchOp::ReplaceRoute(route.clone()));
+            owner.push(i);
+        }
+    }
+    for (i, r) in owner.into_iter().zip(run_ops(batch, &ops).await) {
+        match r {
+            Ok(_) => report.added += 1,
+            Err(e) => failed[i] = Some(fail(&round[i], "route", e)),
+        }
+    }
+
+    for f in failed {
+        match f {
+            None => report.peers_programmed += 1,
+            Some(e) => {
+                report.failed += 1;
+                warn!("{e}");
+            }
+        }
+    }
+}
+
+/// `ops` in batches of at most [`Batch::MAX_OPS`] (the runtime gets the
+/// thread back between them), the ones refused with ENOBUFS sent again with
+/// doubling delays from 2 ms, up to [`ENOBUFS_RETRIES`] times. One result per
+/// op, in order.
+async fn run_ops(batch: &mut Batch, ops: &[BatchOp]) -> Vec<Result<bool, NetopsError>> {
+    let mut results = Vec::with_capacity(ops.len());
+    for chunk in ops.chunks(Batch::MAX_OPS) {
+        results.extend(batch.run(chunk));
+        tokio::task::yield_now().await;
+    }
+    let mut delay = Duration::from_millis(2);
+    for _ in 0..ENOBUFS_RETRIES {
+        let again: Vec<usize> = (0..ops.len())
+            .filter(|&i| matches!(&results[i], Err(e) if e.is_errno(libc::ENOBUFS)))
+            .collect();
+        if again.is_empty() {
+            break;
+        }
+        tokio::time::sleep(delay).await;
+        delay *= 2;
+        let retry: Vec<BatchOp> = again.iter().map(|&i| ops[i].clone()).collect();
+        let mut redone = Vec::with_capacity(retry.len());
+        for chunk in retry.chunks(Batch::MAX_OPS) {
+            redone.extend(batch.run(chunk));
+            tokio::task::yield_now().await;
+        }
+        for (i, r) in again.into_iter().zip(redone) {
+            results[i] = r;
+        }
+    }
+    results
 }
 
 fn tally_removed(

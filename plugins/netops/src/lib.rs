@@ -13,6 +13,7 @@
 //! [`NsHandle`], [`Link`] and [`NetopsError`] only.
 
 mod addr;
+mod batch;
 mod bridge_vlan;
 mod error;
 mod handle;
@@ -27,6 +28,7 @@ pub mod sysctl;
 mod tc;
 mod vxlan;
 
+pub use batch::{Batch, BatchOp};
 pub use bridge_vlan::PortVlan;
 pub use error::{NetopsError, to_cni};
 /// For issuing several requests at once: on one handle they go out back to

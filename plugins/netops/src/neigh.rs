@@ -60,6 +60,68 @@ pub(crate) fn mac_str(m: &[u8]) -> String {
         .join(":")
 }
 
+/// The message of `ip neigh replace <ip> lladdr <mac> dev <ifindex> nud
+/// permanent` (what [`NsHandle::replace_neighbour`] sends; batches send it too).
+pub(crate) fn permanent_neighbour(ifindex: u32, ip: Ipv4Addr, mac: [u8; 6]) -> NeighbourMessage {
+    let mut msg = neighbour_key(ifindex, ip);
+    msg.header.state = NeighbourState::Permanent;
+    msg.attributes
+        .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+    msg
+}
+
+/// The message naming neighbour `<ip> dev <ifindex>` (for a delete).
+pub(crate) fn neighbour_key(ifindex: u32, ip: Ipv4Addr) -> NeighbourMessage {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = AddressFamily::Inet;
+    msg.header.ifindex = ifindex;
+    msg.attributes
+        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+    msg
+}
+
+/// The message of `bridge fdb replace <mac> dev <ifindex> dst <dst> self
+/// permanent`.
+pub(crate) fn permanent_fdb(ifindex: u32, mac: [u8; 6], dst: IpAddr) -> NeighbourMessage {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = AddressFamily::Bridge;
+    msg.header.ifindex = ifindex;
+    msg.header.state = NeighbourState::Permanent;
+    msg.header.flags = NeighbourFlags::Own;
+    msg.attributes
+        .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+    msg.attributes
+        .push(NeighbourAttribute::Destination(neigh_addr(dst)));
+    msg
+}
+
+/// The message naming fdb entry `entry` (for a delete): with its `dst`, only
+/// that remote.
+pub(crate) fn fdb_key(entry: &FdbEntry) -> NeighbourMessage {
+    let mut msg = NeighbourMessage::default();
+    msg.header.family = AddressFamily::Bridge;
+    msg.header.ifindex = entry.ifindex;
+    msg.header.flags = if entry.is_self {
+        NeighbourFlags::Own
+    } else {
+        NeighbourFlags::Controller
+    };
+    msg.attributes
+        .push(NeighbourAttribute::LinkLayerAddress(entry.mac.to_vec()));
+    if let Some(dst) = entry.dst {
+        msg.attributes
+            .push(NeighbourAttribute::Destination(neigh_addr(dst)));
+    }
+    msg
+}
+
+fn neigh_addr(ip: IpAddr) -> NeighbourAddress {
+    match ip {
+        IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
+        IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
+    }
+}
+
 impl NsHandle {
     /// `ip neigh replace <ip> lladdr <mac> dev <ifindex> nud permanent`.
     pub async fn replace_neighbour(&self, ifindex: u32, ip: Ipv4Addr, mac: [u8; 6]) -> Result<()> {
@@ -82,11 +144,7 @@ impl NsHandle {
 
     /// `ip neigh del <ip> dev <ifindex>`; `Ok(false)` when it was not there.
     pub async fn delete_neighbour(&self, ifindex: u32, ip: Ipv4Addr) -> Result<bool> {
-        let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Inet;
-        msg.header.ifindex = ifindex;
-        msg.attributes
-            .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        let msg = neighbour_key(ifindex, ip);
         match self.handle.neighbours().del(msg).execute().await {
             Ok(()) => Ok(true),
             Err(e) if is_errno(&e, libc::ENOENT) => Ok(false),
@@ -164,23 +222,7 @@ impl NsHandle {
     /// `bridge fdb del <mac> dev <ifindex> [dst <dst>] self`: with `dst`, only
     /// that remote of the entry goes. `Ok(false)` when it was not there.
     pub async fn delete_fdb(&self, entry: &FdbEntry) -> Result<bool> {
-        let mut msg = NeighbourMessage::default();
-        msg.header.family = AddressFamily::Bridge;
-        msg.header.ifindex = entry.ifindex;
-        msg.header.flags = if entry.is_self {
-            NeighbourFlags::Own
-        } else {
-            NeighbourFlags::Controller
-        };
-        msg.attributes
-            .push(NeighbourAttribute::LinkLayerAddress(entry.mac.to_vec()));
-        if let Some(dst) = entry.dst {
-            let a = match dst {
-                IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
-                IpAddr::V6(v6) => NeighbourAddress::Inet6(v6),
-            };
-            msg.attributes.push(NeighbourAttribute::Destination(a));
-        }
+        let msg = fdb_key(entry);
         match self.handle.neighbours().del(msg).execute().await {
             Ok(()) => Ok(true),
             Err(e) if is_errno(&e, libc::ENOENT) => Ok(false),

@@ -160,7 +160,7 @@ impl Ipv4Route {
         }
     }
 
-    fn message(&self) -> RouteMessage {
+    pub(crate) fn message(&self) -> RouteMessage {
         let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(self.dst.network(), self.dst.prefix())
             .output_interface(self.oif)
@@ -174,7 +174,7 @@ impl Ipv4Route {
         b.build()
     }
 
-    fn describe(&self) -> String {
+    pub(crate) fn describe(&self) -> String {
         let mut s = format!("{}", self.dst);
         if let Some(gw) = self.gw {
             s.push_str(&format!(" via {gw}"));

@@ -1,0 +1,424 @@
+//! Many netlink requests in one `sendmsg`, their acks read in bulk.
+//!
+//! The kernel handles rtnetlink requests synchronously inside `sendmsg`, one
+//! message after the other in the order of the buffer, and queues one ack per
+//! message (each request carries its own sequence number and `NLM_F_ACK`).
+//! So a buffer of a few hundred requests costs one `sendmsg` and a
+//! `recvmmsg` or two, where `ip -batch` spends a `sendmsg` and a `recvmsg`
+//! per line and an rtnetlink [`NsHandle`] request several syscalls and a
+//! future. Every request is answered: a failure is mapped back to its
+//! request by sequence number, the others still run.
+//!
+//! The socket is a plain blocking netlink socket, born in the handle's
+//! namespace the way [`NsHandle::new`] makes its own (on a short-lived thread
+//! that entered it). [`Batch::run`] blocks for as long as the kernel works on
+//! the requests, which it would spend on them anyway; callers on an async
+//! runtime keep the batches small ([`Batch::MAX_OPS`]) and yield between them.
+//!
+//! Lost acks: when the receive buffer overflows the kernel drops acks (the
+//! requests themselves were carried out). Those requests are reported as
+//! ENOBUFS, like a request the kernel had no memory for; every [`BatchOp`] is
+//! idempotent (a replace, or a delete whose "not there" is `Ok(false)`), so
+//! the caller retries them.
+
+use crate::neigh::{fdb_key, mac_str, neighbour_key, permanent_fdb, permanent_neighbour};
+use crate::{FdbEntry, Ipv4Route, NetNs, NetopsError, NsHandle, Result, in_netns};
+use rtnetlink::packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
+};
+use rtnetlink::packet_route::RouteNetlinkMessage;
+use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+/// One idempotent change of the overlay's kernel state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BatchOp {
+    /// `ip neigh replace <ip> lladdr <mac> dev <ifindex> nud permanent`.
+    ReplaceNeighbour {
+        ifindex: u32,
+        ip: Ipv4Addr,
+        mac: [u8; 6],
+    },
+    /// `bridge fdb replace <mac> dev <ifindex> dst <dst> self permanent`.
+    ReplaceFdb {
+        ifindex: u32,
+        mac: [u8; 6],
+        dst: IpAddr,
+    },
+    /// `ip route replace <route>` with its protocol.
+    ReplaceRoute(Ipv4Route),
+    /// `ip route del <route>` (protocol included).
+    DeleteRoute(Ipv4Route),
+    /// `bridge fdb del <mac> dev <ifindex> [dst <dst>] self`.
+    DeleteFdb(FdbEntry),
+    /// `ip neigh del <ip> dev <ifindex>`.
+    DeleteNeighbour { ifindex: u32, ip: Ipv4Addr },
+}
+
+impl BatchOp {
+    fn message(&self) -> NetlinkMessage<RouteNetlinkMessage> {
+        let create = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+        let delete = NLM_F_REQUEST | NLM_F_ACK;
+        let (inner, flags) = match self {
+            BatchOp::ReplaceNeighbour { ifindex, ip, mac } => (
+                RouteNetlinkMessage::NewNeighbour(permanent_neighbour(*ifindex, *ip, *mac)),
+                create,
+            ),
+            BatchOp::ReplaceFdb { ifindex, mac, dst } => (
+                RouteNetlinkMessage::NewNeighbour(permanent_fdb(*ifindex, *mac, *dst)),
+                create,
+            ),
+            BatchOp::ReplaceRoute(r) => (RouteNetlinkMessage::NewRoute(r.message()), create),
+            BatchOp::DeleteRoute(r) => (RouteNetlinkMessage::DelRoute(r.message()), delete),
+            BatchOp::DeleteFdb(e) => (RouteNetlinkMessage::DelNeighbour(fdb_key(e)), delete),
+            BatchOp::DeleteNeighbour { ifindex, ip } => (
+                RouteNetlinkMessage::DelNeighbour(neighbour_key(*ifindex, *ip)),
+                delete,
+            ),
+        };
+        let mut m = NetlinkMessage::from(inner);
+        m.header.flags = flags;
+        m
+    }
+
+    /// The errno that means "was not there" for a delete.
+    fn absent(&self) -> Option<i32> {
+        match self {
+            BatchOp::DeleteRoute(_) => Some(libc::ESRCH),
+            BatchOp::DeleteFdb(_) | BatchOp::DeleteNeighbour { .. } => Some(libc::ENOENT),
+            _ => None,
+        }
+    }
+
+    /// What it does, for error messages.
+    pub fn describe(&self) -> String {
+        match self {
+            BatchOp::ReplaceNeighbour { ifindex, ip, mac } => {
+                format!(
+                    "replace neighbour {ip} lladdr {} dev #{ifindex}",
+                    mac_str(mac)
+                )
+            }
+            BatchOp::ReplaceFdb { ifindex, mac, dst } => {
+                format!(
+                    "replace fdb entry {} dst {dst} dev #{ifindex}",
+                    mac_str(mac)
+                )
+            }
+            BatchOp::ReplaceRoute(r) => format!("replace route {}", r.describe()),
+            BatchOp::DeleteRoute(r) => format!("delete route {}", r.describe()),
+            BatchOp::DeleteFdb(e) => format!(
+                "delete fdb entry {}{} dev #{}",
+                mac_str(&e.mac),
+                e.dst.map(|d| format!(" dst {d}")).unwrap_or_default(),
+                e.ifindex
+            ),
+            BatchOp::DeleteNeighbour { ifindex, ip } => {
+                format!("delete neighbour {ip} dev #{ifindex}")
+            }
+        }
+    }
+}
+
+/// `NLMSG_ERROR`: the type of an ack.
+const NLMSG_ERROR: u16 = 2;
+
+/// Receive slots per `recvmmsg`, each big enough for an ack's header and
+/// errno (with NETLINK_CAP_ACK an error ack does not echo the request; a
+/// longer datagram is truncated, which loses nothing needed here).
+const SLOTS: usize = 128;
+const SLOT_LEN: usize = 256;
+
+/// Kernel receive buffer asked for (SO_RCVBUFFORCE, else SO_RCVBUF): each ack
+/// is a small skb of about 1 KiB of truesize, so this holds the acks of a
+/// whole batch with room to spare. It is a limit, not an allocation.
+const RCVBUF: usize = 2 << 20;
+
+/// Acks that do not show up in this long count as failed (ETIMEDOUT).
+const ACK_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A netlink socket for batches, acting in one namespace.
+pub struct Batch {
+    sock: Socket,
+    netns: String,
+    seq: u32,
+    send: Vec<u8>,
+    recv: Vec<u8>,
+}
+
+impl std::fmt::Debug for Batch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Batch")
+            .field("netns", &self.netns)
+            .finish_non_exhaustive()
+    }
+}
+
+impl NsHandle {
+    /// A [`Batch`] socket acting in this handle's namespace: for a handle of
+    /// [`NsHandle::host`], the calling thread's (which, by the netns rule, is
+    /// the runtime's); else the namespace at the handle's path, entered by a
+    /// short-lived thread.
+    pub fn batch(&self) -> Result<Batch> {
+        let create = || -> io::Result<Socket> {
+            let mut s = Socket::new(NETLINK_ROUTE)?;
+            s.bind_auto()?;
+            s.connect(&SocketAddr::new(0, 0))?;
+            Ok(s)
+        };
+        let sock = if self.netns == "host" {
+            create()
+        } else {
+            in_netns(&NetNs::open(&self.netns)?, create)
+        }
+        .map_err(|e| NetopsError::io("create netlink batch socket", &self.netns, e))?;
+        // Error acks without the request echoed: smaller, and never truncated.
+        let _ = sock.set_cap_ack(true);
+        set_rcvbuf(&sock, RCVBUF);
+        Ok(Batch {
+            sock,
+            netns: self.netns.clone(),
+            seq: 0,
+            send: Vec::new(),
+            recv: vec![0; SLOTS * SLOT_LEN],
+        })
+    }
+}
+
+fn set_rcvbuf(sock: &Socket, bytes: usize) {
+    let v = bytes as libc::c_int;
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_RCVBUF] {
+        // SAFETY: a valid fd, and a pointer to a c_int of the size given.
+        let r = unsafe {
+            libc::setsockopt(
+                sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            return;
+        }
+    }
+}
+
+impl Batch {
+    /// The most requests [`Batch::run`] sends in one buffer.
+    pub const MAX_OPS: usize = 512;
+
+    /// The namespace it acts in ("host" or a path), for messages.
+    pub fn netns(&self) -> &str {
+        &self.netns
+    }
+
+    /// Sends `ops` (in buffers of at most [`Batch::MAX_OPS`] requests, in
+    /// order) and returns one result per op, in order: `Ok(true)` done,
+    /// `Ok(false)` a delete of something that was not there, `Err` the
+    /// kernel's refusal (`errno()` matchable; ENOBUFS also for a lost ack).
+    pub fn run(&mut self, ops: &[BatchOp]) -> Vec<Result<bool>> {
+        let mut out = Vec::with_capacity(ops.len());
+        for chunk in ops.chunks(Self::MAX_OPS) {
+            let codes = self.exchange(chunk);
+            for (op, code) in chunk.iter().zip(codes) {
+                out.push(match code {
+                    Ok(0) => Ok(true),
+                    Ok(errno) if op.absent() == Some(errno) => Ok(false),
+                    Ok(errno) => Err(self.fail(op, io::Error::from_raw_os_error(errno))),
+                    Err(e) => Err(self.fail(op, e)),
+                });
+            }
+        }
+        out
+    }
+
+    fn fail(&self, op: &BatchOp, source: io::Error) -> NetopsError {
+        NetopsError::Io {
+            op: op.describe(),
+            netns: self.netns.clone(),
+            source,
+        }
+    }
+
+    /// One buffer out, its acks in: per op the errno of its ack (0 = done),
+    /// or the error that kept it from being answered.
+    fn exchange(&mut self, ops: &[BatchOp]) -> Vec<io::Result<i32>> {
+        let first = self.seq.wrapping_add(1);
+        self.send.clear();
+        for op in ops {
+            self.seq = self.seq.wrapping_add(1);
+            let mut m = op.message();
+            m.header.sequence_number = self.seq;
+            m.finalize();
+            let at = self.send.len();
+            self.send.resize(at + m.buffer_len(), 0);
+            m.serialize(&mut self.send[at..]);
+        }
+        let mut codes: Vec<Option<io::Result<i32>>> = (0..ops.len()).map(|_| None).collect();
+        let fail_all = |codes: &mut Vec<Option<io::Result<i32>>>, errno: i32| {
+            for c in codes.iter_mut().filter(|c| c.is_none()) {
+                *c = Some(Err(io::Error::from_raw_os_error(errno)));
+            }
+        };
+        if let Err(e) = self.sock.send(&self.send, 0) {
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            fail_all(&mut codes, errno);
+            return codes.into_iter().map(|c| c.expect("set")).collect();
+        }
+        let mut missing = ops.len();
+        let deadline = Instant::now() + ACK_TIMEOUT;
+        while missing > 0 {
+            match self.recv_acks(first, &mut codes) {
+                Ok(0) => {}
+                Ok(n) => {
+                    missing -= n;
+                    continue;
+                }
+                Err(e) => {
+                    // The socket overran (acks were dropped) or broke: the
+                    // requests not answered are unknown, the caller retries.
+                    let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                    fail_all(&mut codes, errno);
+                    break;
+                }
+            }
+            // Nothing queued. The kernel answers inside sendmsg, so this is a
+            // dropped ack (reported as a pending ENOBUFS) or, in theory, a
+            // late one: wait a little for it.
+            if let Some(errno) = self.take_error() {
+                fail_all(&mut codes, errno);
+                break;
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                fail_all(&mut codes, libc::ETIMEDOUT);
+                break;
+            }
+            let mut pfd = libc::pollfd {
+                fd: self.sock.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            let ms = (deadline - now).as_millis().min(100) as libc::c_int;
+            // SAFETY: one valid pollfd.
+            unsafe { libc::poll(&mut pfd, 1, ms) };
+        }
+        codes.into_iter().map(|c| c.expect("set")).collect()
+    }
+
+    /// Reads every queued datagram (without blocking) and records the acks
+    /// of this buffer's sequence numbers. Returns how many it recorded.
+    fn recv_acks(
+        &mut self,
+        first: u32,
+        codes: &mut [Option<io::Result<i32>>],
+    ) -> io::Result<usize> {
+        let mut recorded = 0;
+        loop {
+            let mut iov: Vec<libc::iovec> = self
+                .recv
+                .chunks_mut(SLOT_LEN)
+                .map(|s| libc::iovec {
+                    iov_base: s.as_mut_ptr().cast(),
+                    iov_len: s.len(),
+                })
+                .collect();
+            // SAFETY: all-zero mmsghdrs are valid; each then points at one iovec.
+            let mut hdrs: Vec<libc::mmsghdr> = iov
+                .iter_mut()
+                .map(|v| {
+                    let mut h: libc::mmsghdr = unsafe { std::mem::zeroed() };
+                    h.msg_hdr.msg_iov = v;
+                    h.msg_hdr.msg_iovlen = 1;
+                    h
+                })
+                .collect();
+            // SAFETY: `hdrs` describes SLOTS buffers that live through the call.
+            let n = unsafe {
+                libc::recvmmsg(
+                    self.sock.as_raw_fd(),
+                    hdrs.as_mut_ptr(),
+                    hdrs.len() as libc::c_uint,
+                    libc::MSG_DONTWAIT,
+                    std::ptr::null_mut(),
+                )
+            };
+            if n < 0 {
+                let e = io::Error::last_os_error();
+                return match e.raw_os_error() {
+                    Some(libc::EAGAIN) => Ok(recorded),
+                    Some(libc::EINTR) => continue,
+                    _ => Err(e),
+                };
+            }
+            for (h, slot) in hdrs.iter().zip(self.recv.chunks(SLOT_LEN)).take(n as usize) {
+                let len = (h.msg_len as usize).min(SLOT_LEN);
+                if let Some((seq, errno)) = parse_ack(&slot[..len]) {
+                    let i = seq.wrapping_sub(first) as usize;
+                    if let Some(c) = codes.get_mut(i)
+                        && c.is_none()
+                    {
+                        *c = Some(Ok(errno));
+                        recorded += 1;
+                    }
+                }
+            }
+            if (n as usize) < SLOTS {
+                return Ok(recorded);
+            }
+        }
+    }
+
+    /// The socket's pending error (SO_ERROR, which clears it).
+    fn take_error(&self) -> Option<i32> {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a valid fd, and a c_int with its size.
+        let r = unsafe {
+            libc::getsockopt(
+                self.sock.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_ERROR,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        (r == 0 && v != 0).then_some(v)
+    }
+}
+
+/// `(sequence number, errno)` of an ack (`NLMSG_ERROR`; 0 = success).
+fn parse_ack(b: &[u8]) -> Option<(u32, i32)> {
+    if b.len() < 20 {
+        return None;
+    }
+    let kind = u16::from_ne_bytes([b[4], b[5]]);
+    if kind != NLMSG_ERROR {
+        return None;
+    }
+    let seq = u32::from_ne_bytes(b[8..12].try_into().ok()?);
+    let code = i32::from_ne_bytes(b[16..20].try_into().ok()?);
+    Some((seq, -code))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_an_ack() {
+        let mut b = vec![0u8; 36];
+        b[0..4].copy_from_slice(&36u32.to_ne_bytes());
+        b[4..6].copy_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        b[8..12].copy_from_slice(&7u32.to_ne_bytes());
+        b[16..20].copy_from_slice(&(-libc::EEXIST).to_ne_bytes());
+        assert_eq!(parse_ack(&b), Some((7, libc::EEXIST)));
+        b[4..6].copy_from_slice(&3u16.to_ne_bytes());
+        assert_eq!(parse_ack(&b), None);
+        assert_eq!(parse_ack(&b[..10]), None);
+    }
+}
