@@ -217,6 +217,8 @@ fn ip_batch(fakes: &[Fake]) -> Duration {
 
 struct Run {
     live: Duration,
+    /// The etcd transactions writing the leases (part of `live`).
+    write: Duration,
     cold: Duration,
     batch: Duration,
     rss: (u64, u64),
@@ -237,7 +239,7 @@ fn one_run(n: usize) -> Run {
 
     // Live: ferryd is running when the leases appear.
     let t0 = Instant::now();
-    write_leases(&lab, &fakes);
+    let write = write_leases(&lab, &fakes);
     let live = wait_programmed(&lab, node, n, Duration::from_secs(120)) - t0;
     assert_kernel_has(&lab, node, n);
     let rss = rss_kib(lab.ferryd_pid(node).unwrap());
@@ -254,6 +256,7 @@ fn one_run(n: usize) -> Run {
     let batch = ip_batch(&fakes);
     Run {
         live,
+        write,
         cold,
         batch,
         rss,
@@ -319,7 +322,7 @@ fn main() {
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "| peers | ferryd live | ferryd cold start | ip -batch + bridge -batch | live / batch | cold / batch | ferryd RSS (peak) |"
+        "| peers | ferryd live (of which etcd writes) | ferryd cold start | ip -batch + bridge -batch | live / batch | cold / batch | ferryd RSS (peak) |"
     );
     let _ = writeln!(out, "|---|---|---|---|---|---|---|");
     for &n in &sizes {
@@ -329,13 +332,15 @@ fn main() {
             all.push(one_run(n));
         }
         let live = median(all.iter().map(|r| r.live).collect());
+        let write = median(all.iter().map(|r| r.write).collect());
         let cold = median(all.iter().map(|r| r.cold).collect());
         let batch = median(all.iter().map(|r| r.batch).collect());
         let rss = all.iter().map(|r| r.rss).max_by_key(|r| r.1).unwrap();
         let _ = writeln!(
             out,
-            "| {n} | {} | {} | {} | {:.2}x | {:.2}x | {:.1} MiB ({:.1} MiB) |",
+            "| {n} | {} ({}) | {} | {} | {:.2}x | {:.2}x | {:.1} MiB ({:.1} MiB) |",
             ms(live),
+            ms(write),
             ms(cold),
             ms(batch),
             live.as_secs_f64() / batch.as_secs_f64(),
