@@ -393,11 +393,22 @@ fn host_ip_restricts_the_destination() {
         Some(format!("pod-a {}", out.out_v6))
     );
     assert_eq!(tcp_from(&out.ns, sa(other, hp)), None, "other host address");
+    // One element per hostIP in the hostIP maps, tagged with the pod, DNATing
+    // to the pod's address and the container port.
     let rs = ruleset(&net.host);
-    assert!(
-        rs.contains(&format!("{} . tcp . {hp} : jump hp-", out.host_v4)),
-        "{rs}"
-    );
+    for (host, pod) in [
+        (out.host_v4, pod_ip(&ra, true)),
+        (out.host_v6, pod_ip(&ra, false)),
+    ] {
+        let line = rs
+            .lines()
+            .find(|l| l.contains(&format!("{host} . tcp . {hp} comment \"hp-")))
+            .unwrap_or_else(|| panic!("no element for {host}:{hp} in\n{rs}"));
+        assert!(
+            line.contains(&format!("{}/eth0\" : {pod} . 8080", a.id)),
+            "{line}"
+        );
+    }
     chain_del(&net, &a, mappings, &ra);
     assert!(!ruleset(&net.host).contains("hp-"));
 }
@@ -472,15 +483,112 @@ fn del_without_netns_or_prev_result_removes_only_that_pod() {
     let bare = json!({"cniVersion": "1.0.0", "name": net.name, "type": "ferry-portmap"});
     portmap(&net, "DEL", &id_a, None, &bare).ok_empty();
     let rs = ruleset(&net.host);
-    assert!(!rs.contains(&format!("{hp_a}")), "a's state is left:\n{rs}");
     assert!(
-        rs.contains(&format!("tcp . {hp_b} : jump hp-")),
+        !rs.contains(&format!(". {hp_a}")),
+        "a's state is left:\n{rs}"
+    );
+    assert!(
+        !rs.contains(&format!("{id_a}/")),
+        "a's state is left:\n{rs}"
+    );
+    assert!(
+        rs.contains(&format!("tcp . {hp_b} comment \"hp-")),
         "b's state went too:\n{rs}"
     );
     portmap(&net, "DEL", &id_a, None, &bare).ok_empty();
     let conf = pm_conf(&net, mb.clone(), Some(&rb), json!({}));
     portmap(&net, "CHECK", &b.id, Some(&b.ns.path_str()), &conf).ok_empty();
     chain_del(&net, &b, mb, &rb);
+    assert!(!ruleset(&net.host).contains("hp-"));
+}
+
+/// The nft elements tagged with a container's ID (each printed on its own
+/// line, with its comment), sorted.
+fn elements_of(ns: &TestNetns, id: &str) -> Vec<String> {
+    let tag = format!(" {id}/eth0\"");
+    let mut out: Vec<String> = ruleset(ns)
+        .lines()
+        .filter(|l| l.contains(&tag))
+        .map(|l| {
+            l.trim()
+                .trim_start_matches("elements = { ")
+                .trim_end_matches([',', '}', ' '])
+                .to_string()
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// A pod's ADD and DEL, and a refused ADD, change only that pod's elements:
+/// every element of another pod (DNAT maps and masquerade sets, catch-all and
+/// hostIP) stays byte for byte, and that pod keeps passing CHECK and answering.
+#[test]
+fn add_and_del_leave_other_pods_elements_untouched() {
+    if !require_root() {
+        return;
+    }
+    let net = BridgeNet::new(false);
+    let out = Outside::new(&net);
+    let (a, b, c) = (Pod::new(), Pod::new(), Pod::new());
+    let hp = port();
+    let mb = json!([
+        {"hostPort": hp, "containerPort": 8080, "protocol": "tcp"},
+        {"hostPort": hp, "containerPort": 8080, "protocol": "udp", "hostIP": out.host_v4.to_string()},
+    ]);
+    let rb = chain_add(&net, &b, mb.clone());
+    serve(&b.ns, 8080, "pod-b");
+    let before = elements_of(&net.host, &b.id);
+    // DNAT v4 + v6, hostIP v4; masquerade 127/8 + subnet v4, subnet v6, hostIP 127/8 + subnet.
+    assert_eq!(before.len(), 3 + 5, "{before:#?}");
+
+    // Neighbours come and go, on other ports and on the same ones elsewhere.
+    let ma = json!([
+        {"hostPort": hp + 1, "containerPort": 80, "protocol": "tcp"},
+        {"hostPort": hp, "containerPort": 80, "protocol": "tcp", "hostIP": out.host_v4.to_string()},
+    ]);
+    let ra = chain_add(&net, &a, ma.clone());
+    assert_eq!(elements_of(&net.host, &b.id), before, "a's ADD");
+    assert!(!elements_of(&net.host, &a.id).is_empty());
+    let rc = bridge_add(&net, &c);
+    let taken = pm_conf(
+        &net,
+        json!([{"hostPort": hp, "containerPort": 1, "protocol": "udp", "hostIP": out.host_v4.to_string()}]),
+        Some(&rc),
+        json!({}),
+    );
+    let e = portmap(&net, "ADD", &c.id, Some(&c.ns.path_str()), &taken).err_json();
+    assert_eq!(e["code"], 120, "{e}");
+    assert!(
+        e["msg"].as_str().unwrap().contains(&b.id),
+        "the holder is named: {e}"
+    );
+    assert_eq!(elements_of(&net.host, &b.id), before, "c's refused ADD");
+    assert!(elements_of(&net.host, &c.id).is_empty());
+    chain_del(&net, &a, ma, &ra);
+    assert_eq!(elements_of(&net.host, &b.id), before, "a's DEL");
+    assert!(elements_of(&net.host, &a.id).is_empty());
+    // A DEL of a pod that never had state, and a repeated one.
+    let bare = json!({"cniVersion": "1.0.0", "name": net.name, "type": "ferry-portmap"});
+    portmap(&net, "DEL", &c.id, None, &bare).ok_empty();
+    portmap(&net, "DEL", &a.id, None, &bare).ok_empty();
+    assert_eq!(elements_of(&net.host, &b.id), before, "DELs without state");
+
+    let conf = pm_conf(&net, mb.clone(), Some(&rb), json!({}));
+    portmap(&net, "CHECK", &b.id, Some(&b.ns.path_str()), &conf).ok_empty();
+    assert_eq!(
+        tcp_from(&out.ns, sa(out.host_v4, hp)),
+        Some(format!("pod-b {}", out.out_v4))
+    );
+    chain_del(&net, &b, mb, &rb);
+    net.call(
+        "DEL",
+        &c.id,
+        Some(&c.ns.path_str()),
+        "eth0",
+        &bridge_conf(&net),
+    )
+    .ok_empty();
     assert!(!ruleset(&net.host).contains("hp-"));
 }
 
@@ -505,7 +613,7 @@ fn check_fails_after_the_element_is_deleted() {
             "element",
             "inet",
             "ferry",
-            "hostports",
+            "hostports-v4",
             &format!("{{ udp . {hp} }}"),
         ],
     );

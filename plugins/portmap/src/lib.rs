@@ -9,17 +9,19 @@
 //! (hairpin), its neighbours on the bridge, and localhost. The result is the
 //! previous result, unchanged.
 //!
-//! The state is per pod, in ferry's nftables table ([`rules`]): one chain and
-//! one map element per mapping, added in one `nft -f -` transaction and
-//! removed in one. A pod without mappings costs nothing, not even a lookup
-//! on ADD; DEL of a pod without state costs one netlink lookup.
+//! The per-pod state is set and map elements only, in ferry's nftables table
+//! ([`rules`]): added in one nf_tables netlink batch (no `nft` exec; the
+//! shared maps and chains are created once by one `nft -f -` transaction)
+//! and removed in one. A pod without mappings costs nothing, not even a
+//! lookup on ADD; DEL of a pod without state costs one dump of the table's
+//! sets and one per hostports set.
 
 pub mod config;
 pub mod rules;
 
 use config::PortmapConf;
 use ferry_cni::{CmdArgs, CniError, CniResult, ErrorCode, NetConf, Plugin};
-use ferry_netops::nft::{self, NftFamily};
+use ferry_netops::nft::{self, NftFamily, SetElement};
 use ferry_netops::to_cni;
 use rules::{PodAddrs, TABLE};
 use std::net::IpAddr;
@@ -92,40 +94,78 @@ fn enable_route_localnet(pod: std::net::Ipv4Addr) -> Result<(), CniError> {
         .map_err(|e| CniError::new(ErrorCode::Internal, format!("set {key} = 1")).with_details(e))
 }
 
-/// The dumps of the three maps.
-fn dump_maps() -> Result<Vec<(&'static str, Vec<nft::MapElement>)>, CniError> {
-    rules::MAPS
-        .iter()
-        .map(|m| {
-            Ok((
-                *m,
-                nft::map_elements(NftFamily::Inet, TABLE, m).map_err(to_cni)?,
-            ))
-        })
-        .collect()
-}
+/// The pod's elements in a dump: set name → its elements held by `tag`.
+type Owned = Vec<(String, Vec<SetElement>)>;
 
-/// After a failed ADD transaction: the keys another pod holds, if any.
-fn conflicts(conf: &PortmapConf, pod: &PodAddrs, chain: &str) -> Result<Vec<String>, CniError> {
-    let dumps = dump_maps()?;
+/// Every element of ferry-portmap's sets and maps held by the pod with tag
+/// `tag` (one dump of the table's sets, one per set).
+fn owned_elements(tag: &str) -> Result<Owned, CniError> {
     let mut out = Vec::new();
-    for e in rules::elements(conf, pod) {
-        let raw = e.raw_key();
-        let holder = dumps
-            .iter()
-            .filter(|(m, _)| *m == e.map)
-            .flat_map(|(_, d)| d)
-            .find(|d| d.key == raw)
-            .and_then(|d| d.chain.clone());
-        if let Some(other) = holder.filter(|c| c != chain) {
-            let what = match e.host_ip {
-                Some(IpAddr::V6(ip)) => format!("[{ip}]:{}/{}", e.port, e.proto.name()),
-                Some(ip) => format!("{ip}:{}/{}", e.port, e.proto.name()),
-                None => format!("{}/{}", e.port, e.proto.name()),
-            };
-            out.push(format!("{what} (held by nft chain {other})"));
+    for set in nft::set_names(NftFamily::Inet, TABLE).map_err(to_cni)? {
+        if !set.starts_with(rules::PREFIX) {
+            continue;
+        }
+        let mine: Vec<_> = nft::set_elements(NftFamily::Inet, TABLE, &set)
+            .map_err(to_cni)?
+            .into_iter()
+            .filter(|e| rules::owned_by(e, tag))
+            .collect();
+        if !mine.is_empty() {
+            out.push((set, mine));
         }
     }
+    Ok(out)
+}
+
+/// The batch adding `wanted` (exclusively: a key held by anyone fails it),
+/// after deleting `old` (the pod's elements from an earlier ADD).
+fn add_batch(wanted: &[rules::PodElement], old: &Owned) -> nft::Batch {
+    let mut b = nft::Batch::new();
+    for (set, elems) in old {
+        b.del_elements(NftFamily::Inet, TABLE, set, elems);
+    }
+    // One message per set, in the order of first use (DNAT maps first).
+    let mut sets: Vec<&str> = Vec::new();
+    for e in wanted {
+        if !sets.contains(&e.set.as_str()) {
+            sets.push(&e.set);
+        }
+    }
+    for set in sets {
+        let elems: Vec<SetElement> = wanted
+            .iter()
+            .filter(|e| e.set == set)
+            .map(|e| e.elem.clone())
+            .collect();
+        b.add_elements(NftFamily::Inet, TABLE, set, &elems, true);
+    }
+    b
+}
+
+/// After a refused ADD: the DNAT keys another pod holds, with the holder.
+fn conflicts(wanted: &[rules::PodElement], tag: &str) -> Result<Vec<String>, CniError> {
+    let mut out = Vec::new();
+    for map in rules::DNAT_MAPS {
+        let mine: Vec<_> = wanted.iter().filter(|e| e.set == map).collect();
+        if mine.is_empty() {
+            continue;
+        }
+        let dump = nft::set_elements(NftFamily::Inet, TABLE, map).map_err(to_cni)?;
+        for e in mine {
+            if let Some(other) = dump
+                .iter()
+                .find(|d| d.key == e.elem.key && !rules::owned_by(d, tag))
+            {
+                let holder = other
+                    .comment
+                    .as_deref()
+                    .unwrap_or("an element without comment");
+                out.push(format!("{} (held by {holder})", e.what));
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
     Ok(out)
 }
 
@@ -137,11 +177,13 @@ impl Plugin for Portmap {
             return Ok(result);
         }
         let pod = pod_addrs(&result, &args.ifname);
-        if rules::elements(&pm, &pod).is_empty() {
+        let tag = rules::pod_tag(&conf.name, &args.container_id, &args.ifname);
+        let comment = rules::pod_comment(&tag, &args.container_id, &args.ifname);
+        let wanted = rules::elements(&pm, &pod, &comment);
+        if wanted.is_empty() {
             // No address of a family any mapping applies to.
             return Ok(result);
         }
-        let chain = rules::pod_chain(&conf.name, &args.container_id, &args.ifname);
         if (pm.snat || pm.masq_all)
             && let Some(v4) = pod.v4
             && let IpAddr::V4(ip) = v4.ip()
@@ -149,15 +191,25 @@ impl Plugin for Portmap {
         {
             enable_route_localnet(ip)?;
         }
-        let base = if pm.snat || pm.masq_all {
-            rules::snat_chain(pm.mark_bit)
-        } else {
-            rules::PREROUTING_CHAIN.to_string()
-        };
-        let with_base = !nft::chain_exists(NftFamily::Inet, TABLE, &base).map_err(to_cni)?;
-        let script = rules::add_script(&pm, &chain, &pod, with_base);
-        if let Err(e) = nft::apply_script(&script) {
-            let taken = conflicts(&pm, &pod, &chain)?;
+        // The shared part, once: its last chain says all of it is there.
+        if !nft::chain_exists(NftFamily::Inet, TABLE, &rules::base_marker(&pm)).map_err(to_cni)? {
+            nft::apply_script(&rules::base_script(&pm)).map_err(to_cni)?;
+        }
+        // The common case: one batch of new elements.
+        let mut old = Vec::new();
+        let mut last = None;
+        for _ in 0..3 {
+            let e = match add_batch(&wanted, &old).commit() {
+                Ok(()) => return Ok(result),
+                Err(e) => e,
+            };
+            // A key already held (EEXIST), a range overlapping another
+            // (ENOTEMPTY), or an element of ours gone meanwhile (ENOENT):
+            // who holds what?
+            if ![libc::EEXIST, libc::ENOTEMPTY, libc::ENOENT].contains(&e.errno().unwrap_or(0)) {
+                return Err(to_cni(e));
+            }
+            let taken = conflicts(&wanted, &tag)?;
             if !taken.is_empty() {
                 return Err(plugin_error(
                     codes::CONFLICT,
@@ -167,30 +219,34 @@ impl Plugin for Portmap {
                     ),
                 ));
             }
-            return Err(to_cni(e));
+            // Only the pod's own elements are in the way (a repeated ADD):
+            // replace them, in the same transaction.
+            old = owned_elements(&tag)?;
+            last = Some(e);
         }
-        Ok(result)
+        Err(to_cni(last.expect("the loop ran")))
     }
 
     fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
-        // Neither the mappings nor the address are needed: the pod's chain
-        // is named by (network, container ID, ifname), and its elements are
-        // those that jump to it.
-        let chain = rules::pod_chain(&conf.name, &args.container_id, &args.ifname);
+        // Neither the mappings nor the address are needed: the pod's
+        // elements carry its tag, made of (network, container ID, ifname).
+        let tag = rules::pod_tag(&conf.name, &args.container_id, &args.ifname);
         let mut last = None;
         for _ in 0..3 {
-            if !nft::chain_exists(NftFamily::Inet, TABLE, &chain).map_err(to_cni)? {
+            let owned = owned_elements(&tag)?;
+            if owned.is_empty() {
                 return Ok(());
             }
-            let owned: Vec<_> = dump_maps()?
-                .iter()
-                .flat_map(|(m, d)| rules::owned_keys(m, d, &chain))
-                .collect();
-            // A racing DEL or ADD may change the maps between the dump and
-            // the transaction: look again and retry.
-            match nft::apply_script(&rules::del_script(&chain, &owned)) {
+            let mut b = nft::Batch::new();
+            for (set, elems) in &owned {
+                b.del_elements(NftFamily::Inet, TABLE, set, elems);
+            }
+            // A racing DEL may remove some of them between the dump and the
+            // batch (ENOENT, nothing applied): look again.
+            match b.commit() {
                 Ok(()) => return Ok(()),
-                Err(e) => last = Some(e),
+                Err(e) if e.is_errno(libc::ENOENT) => last = Some(e),
+                Err(e) => return Err(to_cni(e)),
             }
         }
         Err(to_cni(last.expect("the loop ran")))
@@ -200,83 +256,55 @@ impl Plugin for Portmap {
         let result = prev_result(conf)?;
         let pm = PortmapConf::load(conf)?;
         let pod = pod_addrs(&result, &args.ifname);
-        let wanted = rules::elements(&pm, &pod);
+        let tag = rules::pod_tag(&conf.name, &args.container_id, &args.ifname);
+        let wanted = rules::elements(&pm, &pod, &tag);
         if wanted.is_empty() {
             return Ok(());
         }
         let fail = |msg: String| plugin_error(codes::CHECK, msg);
-        let chain = rules::pod_chain(&conf.name, &args.container_id, &args.ifname);
-        for base in [rules::PREROUTING_CHAIN, rules::LOOKUP_CHAIN] {
-            if !nft::chain_exists(NftFamily::Inet, TABLE, base).map_err(to_cni)? {
+        for chain in rules::base_chains(&pm) {
+            if !nft::chain_exists(NftFamily::Inet, TABLE, &chain).map_err(to_cni)? {
                 return Err(fail(format!(
-                    "chain {base} missing from table inet {TABLE}"
+                    "chain {chain} missing from table inet {TABLE}"
                 )));
             }
         }
-        if pm.snat || pm.masq_all {
-            let snat = rules::snat_chain(pm.mark_bit);
-            if !nft::chain_exists(NftFamily::Inet, TABLE, &snat).map_err(to_cni)? {
-                return Err(fail(format!(
-                    "chain {snat} missing from table inet {TABLE}"
-                )));
-            }
-        }
-        let rules_of_pod = nft::chain_rules(NftFamily::Inet, TABLE, &chain).map_err(to_cni)?;
-        if rules_of_pod.is_empty() {
-            return Err(fail(format!(
-                "chain {chain} missing (or empty) in table inet {TABLE}"
-            )));
-        }
-        for addr in [pod.v4, pod.v6].into_iter().flatten() {
-            let bytes = match addr.ip() {
-                IpAddr::V4(a) => a.octets().to_vec(),
-                IpAddr::V6(a) => a.octets().to_vec(),
-            };
-            if !rules_of_pod.iter().any(|r| carries_value(r, &bytes)) {
-                return Err(fail(format!(
-                    "chain {chain} in table inet {TABLE} does not DNAT to the pod address {}",
-                    addr.ip()
-                )));
-            }
-        }
-        let dumps = dump_maps()?;
-        for e in wanted {
-            let raw = e.raw_key();
-            let found = dumps
-                .iter()
-                .filter(|(m, _)| *m == e.map)
-                .flat_map(|(_, d)| d)
-                .find(|d| d.key == raw);
-            match found.and_then(|d| d.chain.as_deref()) {
-                Some(c) if c == chain => {}
-                Some(other) => {
-                    return Err(fail(format!(
-                        "{} in map {} jumps to {other}, not to the pod's chain {chain}",
-                        e.key(),
-                        e.map
-                    )));
-                }
-                None => {
-                    return Err(fail(format!(
-                        "{} missing from map {} of table inet {TABLE}",
-                        e.key(),
-                        e.map
-                    )));
+        let mut sets: Vec<&str> = wanted.iter().map(|e| e.set.as_str()).collect();
+        sets.sort();
+        sets.dedup();
+        for set in sets {
+            let dump = nft::set_elements(NftFamily::Inet, TABLE, set).map_err(to_cni)?;
+            for e in wanted.iter().filter(|e| e.set == set) {
+                let key = rules::key_text(set, &e.elem.key);
+                let found = dump
+                    .iter()
+                    .find(|d| d.key == e.elem.key && d.key_end == e.elem.key_end);
+                match found {
+                    Some(d) if !rules::owned_by(d, &tag) => {
+                        return Err(fail(format!(
+                            "{key} in {set} of table inet {TABLE} ({}) belongs to {}, not to this container",
+                            e.what,
+                            d.comment.as_deref().unwrap_or("an element without comment")
+                        )));
+                    }
+                    Some(d) if d.data != e.elem.data => {
+                        return Err(fail(format!(
+                            "{key} in {set} of table inet {TABLE} ({}) does not DNAT to the pod's address and port",
+                            e.what
+                        )));
+                    }
+                    Some(_) => {}
+                    None => {
+                        return Err(fail(format!(
+                            "{key} ({}) missing from {set} of table inet {TABLE}",
+                            e.what
+                        )));
+                    }
                 }
             }
         }
         Ok(())
     }
-}
-
-/// Whether a raw nf_tables rule message holds a constant (NFTA_DATA_VALUE
-/// attribute, e.g. the DNAT address loaded by an `immediate`) equal to `value`.
-fn carries_value(rule: &[u8], value: &[u8]) -> bool {
-    let mut attr = Vec::with_capacity(4 + value.len());
-    attr.extend_from_slice(&((4 + value.len()) as u16).to_ne_bytes());
-    attr.extend_from_slice(&1u16.to_ne_bytes()); // NFTA_DATA_VALUE
-    attr.extend_from_slice(value);
-    rule.windows(attr.len()).any(|w| w == attr)
 }
 
 #[cfg(test)]

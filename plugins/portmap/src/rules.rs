@@ -1,61 +1,96 @@
 //! The nftables state of hostPorts, in ferry's table `inet ferry`.
 //!
+//! Everything per pod is a set or map element; every chain and rule is
+//! static, created once (one `nft -f -` transaction) and shared by all pods:
+//!
 //! ```text
 //! table inet ferry {
-//!   # (protocol, hostPort) → the pod that owns it; IPv4 and IPv6 alike
-//!   map hostports     { type inet_proto . inet_service : verdict }
-//!   # (hostIP, protocol, hostPort) for mappings restricted to one host address
-//!   map hostports-ip4 { type ipv4_addr . inet_proto . inet_service : verdict }
-//!   map hostports-ip6 { type ipv6_addr . inet_proto . inet_service : verdict }
-//!   chain hostports-lookup {
-//!     ip daddr . meta l4proto . th dport vmap @hostports-ip4
-//!     ip6 daddr . meta l4proto . th dport vmap @hostports-ip6
-//!     fib daddr type local meta l4proto . th dport vmap @hostports
+//!   # DNAT targets. (protocol, hostPort) → pod address . containerPort, per family;
+//!   # (hostIP, protocol, hostPort) for mappings restricted to one host address.
+//!   map hostports-v4        { type inet_proto . inet_service : ipv4_addr . inet_service }
+//!   map hostports-v6        { type inet_proto . inet_service : ipv6_addr . inet_service }
+//!   map hostports-hostip-v4 { type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service }
+//!   map hostports-hostip-v6 { type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service }
+//!   chain hostports-dnat {                                   # hostIP mappings first
+//!     dnat ip to ip daddr . meta l4proto . th dport map @hostports-hostip-v4
+//!     dnat ip6 to ip6 daddr . meta l4proto . th dport map @hostports-hostip-v6
+//!     meta nfproto ipv4 fib daddr type local dnat ip to meta l4proto . th dport map @hostports-v4
+//!     meta nfproto ipv6 fib daddr type local dnat ip6 to meta l4proto . th dport map @hostports-v6
 //!   }
-//!   chain hostports-prerouting { type nat hook prerouting priority dstnat; jump hostports-lookup }
-//!   chain hostports-output     { type nat hook output priority -100; jump hostports-lookup }
+//!   chain hostports-prerouting { type nat hook prerouting priority dstnat; jump hostports-dnat }
+//!   chain hostports-output     { type nat hook output priority -100; jump hostports-dnat }
+//!
+//!   # Masquerade, per markMasqBit: the sources to masquerade for each key
+//!   # (127.0.0.0/8 and the pod's subnet, or everything with masqAll).
+//!   set hostports-masq-<bit>-v4        { type ipv4_addr . inet_proto . inet_service; flags interval }
+//!   set hostports-masq-<bit>-v6        { type ipv6_addr . inet_proto . inet_service; flags interval }
+//!   set hostports-masq-<bit>-hostip-v4 { type ipv4_addr . ipv4_addr . inet_proto . inet_service; flags interval }
+//!   set hostports-masq-<bit>-hostip-v6 { type ipv6_addr . ipv6_addr . inet_proto . inet_service; flags interval }
+//!   chain hostports-mark-<bit>-pre { type nat hook prerouting priority -101;   # before the DNAT
+//!     ip daddr . meta l4proto . th dport @hostports-hostip-v4
+//!       ip saddr . ip daddr . meta l4proto . th dport @hostports-masq-<bit>-hostip-v4 meta mark set meta mark | <mask>
+//!     ip daddr . meta l4proto . th dport @hostports-hostip-v4 accept        # the hostIP mapping wins
+//!     (the same for IPv6)
+//!     fib daddr type local ip saddr . meta l4proto . th dport @hostports-masq-<bit>-v4 meta mark set meta mark | <mask>
+//!     fib daddr type local ip6 saddr . meta l4proto . th dport @hostports-masq-<bit>-v6 meta mark set meta mark | <mask>
+//!   }
+//!   chain hostports-mark-<bit>-out { type nat hook output priority -101; (the same rules) }
 //!   chain hostports-snat-<bit> { type nat hook postrouting priority srcnat;
 //!                                ct status dnat meta mark & <mask> == <mask> masquerade }
-//!   # one per pod: (network, container ID, ifname) → hp-<16 hex digits>
-//!   chain hp-<hash> {
-//!     ip saddr { 127.0.0.0/8, <pod subnet> } meta mark set meta mark | <mask>   # hairpin, pods, localhost
-//!     ip6 saddr <pod subnet> meta mark set meta mark | <mask>
-//!     ip daddr <hostIP> tcp dport 8443 dnat ip to <pod>:443                      # hostIP mappings first
-//!     meta nfproto ipv4 tcp dport 8080 dnat ip to <pod>:80
-//!     meta nfproto ipv6 tcp dport 8080 dnat ip6 to [<pod>]:80
-//!   }
 //! }
 //! ```
 //!
-//! A map element's key can only be taken once: a second pod's `add element`
-//! with the same key and another chain fails the whole transaction (EEXIST),
-//! which is the hostPort conflict check, atomic and race-free. DEL finds its
-//! elements by the chain they jump to (a dump of the three maps), so it needs
-//! neither the pod's address nor its runtimeConfig.
+//! Every element carries the comment `hp-<hash of network, container ID,
+//! ifname> <container ID>/<ifname>`: DEL finds the pod's elements by it (one
+//! dump per set) without the pod's address or runtimeConfig. A DNAT key can
+//! only be taken once: the elements are added with NLM_F_EXCL, so a key held
+//! by another pod fails the whole transaction (EEXIST), which is the hostPort
+//! conflict check, atomic and race-free.
 
-use crate::config::{Mapping, PortmapConf, Proto};
-use ferry_netops::nft::MapElement;
+use crate::config::{PortmapConf, Proto};
+use ferry_netops::nft::SetElement;
 use ipnetwork::IpNetwork;
 use std::fmt::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 pub const TABLE: &str = "ferry";
-pub const MAP_ANY: &str = "hostports";
-pub const MAP_IP4: &str = "hostports-ip4";
-pub const MAP_IP6: &str = "hostports-ip6";
-pub const MAPS: [&str; 3] = [MAP_ANY, MAP_IP4, MAP_IP6];
-pub const LOOKUP_CHAIN: &str = "hostports-lookup";
+pub const MAP_V4: &str = "hostports-v4";
+pub const MAP_V6: &str = "hostports-v6";
+pub const MAP_HOSTIP_V4: &str = "hostports-hostip-v4";
+pub const MAP_HOSTIP_V6: &str = "hostports-hostip-v6";
+/// The DNAT maps, hostIP ones first (the order of the lookups).
+pub const DNAT_MAPS: [&str; 4] = [MAP_HOSTIP_V4, MAP_HOSTIP_V6, MAP_V4, MAP_V6];
+pub const DNAT_CHAIN: &str = "hostports-dnat";
 pub const PREROUTING_CHAIN: &str = "hostports-prerouting";
+pub const OUTPUT_CHAIN: &str = "hostports-output";
+/// Every set and map of ferry-portmap starts with this.
+pub const PREFIX: &str = "hostports-";
 
 /// The base chain that masquerades connections carrying mark bit `bit`.
 pub fn snat_chain(bit: u8) -> String {
     format!("hostports-snat-{bit}")
 }
 
-/// The pod's chain: FNV-1a over (network, container ID, ifname). Lowercase
-/// hex after a prefix: a valid unquoted nft identifier (nft 1.0.6 refuses
-/// quoted chain names), and DEL derives it from what every DEL carries.
-pub fn pod_chain(network: &str, container_id: &str, ifname: &str) -> String {
+/// The base chains that set mark bit `bit`, in prerouting and in output.
+pub fn mark_chains(bit: u8) -> [String; 2] {
+    [
+        format!("hostports-mark-{bit}-pre"),
+        format!("hostports-mark-{bit}-out"),
+    ]
+}
+
+/// The masquerade set of bit `bit` for a DNAT map: the map's key with the
+/// source range in front.
+pub fn masq_set(bit: u8, map: &str) -> String {
+    format!(
+        "hostports-masq-{bit}-{}",
+        map.strip_prefix(PREFIX).unwrap_or(map)
+    )
+}
+
+/// The pod's tag: FNV-1a over (network, container ID, ifname), what every
+/// DEL carries. The first word of each of its elements' comments.
+pub fn pod_tag(network: &str, container_id: &str, ifname: &str) -> String {
     let mut h: u64 = 0xcbf29ce484222325;
     for b in network
         .bytes()
@@ -70,8 +105,22 @@ pub fn pod_chain(network: &str, container_id: &str, ifname: &str) -> String {
     format!("hp-{h:016x}")
 }
 
+/// The comment of the pod's elements: its tag, then who it is for people
+/// reading `nft list` or a conflict error (cut by nft's length limit, which
+/// the tag always fits in).
+pub fn pod_comment(tag: &str, container_id: &str, ifname: &str) -> String {
+    format!("{tag} {container_id}/{ifname}")
+}
+
+/// Whether an element's comment names the pod with this tag.
+pub fn owned_by(e: &SetElement, tag: &str) -> bool {
+    e.comment
+        .as_deref()
+        .is_some_and(|c| c.split(' ').next() == Some(tag))
+}
+
 /// The pod's addresses from prevResult: at most one per family, with its
-/// subnet (for marking traffic from the pod's neighbours).
+/// subnet (for masquerading traffic from the pod's neighbours).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PodAddrs {
     pub v4: Option<IpNetwork>,
@@ -84,110 +133,234 @@ impl PodAddrs {
     }
 }
 
-/// One map element of a pod: which map, and its key.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Element {
-    pub map: &'static str,
-    pub host_ip: Option<IpAddr>,
-    pub proto: Proto,
-    pub port: u16,
+/// One element of a pod, in one set or map.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PodElement {
+    pub set: String,
+    pub elem: SetElement,
+    /// The hostPort it belongs to, for messages: `8080/tcp`, `10.0.0.1:8080/tcp`.
+    pub what: String,
 }
 
-impl Element {
-    /// The key in nft syntax.
-    pub fn key(&self) -> String {
-        let (proto, port) = (self.proto.name(), self.port);
-        match self.host_ip {
-            None => format!("{proto} . {port}"),
-            Some(ip) => format!("{ip} . {proto} . {port}"),
+impl PodElement {
+    /// A DNAT map element (a key only one pod may hold), not a masquerade one.
+    pub fn is_dnat(&self) -> bool {
+        DNAT_MAPS.contains(&self.set.as_str())
+    }
+}
+
+fn ip_bytes(ip: IpAddr) -> Vec<u8> {
+    match ip {
+        IpAddr::V4(a) => a.octets().to_vec(),
+        IpAddr::V6(a) => a.octets().to_vec(),
+    }
+}
+
+/// `inet_proto . inet_service`, each field padded to 4 bytes.
+fn proto_port(proto: Proto, port: u16) -> [u8; 8] {
+    let p = port.to_be_bytes();
+    [proto.number(), 0, 0, 0, p[0], p[1], 0, 0]
+}
+
+/// The first and last address of a network.
+fn range(net: IpNetwork) -> (IpAddr, IpAddr) {
+    match net {
+        IpNetwork::V4(n) => {
+            let first = u32::from(n.network());
+            let last = first | (u32::MAX.checked_shr(u32::from(n.prefix())).unwrap_or(0));
+            (Ipv4Addr::from(first).into(), Ipv4Addr::from(last).into())
+        }
+        IpNetwork::V6(n) => {
+            let first = u128::from(n.network());
+            let last = first | (u128::MAX.checked_shr(u32::from(n.prefix())).unwrap_or(0));
+            (Ipv6Addr::from(first).into(), Ipv6Addr::from(last).into())
         }
     }
-
-    /// The key as the kernel stores it (each field padded to 4 bytes), to
-    /// compare with a dump.
-    pub fn raw_key(&self) -> Vec<u8> {
-        let mut out = match self.host_ip {
-            None => Vec::new(),
-            Some(IpAddr::V4(a)) => a.octets().to_vec(),
-            Some(IpAddr::V6(a)) => a.octets().to_vec(),
-        };
-        out.extend_from_slice(&[self.proto.number(), 0, 0, 0]);
-        out.extend_from_slice(&self.port.to_be_bytes());
-        out.extend_from_slice(&[0, 0]);
-        out
-    }
 }
 
-/// The map elements the pod's mappings need (only those that apply to an
-/// address the pod has), sorted, without duplicates.
-pub fn elements(conf: &PortmapConf, pod: &PodAddrs) -> Vec<Element> {
-    let mut out: Vec<Element> = conf
-        .mappings
-        .iter()
-        .filter(|m| {
-            (pod.v4.is_some() && m.applies_to(true)) || (pod.v6.is_some() && m.applies_to(false))
-        })
-        .map(|m| Element {
-            map: match m.host_ip {
-                None => MAP_ANY,
-                Some(IpAddr::V4(_)) => MAP_IP4,
-                Some(IpAddr::V6(_)) => MAP_IP6,
-            },
-            host_ip: m.host_ip,
-            proto: m.proto,
-            port: m.host_port,
-        })
-        .collect();
-    out.sort();
-    out.dedup();
+/// The source ranges whose DNATed connections to the pod are masqueraded:
+/// everything (masqAll), or 127.0.0.0/8 (IPv4, for `route_localnet`) and the
+/// pod's own subnet (hairpin and the pod's neighbours).
+fn masq_sources(conf: &PortmapConf, addr: IpNetwork) -> Vec<IpNetwork> {
+    let any = |v4: bool| -> IpNetwork {
+        if v4 { "0.0.0.0/0" } else { "::/0" }
+            .parse()
+            .expect("valid network")
+    };
+    if conf.masq_all {
+        return vec![any(addr.is_ipv4())];
+    }
+    if !conf.snat {
+        return Vec::new();
+    }
+    let subnet = IpNetwork::new(addr.network(), addr.prefix()).expect("prefix of a valid network");
+    let mut out = Vec::new();
+    if addr.is_ipv4() {
+        out.push("127.0.0.0/8".parse().expect("valid network"));
+    }
+    // A pod subnet inside 127/8 (nonsense, but valid input) would overlap.
+    if !out.iter().any(|o: &IpNetwork| o.contains(subnet.network())) {
+        out.push(subnet);
+    }
     out
 }
 
-/// A dumped element of `map` back in nft syntax (protocol by number), or
-/// `None` for a key of the wrong size.
-pub fn key_from_raw(map: &str, key: &[u8]) -> Option<String> {
+/// Every element the pod's mappings need (only those for an address family
+/// the pod has), DNAT elements first, each commented with `comment`.
+pub fn elements(conf: &PortmapConf, pod: &PodAddrs, comment: &str) -> Vec<PodElement> {
+    let mut dnat = Vec::new();
+    let mut masq = Vec::new();
+    for m in &conf.mappings {
+        for addr in [pod.v4, pod.v6].into_iter().flatten() {
+            let v4 = addr.is_ipv4();
+            if !m.applies_to(v4) {
+                continue;
+            }
+            let map = match (m.host_ip, v4) {
+                (Some(_), true) => MAP_HOSTIP_V4,
+                (Some(_), false) => MAP_HOSTIP_V6,
+                (None, true) => MAP_V4,
+                (None, false) => MAP_V6,
+            };
+            let mut key = m.host_ip.map(ip_bytes).unwrap_or_default();
+            key.extend_from_slice(&proto_port(m.proto, m.host_port));
+            let mut data = ip_bytes(addr.ip());
+            data.extend_from_slice(&proto_port(m.proto, m.container_port)[4..]);
+            let what = m.describe();
+            dnat.push(PodElement {
+                set: map.to_string(),
+                elem: SetElement {
+                    key: key.clone(),
+                    key_end: None,
+                    data: Some(data),
+                    comment: Some(comment.to_string()),
+                },
+                what: what.clone(),
+            });
+            for src in masq_sources(conf, addr) {
+                let (first, last) = range(src);
+                let (mut k, mut k_end) = (ip_bytes(first), ip_bytes(last));
+                k.extend_from_slice(&key);
+                k_end.extend_from_slice(&key);
+                masq.push(PodElement {
+                    set: masq_set(conf.mark_bit, map),
+                    elem: SetElement {
+                        key: k,
+                        key_end: Some(k_end),
+                        data: None,
+                        comment: Some(comment.to_string()),
+                    },
+                    what: what.clone(),
+                });
+            }
+        }
+    }
+    dnat.extend(masq);
+    dnat
+}
+
+/// An element's key back in nft syntax (protocol by number), for messages:
+/// the fields are told apart by the length of the key.
+pub fn key_text(set: &str, key: &[u8]) -> String {
     let tail = |k: &[u8]| -> Option<String> {
         let proto = *k.first()?;
         let port = u16::from_be_bytes([*k.get(4)?, *k.get(5)?]);
         Some(format!("{proto} . {port}"))
     };
-    match (map, key.len()) {
-        (MAP_ANY, 8) => tail(key),
-        (MAP_IP4, 12) => {
-            let ip = Ipv4Addr::from(<[u8; 4]>::try_from(&key[..4]).ok()?);
-            Some(format!("{ip} . {}", tail(&key[4..])?))
+    let ip = |k: &[u8]| -> Option<IpAddr> {
+        match k.len() {
+            4 => Some(Ipv4Addr::from(<[u8; 4]>::try_from(k).ok()?).into()),
+            16 => Some(Ipv6Addr::from(<[u8; 16]>::try_from(k).ok()?).into()),
+            _ => None,
         }
-        (MAP_IP6, 24) => {
-            let ip = Ipv6Addr::from(<[u8; 16]>::try_from(&key[..16]).ok()?);
-            Some(format!("{ip} . {}", tail(&key[16..])?))
-        }
+    };
+    let v6 = set.ends_with("-v6");
+    let w = if v6 { 16 } else { 4 };
+    let text = match key.len() {
+        8 => tail(key),
+        n if n == w + 8 => ip(&key[..w])
+            .zip(tail(&key[w..]))
+            .map(|(a, t)| format!("{a} . {t}")),
+        n if n == 2 * w + 8 => ip(&key[..w])
+            .zip(ip(&key[w..2 * w]))
+            .zip(tail(&key[2 * w..]))
+            .map(|((a, b), t)| format!("{a} . {b} . {t}")),
         _ => None,
-    }
+    };
+    text.unwrap_or_else(|| format!("{key:02x?}"))
 }
 
-/// Tables, maps, the lookup chain and the base chains. Idempotent: base
-/// chains are flushed and refilled in the same transaction.
+/// Tables, maps, sets and chains; the masquerade part for the config's mark
+/// bit when it masquerades. Idempotent: chains are flushed and refilled in
+/// the same transaction, sets and maps are only declared.
 pub fn base_script(conf: &PortmapConf) -> String {
     let mut s = format!(
         "add table inet {TABLE}\n\
-         add map inet {TABLE} {MAP_ANY} {{ type inet_proto . inet_service : verdict; }}\n\
-         add map inet {TABLE} {MAP_IP4} {{ type ipv4_addr . inet_proto . inet_service : verdict; }}\n\
-         add map inet {TABLE} {MAP_IP6} {{ type ipv6_addr . inet_proto . inet_service : verdict; }}\n\
-         add chain inet {TABLE} {LOOKUP_CHAIN}\n\
-         flush chain inet {TABLE} {LOOKUP_CHAIN}\n\
-         add rule inet {TABLE} {LOOKUP_CHAIN} ip daddr . meta l4proto . th dport vmap @{MAP_IP4}\n\
-         add rule inet {TABLE} {LOOKUP_CHAIN} ip6 daddr . meta l4proto . th dport vmap @{MAP_IP6}\n\
-         add rule inet {TABLE} {LOOKUP_CHAIN} fib daddr type local meta l4proto . th dport vmap @{MAP_ANY}\n\
+         add map inet {TABLE} {MAP_V4} {{ type inet_proto . inet_service : ipv4_addr . inet_service; }}\n\
+         add map inet {TABLE} {MAP_V6} {{ type inet_proto . inet_service : ipv6_addr . inet_service; }}\n\
+         add map inet {TABLE} {MAP_HOSTIP_V4} {{ type ipv4_addr . inet_proto . inet_service : ipv4_addr . inet_service; }}\n\
+         add map inet {TABLE} {MAP_HOSTIP_V6} {{ type ipv6_addr . inet_proto . inet_service : ipv6_addr . inet_service; }}\n\
+         add chain inet {TABLE} {DNAT_CHAIN}\n\
+         flush chain inet {TABLE} {DNAT_CHAIN}\n\
+         add rule inet {TABLE} {DNAT_CHAIN} dnat ip to ip daddr . meta l4proto . th dport map @{MAP_HOSTIP_V4}\n\
+         add rule inet {TABLE} {DNAT_CHAIN} dnat ip6 to ip6 daddr . meta l4proto . th dport map @{MAP_HOSTIP_V6}\n\
+         add rule inet {TABLE} {DNAT_CHAIN} meta nfproto ipv4 fib daddr type local dnat ip to meta l4proto . th dport map @{MAP_V4}\n\
+         add rule inet {TABLE} {DNAT_CHAIN} meta nfproto ipv6 fib daddr type local dnat ip6 to meta l4proto . th dport map @{MAP_V6}\n\
          add chain inet {TABLE} {PREROUTING_CHAIN} {{ type nat hook prerouting priority dstnat; policy accept; }}\n\
          flush chain inet {TABLE} {PREROUTING_CHAIN}\n\
-         add rule inet {TABLE} {PREROUTING_CHAIN} jump {LOOKUP_CHAIN}\n\
-         add chain inet {TABLE} hostports-output {{ type nat hook output priority -100; policy accept; }}\n\
-         flush chain inet {TABLE} hostports-output\n\
-         add rule inet {TABLE} hostports-output jump {LOOKUP_CHAIN}\n"
+         add rule inet {TABLE} {PREROUTING_CHAIN} jump {DNAT_CHAIN}\n\
+         add chain inet {TABLE} {OUTPUT_CHAIN} {{ type nat hook output priority -100; policy accept; }}\n\
+         flush chain inet {TABLE} {OUTPUT_CHAIN}\n\
+         add rule inet {TABLE} {OUTPUT_CHAIN} jump {DNAT_CHAIN}\n"
     );
     if conf.snat || conf.masq_all {
-        let chain = snat_chain(conf.mark_bit);
+        let bit = conf.mark_bit;
         let mask = conf.mark();
+        let set = |map: &str| masq_set(bit, map);
+        let _ = write!(
+            s,
+            "add set inet {TABLE} {} {{ type ipv4_addr . inet_proto . inet_service; flags interval; }}\n\
+             add set inet {TABLE} {} {{ type ipv6_addr . inet_proto . inet_service; flags interval; }}\n\
+             add set inet {TABLE} {} {{ type ipv4_addr . ipv4_addr . inet_proto . inet_service; flags interval; }}\n\
+             add set inet {TABLE} {} {{ type ipv6_addr . ipv6_addr . inet_proto . inet_service; flags interval; }}\n",
+            set(MAP_V4),
+            set(MAP_V6),
+            set(MAP_HOSTIP_V4),
+            set(MAP_HOSTIP_V6),
+        );
+        let mark = format!("meta mark set meta mark | {mask:#010x}");
+        let rules = [
+            format!(
+                "ip daddr . meta l4proto . th dport @{MAP_HOSTIP_V4} ip saddr . ip daddr . meta l4proto . th dport @{} {mark}",
+                set(MAP_HOSTIP_V4)
+            ),
+            format!("ip daddr . meta l4proto . th dport @{MAP_HOSTIP_V4} accept"),
+            format!(
+                "ip6 daddr . meta l4proto . th dport @{MAP_HOSTIP_V6} ip6 saddr . ip6 daddr . meta l4proto . th dport @{} {mark}",
+                set(MAP_HOSTIP_V6)
+            ),
+            format!("ip6 daddr . meta l4proto . th dport @{MAP_HOSTIP_V6} accept"),
+            format!(
+                "meta nfproto ipv4 fib daddr type local ip saddr . meta l4proto . th dport @{} {mark}",
+                set(MAP_V4)
+            ),
+            format!(
+                "meta nfproto ipv6 fib daddr type local ip6 saddr . meta l4proto . th dport @{} {mark}",
+                set(MAP_V6)
+            ),
+        ];
+        let [pre, out] = mark_chains(bit);
+        for (chain, hook) in [(&pre, "prerouting"), (&out, "output")] {
+            let _ = writeln!(
+                s,
+                "add chain inet {TABLE} {chain} {{ type nat hook {hook} priority -101; policy accept; }}\n\
+                 flush chain inet {TABLE} {chain}"
+            );
+            for r in &rules {
+                let _ = writeln!(s, "add rule inet {TABLE} {chain} {r}");
+            }
+        }
+        let chain = snat_chain(bit);
         let _ = write!(
             s,
             "add chain inet {TABLE} {chain} {{ type nat hook postrouting priority srcnat; policy accept; }}\n\
@@ -198,118 +371,29 @@ pub fn base_script(conf: &PortmapConf) -> String {
     s
 }
 
-/// The transaction of one pod's ADD: its chain (flushed and refilled) and
-/// its map elements, plus the base when `with_base`. Idempotent for a
-/// retried ADD; fails as a whole when another pod holds one of the keys.
-pub fn add_script(conf: &PortmapConf, chain: &str, pod: &PodAddrs, with_base: bool) -> String {
-    let mut s = if with_base {
-        base_script(conf)
+/// The chain whose presence says the base of `conf` exists: the last one
+/// [`base_script`] creates (one transaction: all of it or none).
+pub fn base_marker(conf: &PortmapConf) -> String {
+    if conf.snat || conf.masq_all {
+        let [_, out] = mark_chains(conf.mark_bit);
+        out
     } else {
-        String::new()
-    };
-    let _ = writeln!(
-        s,
-        "add chain inet {TABLE} {chain}\nflush chain inet {TABLE} {chain}"
-    );
-    let mask = conf.mark();
-    if conf.masq_all {
-        let _ = writeln!(
-            s,
-            "add rule inet {TABLE} {chain} meta mark set meta mark | {mask:#010x}"
-        );
-    } else if conf.snat {
-        if let Some(net) = pod.v4 {
-            let sub =
-                IpNetwork::new(net.network(), net.prefix()).expect("prefix of a valid network");
-            let _ = writeln!(
-                s,
-                "add rule inet {TABLE} {chain} ip saddr {{ 127.0.0.0/8, {sub} }} meta mark set meta mark | {mask:#010x}"
-            );
-        }
-        if let Some(net) = pod.v6 {
-            let sub =
-                IpNetwork::new(net.network(), net.prefix()).expect("prefix of a valid network");
-            let _ = writeln!(
-                s,
-                "add rule inet {TABLE} {chain} ip6 saddr {sub} meta mark set meta mark | {mask:#010x}"
-            );
-        }
+        OUTPUT_CHAIN.to_string()
     }
-    // Restricted mappings first: a pod may map one port of one address and
-    // the same port of every other address elsewhere.
-    let mut mappings: Vec<&Mapping> = conf.mappings.iter().collect();
-    mappings.sort_by_key(|m| m.host_ip.is_none());
-    for m in mappings {
-        for (addr, v4) in [(pod.v4, true), (pod.v6, false)] {
-            let Some(addr) = addr else { continue };
-            if !m.applies_to(v4) {
-                continue;
-            }
-            let (fam, ip) = if v4 { ("ip", "ip") } else { ("ip6", "ip6") };
-            let target = if v4 {
-                format!("{}:{}", addr.ip(), m.container_port)
-            } else {
-                format!("[{}]:{}", addr.ip(), m.container_port)
-            };
-            let matcher = match m.host_ip {
-                Some(h) => format!("{fam} daddr {h}"),
-                None => format!("meta nfproto {}", if v4 { "ipv4" } else { "ipv6" }),
-            };
-            let _ = writeln!(
-                s,
-                "add rule inet {TABLE} {chain} {matcher} {} dport {} dnat {ip} to {target}",
-                m.proto.name(),
-                m.host_port
-            );
-        }
-    }
-    for e in elements(conf, pod) {
-        let _ = writeln!(
-            s,
-            "add element inet {TABLE} {} {{ {} : jump {chain} }}",
-            e.map,
-            e.key()
-        );
-    }
-    s
 }
 
-/// The transaction of one pod's DEL: its elements (found in the dumps) and
-/// its chain. nft 1.0.6 has no `destroy` and a `delete` of something missing
-/// fails the transaction, so everything deleted is first added: it succeeds
-/// whether or not a racing DEL removed part of it.
-pub fn del_script(chain: &str, owned: &[(&'static str, String)]) -> String {
-    let mut s = format!(
-        "add table inet {TABLE}\n\
-         add map inet {TABLE} {MAP_ANY} {{ type inet_proto . inet_service : verdict; }}\n\
-         add map inet {TABLE} {MAP_IP4} {{ type ipv4_addr . inet_proto . inet_service : verdict; }}\n\
-         add map inet {TABLE} {MAP_IP6} {{ type ipv6_addr . inet_proto . inet_service : verdict; }}\n\
-         add chain inet {TABLE} {chain}\n"
-    );
-    for (map, key) in owned {
-        let _ = writeln!(
-            s,
-            "add element inet {TABLE} {map} {{ {key} : jump {chain} }}\n\
-             delete element inet {TABLE} {map} {{ {key} }}"
-        );
+/// The base chains CHECK expects for `conf`.
+pub fn base_chains(conf: &PortmapConf) -> Vec<String> {
+    let mut out = vec![
+        DNAT_CHAIN.to_string(),
+        PREROUTING_CHAIN.to_string(),
+        OUTPUT_CHAIN.to_string(),
+    ];
+    if conf.snat || conf.masq_all {
+        out.extend(mark_chains(conf.mark_bit));
+        out.push(snat_chain(conf.mark_bit));
     }
-    let _ = writeln!(
-        s,
-        "flush chain inet {TABLE} {chain}\ndelete chain inet {TABLE} {chain}"
-    );
-    s
-}
-
-/// The elements of `dump` (of map `map`) that jump to `chain`, in nft syntax.
-pub fn owned_keys(
-    map: &'static str,
-    dump: &[MapElement],
-    chain: &str,
-) -> Vec<(&'static str, String)> {
-    dump.iter()
-        .filter(|e| e.chain.as_deref() == Some(chain))
-        .filter_map(|e| key_from_raw(map, &e.key).map(|k| (map, k)))
-        .collect()
+    out
 }
 
 #[cfg(test)]
@@ -338,100 +422,122 @@ mod tests {
         }
     }
 
+    fn texts(els: &[PodElement]) -> Vec<String> {
+        els.iter()
+            .map(|e| {
+                let mut t = format!("{} {}", e.set, key_text(&e.set, &e.elem.key));
+                if let Some(end) = &e.elem.key_end {
+                    let _ = write!(t, " - {}", key_text(&e.set, end));
+                }
+                if let Some(d) = &e.elem.data {
+                    let _ = write!(t, " : {d:?}");
+                }
+                t
+            })
+            .collect()
+    }
+
     #[test]
-    fn add_script_layout() {
+    fn elements_layout() {
         let c = conf(json!({}));
-        let s = add_script(&c, "hp-00", &pod(), true);
+        let els = elements(&c, &pod(), "hp-00 c/eth0");
+        let t = texts(&els);
+        for want in [
+            "hostports-v4 6 . 8080 : [10, 88, 0, 5, 0, 80, 0, 0]",
+            "hostports-v6 6 . 8080 : [253, 0, 0, 136, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 5, 0, 80, 0, 0]",
+            "hostports-hostip-v4 192.0.2.1 . 17 . 5353 : [10, 88, 0, 5, 0, 53, 0, 0]",
+            "hostports-masq-13-v4 127.0.0.0 . 6 . 8080 - 127.255.255.255 . 6 . 8080",
+            "hostports-masq-13-v4 10.88.0.0 . 6 . 8080 - 10.88.0.255 . 6 . 8080",
+            "hostports-masq-13-v6 fd00:88:: . 6 . 8080 - fd00:88::ffff:ffff:ffff:ffff . 6 . 8080",
+            "hostports-masq-13-hostip-v4 127.0.0.0 . 192.0.2.1 . 17 . 5353 - 127.255.255.255 . 192.0.2.1 . 17 . 5353",
+            "hostports-masq-13-hostip-v4 10.88.0.0 . 192.0.2.1 . 17 . 5353 - 10.88.0.255 . 192.0.2.1 . 17 . 5353",
+            "hostports-masq-13-hostip-v6 fd00:88:: . 2001:db8::1 . 132 . 9999 - fd00:88::ffff:ffff:ffff:ffff . 2001:db8::1 . 132 . 9999",
+        ] {
+            assert!(t.iter().any(|l| l == want), "missing {want:?} in {t:#?}");
+        }
+        // 4 DNAT elements (tcp 8080 in both families, one per hostIP), then
+        // their masquerade ranges (127/8 only for IPv4).
+        assert_eq!(els.iter().filter(|e| e.is_dnat()).count(), 4);
+        assert!(els[..4].iter().all(PodElement::is_dnat));
+        assert_eq!(els.len(), 4 + 2 + 1 + 2 + 1);
+        assert!(els.iter().all(|e| owned_by(&e.elem, "hp-00")));
+        assert!(!owned_by(&els[0].elem, "hp-0"));
+
+        // IPv4-only pod: no IPv6 elements.
+        let v4 = PodAddrs { v6: None, ..pod() };
+        assert!(
+            elements(&c, &v4, "x")
+                .iter()
+                .all(|e| !e.set.ends_with("v6"))
+        );
+        // No snat: DNAT only; masqAll: every source, the config's bit.
+        let els = elements(&conf(json!({"snat": false})), &pod(), "x");
+        assert!(els.iter().all(PodElement::is_dnat) && els.len() == 4);
+        let els = elements(
+            &conf(json!({"masqAll": true, "markMasqBit": 4})),
+            &pod(),
+            "x",
+        );
+        let t = texts(&els);
+        assert!(
+            t.contains(
+                &"hostports-masq-4-v4 0.0.0.0 . 6 . 8080 - 255.255.255.255 . 6 . 8080".into()
+            ),
+            "{t:#?}"
+        );
+        assert_eq!(els.len(), 8);
+    }
+
+    #[test]
+    fn base_script_layout() {
+        let s = base_script(&conf(json!({})));
         for line in [
-            "add rule inet ferry hp-00 ip saddr { 127.0.0.0/8, 10.88.0.0/24 } meta mark set meta mark | 0x00002000",
-            "add rule inet ferry hp-00 ip6 saddr fd00:88::/64 meta mark set meta mark | 0x00002000",
-            "add rule inet ferry hp-00 meta nfproto ipv4 tcp dport 8080 dnat ip to 10.88.0.5:80",
-            "add rule inet ferry hp-00 meta nfproto ipv6 tcp dport 8080 dnat ip6 to [fd00:88::5]:80",
-            "add rule inet ferry hp-00 ip daddr 192.0.2.1 udp dport 5353 dnat ip to 10.88.0.5:53",
-            "add rule inet ferry hp-00 ip6 daddr 2001:db8::1 sctp dport 9999 dnat ip6 to [fd00:88::5]:99",
-            "add element inet ferry hostports { tcp . 8080 : jump hp-00 }",
-            "add element inet ferry hostports-ip4 { 192.0.2.1 . udp . 5353 : jump hp-00 }",
-            "add element inet ferry hostports-ip6 { 2001:db8::1 . sctp . 9999 : jump hp-00 }",
+            "add rule inet ferry hostports-dnat dnat ip to ip daddr . meta l4proto . th dport map @hostports-hostip-v4",
+            "add rule inet ferry hostports-dnat meta nfproto ipv6 fib daddr type local dnat ip6 to meta l4proto . th dport map @hostports-v6",
+            "add rule inet ferry hostports-mark-13-out meta nfproto ipv4 fib daddr type local ip saddr . meta l4proto . th dport @hostports-masq-13-v4 meta mark set meta mark | 0x00002000",
+            "add rule inet ferry hostports-mark-13-pre ip daddr . meta l4proto . th dport @hostports-hostip-v4 accept",
             "ct status dnat meta mark & 0x00002000 == 0x00002000 masquerade",
         ] {
             assert!(s.contains(line), "missing {line:?} in\n{s}");
         }
-        // Restricted mappings come before the catch-all ones.
-        assert!(s.find("ip daddr 192.0.2.1").unwrap() < s.find("meta nfproto ipv4 tcp").unwrap());
-        // Chains before the elements that jump to them.
-        assert!(s.find("add chain inet ferry hp-00").unwrap() < s.find("add element").unwrap());
-        let s = add_script(&c, "hp-00", &pod(), false);
-        assert!(!s.contains("hostports-lookup") && !s.contains("add table"));
-
-        // IPv4-only pod: no IPv6 rules or elements.
-        let v4 = PodAddrs { v6: None, ..pod() };
-        let s = add_script(&c, "hp-00", &v4, false);
-        assert!(!s.contains("ip6") && !s.contains("hostports-ip6"), "{s}");
-
-        let s = add_script(&conf(json!({"snat": false})), "hp-00", &pod(), true);
-        assert!(!s.contains("mark") && !s.contains("masquerade"), "{s}");
-        let s = add_script(
-            &conf(json!({"masqAll": true, "markMasqBit": 4})),
-            "hp-00",
-            &pod(),
-            true,
-        );
+        // hostIP lookups before the catch-all ones.
+        assert!(s.find("@hostports-hostip-v4").unwrap() < s.find("@hostports-v4").unwrap());
+        // The marker is created last.
+        let marker = base_marker(&conf(json!({})));
         assert!(
-            s.contains("add rule inet ferry hp-00 meta mark set meta mark | 0x00000010\n"),
-            "{s}"
+            s.rfind(&format!("add chain inet ferry {marker} ")).unwrap()
+                > s.find("hostports-masq-13-v4").unwrap()
         );
-        assert!(s.contains("add chain inet ferry hostports-snat-4 "), "{s}");
+        let s = base_script(&conf(json!({"snat": false})));
+        assert!(!s.contains("mark") && !s.contains("masquerade"), "{s}");
+        assert!(s.contains(&format!(
+            "add chain inet ferry {} ",
+            base_marker(&conf(json!({"snat": false})))
+        )));
+        assert_eq!(base_chains(&conf(json!({}))).len(), 6);
     }
 
     #[test]
-    fn keys_round_trip() {
-        let c = conf(json!({}));
-        let els = elements(&c, &pod());
-        assert_eq!(els.len(), 3);
-        for e in &els {
-            let back = key_from_raw(e.map, &e.raw_key()).unwrap();
-            assert!(
-                back.ends_with(&format!("{} . {}", e.proto.number(), e.port)),
-                "{back}"
-            );
-            if let Some(ip) = e.host_ip {
-                assert!(back.starts_with(&ip.to_string()), "{back}");
-            }
-        }
+    fn key_texts() {
         assert_eq!(
-            key_from_raw(MAP_ANY, &[6, 0, 0, 0, 0x1f, 0x90, 0, 0]).unwrap(),
+            key_text(MAP_V4, &[6, 0, 0, 0, 0x1f, 0x90, 0, 0]),
             "6 . 8080"
         );
-        assert_eq!(key_from_raw(MAP_IP4, &[1, 2, 3]), None);
-        assert_eq!(key_from_raw("other", &[0; 8]), None);
+        assert_eq!(
+            key_text(MAP_HOSTIP_V4, &[1, 2, 3, 4, 17, 0, 0, 0, 0, 53, 0, 0]),
+            "1.2.3.4 . 17 . 53"
+        );
+        assert_eq!(key_text(MAP_HOSTIP_V4, &[1, 2, 3]), "[01, 02, 03]");
     }
 
     #[test]
-    fn del_script_and_ownership() {
-        let dump = vec![
-            MapElement {
-                key: vec![6, 0, 0, 0, 0x1f, 0x90, 0, 0],
-                chain: Some("hp-00".into()),
-            },
-            MapElement {
-                key: vec![17, 0, 0, 0, 0, 53, 0, 0],
-                chain: Some("hp-11".into()),
-            },
-        ];
-        let owned = owned_keys(MAP_ANY, &dump, "hp-00");
-        assert_eq!(owned, vec![(MAP_ANY, "6 . 8080".to_string())]);
-        let d = del_script("hp-00", &owned);
-        assert!(d.contains("add element inet ferry hostports { 6 . 8080 : jump hp-00 }\ndelete element inet ferry hostports { 6 . 8080 }\n"));
-        assert!(d.ends_with("flush chain inet ferry hp-00\ndelete chain inet ferry hp-00\n"));
-    }
-
-    #[test]
-    fn pod_chain_names() {
-        let a = pod_chain("net", "c1", "eth0");
+    fn pod_tags() {
+        let a = pod_tag("net", "c1", "eth0");
         assert_eq!(a.len(), 19);
         assert!(a.starts_with("hp-") && a[3..].chars().all(|c| c.is_ascii_hexdigit()));
-        assert_ne!(a, pod_chain("net", "c1", "eth1"));
-        assert_ne!(a, pod_chain("net2", "c1", "eth0"));
-        assert_eq!(a, pod_chain("net", "c1", "eth0"));
+        assert_ne!(a, pod_tag("net", "c1", "eth1"));
+        assert_ne!(a, pod_tag("net2", "c1", "eth0"));
+        assert_eq!(a, pod_tag("net", "c1", "eth0"));
+        assert_eq!(pod_comment(&a, "c1", "eth0"), format!("{a} c1/eth0"));
     }
 }
