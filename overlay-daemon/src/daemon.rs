@@ -402,11 +402,12 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
     let mut resync_at = Instant::now();
     // The first pass runs at once; later ones are debounced so a burst of
     // lease or kernel events becomes one pass.
-    let mut pass_at: Option<(Instant, Dirty)> = Some((Instant::now(), Dirty::Leases));
+    let mut pass_at: Option<PendingPass> = None;
+    schedule(&mut pass_at, Dirty::Leases, Duration::ZERO);
     const DEBOUNCE: Duration = Duration::from_millis(20);
 
     loop {
-        let due = pass_at.map(|(t, _)| t).unwrap_or_else(|| resync_at);
+        let due = pass_at.map(|p| p.due).unwrap_or(resync_at);
         tokio::select! {
             ev = watch.next() => match ev {
                 Ok(ev) => {
@@ -462,10 +463,7 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
                 }
             },
             _ = sleep_until(due) => {
-                let why = match pass_at.take() {
-                    Some((_, why)) => why,
-                    None => Dirty::Kernel,
-                };
+                let why = pass_at.take().map(|p| p.why).unwrap_or(Dirty::Kernel);
                 resync_at = Instant::now() + Duration::from_secs(r.resync_interval.max(1));
                 // The files are part of the desired state too: a conflist
                 // deleted or edited by hand comes back.
@@ -507,12 +505,41 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
     Ok(())
 }
 
-fn schedule(pass_at: &mut Option<(Instant, Dirty)>, why: Dirty, after: Duration) {
-    let at = Instant::now() + after;
+/// A reconcile pass waiting to run.
+#[derive(Debug, Clone, Copy)]
+struct PendingPass {
+    /// When the first change it covers happened.
+    first: Instant,
+    due: Instant,
+    why: Dirty,
+}
+
+/// The longest a burst of changes may hold a pass back: 5000 leases arrive
+/// in many etcd transactions, and one pass after the burst beats a pass
+/// (with its dumps) after every transaction.
+const MAX_BATCH_WAIT: Duration = Duration::from_millis(100);
+
+/// Asks for a pass `after` from now. While changes keep coming, the pass
+/// slides later (each `after` restarts the quiet period) but never beyond
+/// [`MAX_BATCH_WAIT`] after the first change; `Duration::ZERO` runs it now.
+fn schedule(pass_at: &mut Option<PendingPass>, why: Dirty, after: Duration) {
+    let now = Instant::now();
     *pass_at = Some(match *pass_at {
-        // A pending pass caused by leases stays a lease pass: its changes are expected.
-        Some((t, prev)) => (t.min(at), if prev == Dirty::Leases { prev } else { why }),
-        None => (at, why),
+        Some(p) => PendingPass {
+            first: p.first,
+            due: if after.is_zero() {
+                now
+            } else {
+                p.due.max(now + after).min(p.first + MAX_BATCH_WAIT)
+            },
+            // A pending pass caused by leases stays a lease pass: its changes are expected.
+            why: if p.why == Dirty::Leases { p.why } else { why },
+        },
+        None => PendingPass {
+            first: now,
+            due: now + after,
+            why,
+        },
     });
 }
 
