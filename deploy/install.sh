@@ -8,7 +8,7 @@
 # Variables:
 #   ROOT         prefix of every path written (default: none, i.e. /)
 #   BIN_SRC      directory holding the built binaries (default: the repository's
-#                target/release, or /opt/ferry/bin in the image)
+#                target/dist from scripts/build-dist.sh, or /opt/ferry/bin in the image)
 #   CNI_BIN_DIR  the runtime's plugin directory (default: /opt/cni/bin)
 #
 # Never clobbers what is not ferry's: ferry-* plugins are replaced (that is how
@@ -29,8 +29,8 @@ ROOT=${ROOT:-}
 ROOT=${ROOT%/}
 here=$(cd "$(dirname "$0")" && pwd)
 if [ -z "${BIN_SRC:-}" ]; then
-    if [ -x "$here/../target/release/ferryd" ]; then
-        BIN_SRC=$here/../target/release
+    if [ -x "$here/../target/dist/ferryd" ]; then
+        BIN_SRC=$here/../target/dist
     else
         BIN_SRC=/opt/ferry/bin
     fi
@@ -80,7 +80,7 @@ if $cni_only; then
 fi
 
 # --- ferryd and its systemd unit ---
-src=$(find_bin ferryd) || { echo "install.sh: ferryd not found in $BIN_SRC (cargo build --release)" >&2; exit 1; }
+src=$(find_bin ferryd) || { echo "install.sh: ferryd not found in $BIN_SRC (scripts/build-dist.sh)" >&2; exit 1; }
 mkdir -p "$ROOT/usr/local/bin" "$ROOT/etc/ferry" "$ROOT/etc/systemd/system"
 install_file "$src" "$ROOT/usr/local/bin/ferryd" 0755
 

@@ -138,6 +138,21 @@ def ms(x):
     return f"{x * 1000:.2f} ms"
 
 
+def build_note(a):
+    """How the measured ferry binaries were built, and what they are (file(1), size)."""
+    parts = []
+    for n in ["ferry-bridge"] + (["ferry-ipam"] if a.ferry_ipam == "ferry-ipam" else []):
+        path = os.path.realpath(os.path.join(a.ferry_bin, n))
+        try:
+            kind = subprocess.run(["file", "-b", path], capture_output=True, text=True).stdout
+            link = next((w.strip() for w in kind.split(",") if "linked" in w), "?")
+        except OSError:
+            link = "?"
+        parts.append(f"{n} {os.path.getsize(path) / 1e6:.2f} MB, {link}")
+    how = a.ferry_build or f"binaries from {a.ferry_bin}"
+    return f"{how}. " + "; ".join(parts) + "."
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--ferry-bin", required=True)
@@ -147,6 +162,7 @@ def main():
     ap.add_argument("--storm-rounds", type=int, default=3)
     ap.add_argument("--out", required=True)
     ap.add_argument("--ferry-ipam", default="ferry-ipam", help="IPAM under ferry-bridge (host-local isolates the bridge)")
+    ap.add_argument("--ferry-build", default="", help="how the ferry binaries were built, for the results file")
     a = ap.parse_args()
 
     sh("ip", "link", "set", "lo", "up")
@@ -212,6 +228,8 @@ def run_all(a, work):
         "cniVersion 1.0.0 (the newest the Debian reference speaks). "
         f"Load average (1 min) {a.load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end: other work on "
         "the machine slows both sides and moves the ratios, so compare runs made at a similar load.",
+        "",
+        f"ferry binaries: {build_note(a)}",
         "",
         "| measurement | reference | ferry | ferry / reference |",
         "|---|---|---|---|",

@@ -14,12 +14,17 @@ if [ ${#missing[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-cargo build --release -q -p ferry-bridge -p ferry-ipam
+# The plugins as shipped: static, `plugin` profile (scripts/build-dist.sh).
+dist=$(./scripts/build-dist.sh | tail -n 1)
+opt=$(sed -n '/^\[profile\.plugin\]/,/^\[/s/^opt-level *= *//p' Cargo.toml)
+build="built by \`scripts/build-dist.sh\`: \`cargo build --profile plugin --target $(rustc -vV | sed -n 's/^host: //p')\`"
+build+=" with RUSTFLAGS=\"-C target-feature=+crt-static\" (static glibc), rustc $(rustc -V | cut -d' ' -f2);"
+build+=" profile \`plugin\` = release (fat LTO, codegen-units 1, panic=abort, stripped) with opt-level ${opt:-3}"
 mkdir -p docs/bench /run/netns
 out="$PWD/docs/bench/bridge-ipam.md"
 # Private netns: the bridges, pods and nft/iptables rules vanish with it.
 # Private mount ns: `ip netns add` mounts land on a tmpfs nobody else sees.
 unshare -nm --propagation private bash -c '
   mount -t tmpfs ferry-bench /run/netns
-  python3 scripts/bench.py --ferry-bin "$PWD/target/release" --out "'"$out"'" "$@"
-' bench "$@"
+  python3 scripts/bench.py --ferry-bin "$0" --ferry-build "$1" --out "'"$out"'" "${@:2}"
+' "$dist" "$build" "$@"

@@ -19,8 +19,8 @@ if [ ${#need[@]} -gt 0 ]; then
 fi
 
 if [ "${1:-}" != "--inside" ]; then
-    echo "== building ferry-loopback, ferry-bridge, ferry-ipam (release)"
-    cargo build --release -q -p ferry-loopback -p ferry-bridge -p ferry-ipam
+    echo "== building the plugins as shipped (scripts/build-dist.sh)"
+    ./scripts/build-dist.sh >/dev/null
     mkdir -p /run/netns
     # The node: its own network namespace (bridge, veths, nft table) and mount
     # namespace (`ip netns add` mounts on a private tmpfs). Gone on exit.
@@ -31,7 +31,7 @@ mount -t tmpfs ferry-demo /run/netns
 ip link set lo up
 data=$(mktemp -d /tmp/ferry-demo.XXXXXX)
 trap 'rm -rf "$data"' EXIT
-bin=$PWD/target/release
+bin=$PWD/target/dist
 
 conf=$(jq -nc --arg d "$data" '{cniVersion: "1.1.0", name: "demo", plugins: [
   {type: "ferry-loopback"},

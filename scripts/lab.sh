@@ -10,7 +10,8 @@
 #   sudo ./scripts/lab.sh status     # leases, readiness, matrix again
 #   sudo ./scripts/lab.sh down       # removes everything `up` created
 #
-# `up` builds the release binaries, prints a pod-to-pod ping matrix and an
+# `up` builds the binaries as shipped (scripts/build-dist.sh: static plugins,
+# dynamic ferryd and cnirun, in target/dist), prints a pod-to-pod ping matrix and an
 # iperf3 figure across nodes, and leaves the lab running for manual testing
 # (e.g. `ip netns exec ferrylab-n1-p1 ping <pod ip>`, or the node's
 # http://192.168.77.11:9946/metrics from inside ferrylab-n1).
@@ -21,7 +22,7 @@ P=ferrylab
 STATE=/run/ferry-lab
 UL_NET=192.168.77
 ETCD=http://$UL_NET.1:2379
-BIN=$PWD/target/release
+BIN=$PWD/target/dist
 
 die() { echo "lab: $*" >&2; exit 1; }
 [ "$(id -u)" -eq 0 ] || die "must run as root (it creates network namespaces)"
@@ -144,8 +145,8 @@ up() {
     install_packages
     # A failed `up` removes what it created.
     trap 'rc=$?; [ $rc -eq 0 ] || { echo "lab: up failed; tearing down" >&2; down; }' EXIT
-    echo "== building ferryd, the plugins and cnirun (release)"
-    cargo build --release -q -p ferryd -p ferry-bridge -p ferry-ipam -p ferry-loopback -p ferry-tests --bin cnirun
+    echo "== building ferryd, the plugins and cnirun (scripts/build-dist.sh)"
+    ./scripts/build-dist.sh >/dev/null
     mkdir -p "$STATE"
     echo "$n" >"$STATE/nodes"
 
