@@ -41,64 +41,18 @@ pub enum NftFamily {
 
 /// Whether chain `chain` of table `table` exists in the caller's namespace.
 pub fn chain_exists(family: NftFamily, table: &str, chain: &str) -> Result<bool> {
-    let fail = |op: &str, e: io::Error| {
-        NetopsError::io(format!("{op} nft chain {table}/{chain}"), "host", e)
-    };
-    let mut sock =
-        Socket::new(NETLINK_NETFILTER).map_err(|e| fail("open netfilter socket for", e))?;
-    sock.bind_auto()
-        .map_err(|e| fail("bind netfilter socket for", e))?;
-    sock.connect(&SocketAddr::new(0, 0))
-        .map_err(|e| fail("connect netfilter socket for", e))?;
-
     let mut attrs = Vec::new();
     push_str_attr(&mut attrs, NFTA_CHAIN_TABLE, table);
     push_str_attr(&mut attrs, NFTA_CHAIN_NAME, chain);
-    let len = 16 + 4 + attrs.len();
-    let mut msg = Vec::with_capacity(len);
-    msg.extend_from_slice(&(len as u32).to_ne_bytes());
-    msg.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETCHAIN).to_ne_bytes());
-    msg.extend_from_slice(&(NLM_F_REQUEST | NLM_F_ACK).to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it
-    msg.push(family as u8); // nfgenmsg.nfgen_family
-    msg.push(0); // NFNETLINK_V0
-    msg.extend_from_slice(&0u16.to_be_bytes()); // res_id
-    msg.extend_from_slice(&attrs);
-    sock.send(&msg, 0).map_err(|e| fail("query", e))?;
-
-    let mut found = false;
-    let mut buf = vec![0u8; 16384];
-    loop {
-        let n = sock
-            .recv(&mut &mut buf[..], 0)
-            .map_err(|e| fail("read answer for", e))?;
-        let mut off = 0;
-        while off + 16 <= n {
-            let mlen = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
-            let mtype = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes"));
-            if mlen < 16 || off + mlen > n {
-                return Err(fail(
-                    "parse answer for",
-                    io::Error::from(io::ErrorKind::InvalidData),
-                ));
-            }
-            match mtype {
-                NLMSG_ERROR => {
-                    let errno =
-                        i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4 bytes"));
-                    return match -errno {
-                        0 => Ok(found),
-                        libc::ENOENT => Ok(false),
-                        e => Err(fail("query", io::Error::from_raw_os_error(e))),
-                    };
-                }
-                NLMSG_DONE => return Ok(found),
-                _ => found = true,
-            }
-            off += (mlen + 3) & !3;
-        }
-    }
+    let what = format!("nft chain {table}/{chain}");
+    let answers = query(
+        NFT_MSG_GETCHAIN,
+        NLM_F_REQUEST | NLM_F_ACK,
+        family,
+        &attrs,
+        &what,
+    )?;
+    Ok(answers.is_some_and(|a| !a.is_empty()))
 }
 
 fn push_str_attr(buf: &mut Vec<u8>, kind: u16, s: &str) {
@@ -180,12 +134,13 @@ const NLM_F_DUMP: u16 = 0x300;
 /// (raw key bytes, e.g. an `ifname` key zero-padded to 16 bytes). A missing
 /// table or set is `false`.
 pub fn set_has_key(family: NftFamily, table: &str, set: &str, key: &[u8]) -> Result<bool> {
-    let mut value = Vec::new();
-    push_attr(&mut value, NFTA_DATA_VALUE, key);
-    let mut k = Vec::new();
-    push_attr(&mut k, NFTA_SET_ELEM_KEY | NLA_F_NESTED, &value);
-    let mut elem = Vec::new();
-    push_attr(&mut elem, NFTA_LIST_ELEM | NLA_F_NESTED, &k);
+    let elem = element_attr(
+        &SetElement {
+            key: key.to_vec(),
+            ..Default::default()
+        },
+        false,
+    );
     let mut attrs = Vec::new();
     push_str_attr(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, table);
     push_str_attr(&mut attrs, NFTA_SET_ELEM_LIST_SET, set);
@@ -245,17 +200,16 @@ fn query(
     let fail = |op: &str, e: io::Error| NetopsError::io(format!("{op} {what}"), "host", e);
     let sock = open_socket().map_err(|e| fail("open netfilter socket for", e))?;
 
-    let len = 16 + 4 + attrs.len();
-    let mut msg = Vec::with_capacity(len);
-    msg.extend_from_slice(&(len as u32).to_ne_bytes());
-    msg.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | msg_type).to_ne_bytes());
-    msg.extend_from_slice(&flags.to_ne_bytes());
-    msg.extend_from_slice(&1u32.to_ne_bytes()); // seq
-    msg.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it
-    msg.push(family as u8); // nfgenmsg.nfgen_family
-    msg.push(0); // NFNETLINK_V0
-    msg.extend_from_slice(&0u16.to_be_bytes()); // res_id
-    msg.extend_from_slice(attrs);
+    let mut msg = Vec::with_capacity(16 + 4 + attrs.len());
+    push_message(
+        &mut msg,
+        (NFNL_SUBSYS_NFTABLES << 8) | msg_type,
+        flags,
+        1,
+        family as u8,
+        0,
+        attrs,
+    );
     sock.send(&msg, 0).map_err(|e| fail("query", e))?;
 
     let mut out = Vec::new();
@@ -265,26 +219,17 @@ fn query(
         let n = sock
             .recv(&mut &mut buf[..], 0)
             .map_err(|e| fail("read answer for", e))?;
-        let mut off = 0;
-        while off + 16 <= n {
-            let mlen = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
-            let mtype = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes"));
-            if mlen < 16 || off + mlen > n {
-                return Err(fail(
-                    "parse answer for",
-                    io::Error::from(io::ErrorKind::InvalidData),
-                ));
-            }
+        for m in messages(&buf[..n]) {
+            let (mtype, m) = m.map_err(|e| fail("parse answer for", e))?;
             match mtype {
                 NLMSG_ERROR => {
-                    if mlen < 20 {
+                    let Some(errno) = m.get(16..20) else {
                         return Err(fail(
                             "parse answer for",
                             io::Error::from(io::ErrorKind::InvalidData),
                         ));
-                    }
-                    let errno =
-                        i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4 bytes"));
+                    };
+                    let errno = i32::from_ne_bytes(errno.try_into().expect("4 bytes"));
                     return match -errno {
                         0 => Ok(Some(out)),
                         libc::ENOENT => Ok(None),
@@ -292,11 +237,31 @@ fn query(
                     };
                 }
                 NLMSG_DONE => return Ok(Some(out)),
-                _ => out.push(buf[off + 16..off + mlen].to_vec()),
+                _ => out.push(m[16..].to_vec()),
             }
-            off += (mlen + 3) & !3;
         }
     }
+}
+
+/// The netlink messages in `buf` (one read from the socket) as (type, the
+/// whole message, header included); an error for a malformed one, and
+/// nothing after it.
+fn messages(buf: &[u8]) -> impl Iterator<Item = io::Result<(u16, &[u8])>> {
+    let mut off = 0;
+    std::iter::from_fn(move || {
+        if off + 16 > buf.len() {
+            return None;
+        }
+        let mlen = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
+        let mtype = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes"));
+        if mlen < 16 || off + mlen > buf.len() {
+            off = buf.len();
+            return Some(Err(io::Error::from(io::ErrorKind::InvalidData)));
+        }
+        let m = &buf[off..off + mlen];
+        off += (mlen + 3) & !3;
+        Some(Ok((mtype, m)))
+    })
 }
 
 // --- Map elements, for removing a pod's elements without knowing their keys. ---
@@ -317,34 +282,10 @@ pub struct MapElement {
 /// Every element of map `map` of `table` (one netlink dump). A missing table
 /// or map has no elements.
 pub fn map_elements(family: NftFamily, table: &str, map: &str) -> Result<Vec<MapElement>> {
-    let mut attrs = Vec::new();
-    push_str_attr(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, table);
-    push_str_attr(&mut attrs, NFTA_SET_ELEM_LIST_SET, map);
-    let what = format!("elements of nft map {table}/{map}");
-    let answers = query(
-        NFT_MSG_GETSETELEM,
-        NLM_F_REQUEST | NLM_F_DUMP,
-        family,
-        &attrs,
-        &what,
-    )?
-    .unwrap_or_default();
-    let mut out = Vec::new();
-    for body in &answers {
-        // nfgenmsg (4 bytes), then the list's attributes.
-        let Some(attrs) = body.get(4..) else { continue };
-        for (kind, list) in attributes(attrs) {
-            if kind != NFTA_SET_ELEM_LIST_ELEMENTS {
-                continue;
-            }
-            for (kind, elem) in attributes(list) {
-                if kind == NFTA_LIST_ELEM {
-                    out.push(parse_element(elem));
-                }
-            }
-        }
-    }
-    Ok(out)
+    Ok(element_attrs(family, table, "map", map)?
+        .iter()
+        .map(|e| parse_element(e))
+        .collect())
 }
 
 fn parse_element(elem: &[u8]) -> MapElement {
@@ -355,8 +296,8 @@ fn parse_element(elem: &[u8]) -> MapElement {
     for (kind, data) in attributes(elem) {
         match kind {
             NFTA_SET_ELEM_KEY => {
-                if let Some((_, v)) = attributes(data).find(|(k, _)| *k == NFTA_DATA_VALUE) {
-                    e.key = v.to_vec();
+                if let Some(v) = data_value(data) {
+                    e.key = v;
                 }
             }
             NFTA_SET_ELEM_DATA => {
@@ -364,14 +305,26 @@ fn parse_element(elem: &[u8]) -> MapElement {
                 if let Some((_, v)) = verdict
                     && let Some((_, name)) = attributes(v).find(|(k, _)| *k == NFTA_VERDICT_CHAIN)
                 {
-                    let name = name.split(|b| *b == 0).next().unwrap_or_default();
-                    e.chain = Some(String::from_utf8_lossy(name).into_owned());
+                    e.chain = Some(c_string(name));
                 }
             }
             _ => {}
         }
     }
     e
+}
+
+/// The NFTA_DATA_VALUE in a nested data attribute (a key, a map's data).
+fn data_value(data: &[u8]) -> Option<Vec<u8>> {
+    attributes(data)
+        .find(|(k, _)| *k == NFTA_DATA_VALUE)
+        .map(|(_, v)| v.to_vec())
+}
+
+/// A NUL-terminated string attribute (up to the first NUL, if any).
+fn c_string(b: &[u8]) -> String {
+    let s = b.split(|b| *b == 0).next().unwrap_or_default();
+    String::from_utf8_lossy(s).into_owned()
 }
 
 /// The netlink attributes in `buf` as (type without flag bits, payload);
@@ -425,7 +378,7 @@ pub struct SetElement {
 /// Every element of set or map `set` of `table` (one netlink dump). A
 /// missing table or set has no elements.
 pub fn set_elements(family: NftFamily, table: &str, set: &str) -> Result<Vec<SetElement>> {
-    Ok(element_attrs(family, table, set)?
+    Ok(element_attrs(family, table, "set", set)?
         .iter()
         .map(|e| parse_set_element(e))
         .collect())
@@ -449,19 +402,19 @@ pub fn set_names(family: NftFamily, table: &str) -> Result<Vec<String>> {
         .iter()
         .filter_map(|body| {
             let (_, name) = attributes(body.get(4..)?).find(|(k, _)| *k == NFTA_SET_NAME)?;
-            let name = name.split(|b| *b == 0).next().unwrap_or_default();
-            Some(String::from_utf8_lossy(name).into_owned())
+            Some(c_string(name))
         })
         .collect())
 }
 
 /// The raw attributes of every element of `set` (the payloads of the
-/// NFTA_LIST_ELEM attributes of a GETSETELEM dump).
-fn element_attrs(family: NftFamily, table: &str, set: &str) -> Result<Vec<Vec<u8>>> {
+/// NFTA_LIST_ELEM attributes of a GETSETELEM dump); `noun` ("set" or "map")
+/// names it in errors.
+fn element_attrs(family: NftFamily, table: &str, noun: &str, set: &str) -> Result<Vec<Vec<u8>>> {
     let mut attrs = Vec::new();
     push_str_attr(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, table);
     push_str_attr(&mut attrs, NFTA_SET_ELEM_LIST_SET, set);
-    let what = format!("elements of nft set {table}/{set}");
+    let what = format!("elements of nft {noun} {table}/{set}");
     let answers = query(
         NFT_MSG_GETSETELEM,
         NLM_F_REQUEST | NLM_F_DUMP,
@@ -489,17 +442,12 @@ fn element_attrs(family: NftFamily, table: &str, set: &str) -> Result<Vec<Vec<u8
 }
 
 fn parse_set_element(elem: &[u8]) -> SetElement {
-    let value = |data: &[u8]| {
-        attributes(data)
-            .find(|(k, _)| *k == NFTA_DATA_VALUE)
-            .map(|(_, v)| v.to_vec())
-    };
     let mut e = SetElement::default();
     for (kind, data) in attributes(elem) {
         match kind {
-            NFTA_SET_ELEM_KEY => e.key = value(data).unwrap_or_default(),
-            NFTA_SET_ELEM_KEY_END => e.key_end = value(data),
-            NFTA_SET_ELEM_DATA => e.data = value(data),
+            NFTA_SET_ELEM_KEY => e.key = data_value(data).unwrap_or_default(),
+            NFTA_SET_ELEM_KEY_END => e.key_end = data_value(data),
+            NFTA_SET_ELEM_DATA => e.data = data_value(data),
             NFTA_SET_ELEM_USERDATA => e.comment = comment_from_userdata(data),
             _ => {}
         }
@@ -513,8 +461,7 @@ fn comment_from_userdata(mut ud: &[u8]) -> Option<String> {
     while let [kind, len, rest @ ..] = ud {
         let value = rest.get(..usize::from(*len))?;
         if *kind == NFTNL_UDATA_SET_ELEM_COMMENT {
-            let s = value.split(|b| *b == 0).next().unwrap_or_default();
-            return Some(String::from_utf8_lossy(s).into_owned());
+            return Some(c_string(value));
         }
         ud = &rest[usize::from(*len)..];
     }
@@ -703,30 +650,18 @@ impl Batch {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(fail("read answers to", e)),
             };
-            let mut off = 0;
-            while off + 16 <= n {
-                let mlen =
-                    u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
-                let mtype = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes"));
-                if mlen < 16 || off + mlen > n {
-                    return Err(fail(
-                        "parse answers to",
-                        io::Error::from(io::ErrorKind::InvalidData),
-                    ));
-                }
-                if mtype == NLMSG_ERROR && mlen >= 36 {
-                    let errno =
-                        i32::from_ne_bytes(buf[off + 16..off + 20].try_into().expect("4 bytes"));
+            for m in messages(&buf[..n]) {
+                let (mtype, m) = m.map_err(|e| fail("parse answers to", e))?;
+                if mtype == NLMSG_ERROR && m.len() >= 36 {
+                    let errno = i32::from_ne_bytes(m[16..20].try_into().expect("4 bytes"));
                     // The header of the message answered follows the errno.
-                    let seq =
-                        u32::from_ne_bytes(buf[off + 28..off + 32].try_into().expect("4 bytes"));
+                    let seq = u32::from_ne_bytes(m[28..32].try_into().expect("4 bytes"));
                     if errno == 0 {
                         acked += 1;
                     } else if first_err.is_none_or(|(s, _)| seq < s) {
                         first_err = Some((seq, -errno));
                     }
                 }
-                off += (mlen + 3) & !3;
             }
             if first_err.is_none() && acked == self.ops.len() {
                 return Ok(());
