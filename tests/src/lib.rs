@@ -722,6 +722,99 @@ impl BridgeNet {
     }
 }
 
+/// A pod: its namespace and container ID.
+pub struct TestPod {
+    pub ns: TestNetns,
+    pub id: String,
+}
+
+impl TestPod {
+    pub fn new() -> TestPod {
+        TestPod {
+            ns: TestNetns::new(),
+            id: container_id(),
+        }
+    }
+
+    /// CNI_NETNS of the pod.
+    pub fn path(&self) -> String {
+        self.ns.path_str()
+    }
+}
+
+impl Default for TestPod {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The world outside a fake host ([`BridgeNet::host`]): a namespace linked to
+/// it by the veth "uplink", with test-only addresses (198.18.0.0/15,
+/// 2001:db8::/32) on both ends, the host's being what hostPorts are reached
+/// on. Loopback is up on both sides.
+pub struct Outside {
+    pub ns: TestNetns,
+    pub host_v4: std::net::IpAddr,
+    pub out_v4: std::net::IpAddr,
+    pub host_v6: std::net::IpAddr,
+    pub out_v6: std::net::IpAddr,
+}
+
+impl Outside {
+    pub fn new(net: &BridgeNet) -> Outside {
+        let ns = TestNetns::new();
+        let i = unique_index();
+        let (o2, o3) = (18 + (i / 256) % 2, i % 256);
+        let host_v4: std::net::IpAddr = format!("198.{o2}.{o3}.1").parse().unwrap();
+        let out_v4: std::net::IpAddr = format!("198.{o2}.{o3}.2").parse().unwrap();
+        let host_v6: std::net::IpAddr = format!("2001:db8:{i:x}::1").parse().unwrap();
+        let out_v6: std::net::IpAddr = format!("2001:db8:{i:x}::2").parse().unwrap();
+        let h = &net.host;
+        h.exec(
+            "ip",
+            &[
+                "link",
+                "add",
+                "uplink",
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "uplink",
+                "netns",
+                &ns.path_str(),
+            ],
+        );
+        for (side, a4, a6) in [(h, host_v4, host_v6), (&ns, out_v4, out_v6)] {
+            side.exec("ip", &["addr", "add", &format!("{a4}/24"), "dev", "uplink"]);
+            side.exec(
+                "ip",
+                &["addr", "add", &format!("{a6}/64"), "dev", "uplink", "nodad"],
+            );
+            side.exec("ip", &["link", "set", "uplink", "up"]);
+            side.exec("ip", &["link", "set", "lo", "up"]);
+        }
+        Outside {
+            ns,
+            host_v4,
+            out_v4,
+            host_v6,
+            out_v6,
+        }
+    }
+
+    /// Routes from the outside back to the pods of `net` through the host:
+    /// what lets it answer pod addresses that are not masqueraded.
+    pub fn route_back_to(&self, net: &BridgeNet) {
+        let h4 = self.host_v4.to_string();
+        let h6 = self.host_v6.to_string();
+        self.ns
+            .exec("ip", &["route", "add", &net.subnet4, "via", &h4]);
+        self.ns
+            .exec("ip", &["-6", "route", "add", &net.subnet6, "via", &h6]);
+    }
+}
+
 /// ferry-bridge's host-side veth name for (container ID, ifname): "veth" +
 /// 11 hex digits of FNV-1a over `id \0 ifname`. Restated here on purpose:
 /// DEL finds the veth of a pod added by an older ferry only if this never

@@ -7,8 +7,8 @@
 //! iperf3 server, killed on drop.
 
 use ferry_tests::{
-    BridgeNet, PluginOutput, TestNetns, bin, container_id, host_veth_name, in_netns_cmd,
-    kill_child, require_root, run_plugin_in,
+    BridgeNet, PluginOutput, TestNetns, TestPod, bin, host_veth_name, in_netns_cmd, kill_child,
+    require_root, run_plugin_in,
 };
 use serde_json::{Value, json};
 use std::net::IpAddr;
@@ -17,22 +17,8 @@ use std::time::{Duration, Instant};
 
 const VERSION: &str = "1.0.0";
 
-struct Pod {
-    ns: TestNetns,
-    id: String,
-}
-
-impl Pod {
-    fn new() -> Pod {
-        Pod {
-            ns: TestNetns::new(),
-            id: container_id(),
-        }
-    }
-}
-
 /// ferry-bridge ADD; the result (the bandwidth plugin's prevResult).
-fn bridge_add(net: &BridgeNet, pod: &Pod) -> Value {
+fn bridge_add(net: &BridgeNet, pod: &TestPod) -> Value {
     let path = pod.ns.path_str();
     net.call("ADD", &pod.id, Some(&path), "eth0", &net.conf(VERSION))
         .ok_json()
@@ -50,7 +36,13 @@ fn bw_conf(net: &BridgeNet, bandwidth: Option<Value>, prev: Option<&Value>) -> V
 }
 
 /// ferry-bandwidth `cmd` in the fake host namespace.
-fn bw(net: &BridgeNet, cmd: &str, pod: &Pod, netns: Option<&str>, conf: &Value) -> PluginOutput {
+fn bw(
+    net: &BridgeNet,
+    cmd: &str,
+    pod: &TestPod,
+    netns: Option<&str>,
+    conf: &Value,
+) -> PluginOutput {
     run_plugin_in(
         &net.host,
         &bin("ferry-bandwidth"),
@@ -74,7 +66,7 @@ fn rates(ingress_bps: u64, egress_bps: u64) -> Value {
 }
 
 /// ferry-bandwidth ADD; asserts it passed prevResult on unchanged.
-fn bw_add(net: &BridgeNet, pod: &Pod, bandwidth: Value, prev: &Value) {
+fn bw_add(net: &BridgeNet, pod: &TestPod, bandwidth: Value, prev: &Value) {
     let path = pod.ns.path_str();
     let out = bw(
         net,
@@ -171,7 +163,7 @@ fn rates_are_enforced_both_ways_and_an_unshaped_pod_is_faster() {
         return;
     }
     let net = BridgeNet::new(false);
-    let (shaped, free) = (Pod::new(), Pod::new());
+    let (shaped, free) = (TestPod::new(), TestPod::new());
     let prev = bridge_add(&net, &shaped);
     let free_prev = bridge_add(&net, &free);
     let (ingress, egress) = (10_000_000u64, 20_000_000u64);
@@ -231,7 +223,7 @@ fn check_passes_after_add_and_fails_when_a_piece_is_removed() {
         return;
     }
     let net = BridgeNet::new(false);
-    let pod = Pod::new();
+    let pod = TestPod::new();
     let prev = bridge_add(&net, &pod);
     let bandwidth = rates(8_000_000, 16_000_000);
     bw_add(&net, &pod, bandwidth.clone(), &prev);
@@ -302,14 +294,14 @@ fn del_without_the_netns_removes_the_ifb() {
         return;
     }
     let net = BridgeNet::new(false);
-    let pod = Pod::new();
+    let pod = TestPod::new();
     let prev = bridge_add(&net, &pod);
     bw_add(&net, &pod, rates(5_000_000, 5_000_000), &prev);
     assert_eq!(ifbs(&net).len(), 1);
-    let Pod { ns, id } = pod;
+    let TestPod { ns, id } = pod;
     let path = ns.path_str();
     drop(ns); // the pod's namespace is gone
-    let gone = Pod {
+    let gone = TestPod {
         ns: TestNetns::new(),
         id,
     };
@@ -328,7 +320,7 @@ fn no_bandwidth_passes_prev_result_through_and_touches_nothing() {
         return;
     }
     let net = BridgeNet::new(false);
-    let pod = Pod::new();
+    let pod = TestPod::new();
     let prev = bridge_add(&net, &pod);
     let veth = host_veth_name(&pod.id, "eth0");
     let before = net.host.exec("tc", &["qdisc", "show"]);
@@ -363,7 +355,7 @@ fn bad_configurations_are_clean_cni_errors_and_create_nothing() {
         return;
     }
     let net = BridgeNet::new(false);
-    let pod = Pod::new();
+    let pod = TestPod::new();
     let prev = bridge_add(&net, &pod);
     let path = pod.ns.path_str();
     let cases: Vec<(Value, u64, &str)> = vec![

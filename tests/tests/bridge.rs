@@ -7,8 +7,8 @@
 
 use ferry_cni::CniResult;
 use ferry_tests::{
-    BridgeNet, CNI_VERSIONS, TestNetns, container_id, host_veth_name, require_root, skip,
-    store_leftovers, unique_index, wait_until,
+    BridgeNet, CNI_VERSIONS, Outside, TestNetns, TestPod, host_veth_name, require_root, skip,
+    store_leftovers, wait_until,
 };
 use serde_json::{Value, json};
 use std::collections::BTreeSet;
@@ -16,25 +16,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
-/// A pod: its namespace and container ID.
-struct Pod {
-    ns: TestNetns,
-    id: String,
-}
-
-impl Pod {
-    fn new() -> Pod {
-        Pod {
-            ns: TestNetns::new(),
-            id: container_id(),
-        }
-    }
-    fn path(&self) -> String {
-        self.ns.path_str()
-    }
-}
-
-fn add(net: &BridgeNet, pod: &Pod, version: &str) -> Value {
+fn add(net: &BridgeNet, pod: &TestPod, version: &str) -> Value {
     let out = net.call(
         "ADD",
         &pod.id,
@@ -47,7 +29,7 @@ fn add(net: &BridgeNet, pod: &Pod, version: &str) -> Value {
     j
 }
 
-fn del(net: &BridgeNet, pod: &Pod, version: &str) {
+fn del(net: &BridgeNet, pod: &TestPod, version: &str) {
     net.call(
         "DEL",
         &pod.id,
@@ -115,7 +97,7 @@ fn two_pods_ping_each_other_and_the_gateway() {
         return;
     }
     let net = BridgeNet::new(false);
-    let (a, b) = (Pod::new(), Pod::new());
+    let (a, b) = (TestPod::new(), TestPod::new());
     let ra = add(&net, &a, "1.1.0");
     let rb = add(&net, &b, "1.1.0");
     let (aa, ba) = (addresses(&ra), addresses(&rb));
@@ -141,89 +123,6 @@ fn two_pods_ping_each_other_and_the_gateway() {
     assert_no_pod_state(&net, &[]);
 }
 
-/// The "outside" of a fake host: a namespace behind a veth pair, with
-/// test-only addresses (198.18.0.0/15, 2001:db8::/32).
-struct Outside {
-    ns: TestNetns,
-    host_v4: IpAddr,
-    out_v4: IpAddr,
-    host_v6: IpAddr,
-    out_v6: IpAddr,
-}
-
-impl Outside {
-    fn new(net: &BridgeNet, return_routes: bool) -> Outside {
-        let ns = TestNetns::new();
-        let i = unique_index();
-        let (o2, o3) = (18 + (i / 256) % 2, i % 256);
-        let host_v4: IpAddr = format!("198.{o2}.{o3}.1").parse().unwrap();
-        let out_v4: IpAddr = format!("198.{o2}.{o3}.2").parse().unwrap();
-        let host_v6: IpAddr = format!("2001:db8:{i:x}::1").parse().unwrap();
-        let out_v6: IpAddr = format!("2001:db8:{i:x}::2").parse().unwrap();
-        let h = &net.host;
-        h.exec(
-            "ip",
-            &[
-                "link",
-                "add",
-                "uplink",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "uplink",
-                "netns",
-                &ns.path_str(),
-            ],
-        );
-        h.exec(
-            "ip",
-            &["addr", "add", &format!("{host_v4}/24"), "dev", "uplink"],
-        );
-        h.exec(
-            "ip",
-            &[
-                "addr",
-                "add",
-                &format!("{host_v6}/64"),
-                "dev",
-                "uplink",
-                "nodad",
-            ],
-        );
-        h.exec("ip", &["link", "set", "uplink", "up"]);
-        ns.exec(
-            "ip",
-            &["addr", "add", &format!("{out_v4}/24"), "dev", "uplink"],
-        );
-        ns.exec(
-            "ip",
-            &[
-                "addr",
-                "add",
-                &format!("{out_v6}/64"),
-                "dev",
-                "uplink",
-                "nodad",
-            ],
-        );
-        ns.exec("ip", &["link", "set", "uplink", "up"]);
-        if return_routes {
-            let h4 = host_v4.to_string();
-            let h6 = host_v6.to_string();
-            ns.exec("ip", &["route", "add", &net.subnet4, "via", &h4]);
-            ns.exec("ip", &["-6", "route", "add", &net.subnet6, "via", &h6]);
-        }
-        Outside {
-            ns,
-            host_v4,
-            out_v4,
-            host_v6,
-            out_v6,
-        }
-    }
-}
-
 /// (2) With ipMasq the outside sees the host's address, without it the pod's.
 #[test]
 fn masquerade_hides_the_pod_address() {
@@ -231,8 +130,8 @@ fn masquerade_hides_the_pod_address() {
         return;
     }
     let net = BridgeNet::new(true);
-    let out = Outside::new(&net, false);
-    let pod = Pod::new();
+    let out = Outside::new(&net);
+    let pod = TestPod::new();
     let r = add(&net, &pod, "1.1.0");
     let ips = addresses(&r);
     assert!(pod.ns.ping(out.out_v4, 5), "pod reaches the outside (v4)");
@@ -250,7 +149,7 @@ fn masquerade_hides_the_pod_address() {
         ips[1]
     );
     // Pod-to-pod traffic inside the subnet is not masqueraded.
-    let other = Pod::new();
+    let other = TestPod::new();
     let ro = addresses(&add(&net, &other, "1.1.0"));
     assert_eq!(ferry_tests::source_seen(&pod.ns, &other.ns, ro[0]), ips[0]);
     assert_eq!(ferry_tests::source_seen(&pod.ns, &other.ns, ro[1]), ips[1]);
@@ -273,7 +172,8 @@ fn masquerade_spares_excluded_destinations() {
         return;
     }
     let net = BridgeNet::new(true);
-    let out = Outside::new(&net, true);
+    let out = Outside::new(&net);
+    out.route_back_to(&net);
     // A second outside address, not excluded.
     let IpAddr::V4(o) = out.out_v4 else {
         unreachable!()
@@ -283,7 +183,7 @@ fn masquerade_spares_excluded_destinations() {
         "ip",
         &["addr", "add", &format!("{far}/24"), "dev", "uplink"],
     );
-    let pod = Pod::new();
+    let pod = TestPod::new();
     let mut conf = net.conf("1.1.0");
     let excluded = format!("{}/32", out.out_v4);
     conf["ipMasqExclude"] = serde_json::json!([excluded]);
@@ -310,8 +210,9 @@ fn without_masquerade_the_outside_sees_the_pod() {
         return;
     }
     let net = BridgeNet::new(false);
-    let out = Outside::new(&net, true);
-    let pod = Pod::new();
+    let out = Outside::new(&net);
+    out.route_back_to(&net);
+    let pod = TestPod::new();
     let r = add(&net, &pod, "1.1.0");
     let ips = addresses(&r);
     assert!(pod.ns.ping(out.out_v4, 5), "pod reaches the outside (v4)");
@@ -340,7 +241,7 @@ fn add_result_every_version() {
     let net = BridgeNet::new(true);
     let (gw4, gw6) = net.gateways();
     for &v in CNI_VERSIONS {
-        let pod = Pod::new();
+        let pod = TestPod::new();
         let j = add(&net, &pod, v);
         assert_eq!(j["cniVersion"], v, "{j}");
         let r = CniResult::from_json(&j).unwrap_or_else(|e| panic!("{v}: {e}: {j}"));
@@ -391,7 +292,7 @@ fn add_result_every_version() {
 }
 
 /// CHECK with `prevResult` = the ADD result.
-fn check(net: &BridgeNet, pod: &Pod, version: &str, prev: &Value) -> ferry_tests::PluginOutput {
+fn check(net: &BridgeNet, pod: &TestPod, version: &str, prev: &Value) -> ferry_tests::PluginOutput {
     let mut conf = net.conf(version);
     conf["prevResult"] = prev.clone();
     net.call("CHECK", &pod.id, Some(&pod.path()), "eth0", &conf)
@@ -405,7 +306,7 @@ fn check_passes_then_fails_without_the_pod_address() {
     }
     let net = BridgeNet::new(true);
     for &v in CNI_VERSIONS {
-        let pod = Pod::new();
+        let pod = TestPod::new();
         let r = add(&net, &pod, v);
         if v < "0.4.0" {
             // CHECK does not exist before 0.4.0.
@@ -431,7 +332,7 @@ fn check_fails_without_the_host_veth() {
         return;
     }
     let net = BridgeNet::new(false);
-    let pod = Pod::new();
+    let pod = TestPod::new();
     let r = add(&net, &pod, "1.0.0");
     check(&net, &pod, "1.0.0", &r).ok_empty();
     let veth = host_veth_name(&pod.id, "eth0");
@@ -448,7 +349,7 @@ fn check_fails_when_the_host_veth_left_the_bridge() {
         return;
     }
     let net = BridgeNet::new(false);
-    let pod = Pod::new();
+    let pod = TestPod::new();
     let r = add(&net, &pod, "1.1.0");
     check(&net, &pod, "1.1.0", &r).ok_empty();
     let veth = host_veth_name(&pod.id, "eth0");
@@ -465,7 +366,7 @@ fn check_fails_without_the_masquerade_chain() {
         return;
     }
     let net = BridgeNet::new(true);
-    let pod = Pod::new();
+    let pod = TestPod::new();
     let r = add(&net, &pod, "1.1.0");
     check(&net, &pod, "1.1.0", &r).ok_empty();
     net.host.exec("nft", &["delete", "table", "inet", "ferry"]);
@@ -489,7 +390,7 @@ fn del_twice_leaves_only_per_network_state() {
         return;
     }
     let net = BridgeNet::new(true);
-    let (a, b) = (Pod::new(), Pod::new());
+    let (a, b) = (TestPod::new(), TestPod::new());
     add(&net, &a, "1.1.0");
     let after_first = net.host.exec("nft", &["list", "ruleset"]);
     assert!(
@@ -532,9 +433,9 @@ fn del_after_the_pod_netns_is_gone() {
         return;
     }
     let net = BridgeNet::new(true);
-    let pod = Pod::new();
+    let pod = TestPod::new();
     add(&net, &pod, "1.1.0");
-    let Pod { ns, id } = pod;
+    let TestPod { ns, id } = pod;
     let path = ns.path_str();
     drop(ns);
     for _ in 0..2 {
@@ -550,7 +451,7 @@ fn del_without_add_succeeds() {
         return;
     }
     let net = BridgeNet::new(true);
-    let pod = Pod::new();
+    let pod = TestPod::new();
     // Nothing exists yet: no bridge, no store, no table.
     del(&net, &pod, "1.1.0");
     net.call("DEL", &pod.id, None, "eth0", &net.conf("1.1.0"))
@@ -560,7 +461,7 @@ fn del_without_add_succeeds() {
         "DEL creates no bridge"
     );
     // With another pod on the network: an unknown DEL leaves it alone.
-    let other = Pod::new();
+    let other = TestPod::new();
     let r = add(&net, &other, "1.1.0");
     del(&net, &pod, "1.0.0");
     assert_eq!(net.reservations().len(), 2);
@@ -576,7 +477,7 @@ fn add_failure_when_ifname_exists_rolls_back() {
         return;
     }
     let net = BridgeNet::new(true);
-    let pod = Pod::new();
+    let pod = TestPod::new();
     pod.ns.exec(
         "ip",
         &[
@@ -617,7 +518,7 @@ fn add_failure_after_the_veth_rolls_back() {
     let foreign = net.subnet4.replace(".0/24", ".200/24");
     net.host
         .exec("ip", &["addr", "add", &foreign, "dev", &net.bridge]);
-    let pod = Pod::new();
+    let pod = TestPod::new();
     let out = net.call(
         "ADD",
         &pod.id,
@@ -706,7 +607,7 @@ fn pod_looks_like_with_the_reference_plugins() {
     theirs.subnet6 = ours.subnet6.clone();
 
     let view = |net: &BridgeNet| -> (Value, Value) {
-        let pod = Pod::new();
+        let pod = TestPod::new();
         let r = add(net, &pod, "1.0.0");
         // The reference plugin may need a moment for IPv6 routes
         // (it waits for DAD on its own address); take a settled view.
@@ -753,7 +654,7 @@ fn bridge_lives_in_the_fake_host_only() {
         return;
     }
     let net = BridgeNet::new(false);
-    let pod = Pod::new();
+    let pod = TestPod::new();
     add(&net, &pod, "1.1.0");
     assert!(net.host.link(&net.bridge).is_some());
     let mut ip = std::process::Command::new("ip");
@@ -774,7 +675,7 @@ fn add_retried_by_the_runtime_is_idempotent() {
         return;
     }
     let net = BridgeNet::new(true);
-    let pod = Pod::new();
+    let pod = TestPod::new();
     let first = add(&net, &pod, "1.1.0");
     let second = add(&net, &pod, "1.1.0");
     assert_eq!(addresses(&first), addresses(&second), "same addresses");
@@ -797,7 +698,7 @@ fn add_into_a_vanished_netns_takes_nothing() {
         return;
     }
     let net = BridgeNet::new(true);
-    let Pod { ns, id } = Pod::new();
+    let TestPod { ns, id } = TestPod::new();
     let path = ns.path_str();
     drop(ns);
     let out = net.call("ADD", &id, Some(&path), "eth0", &net.conf("1.1.0"));
@@ -815,7 +716,7 @@ fn check_fails_without_the_default_route() {
     }
     let net = BridgeNet::new(false);
     for fam in ["-4", "-6"] {
-        let pod = Pod::new();
+        let pod = TestPod::new();
         let r = add(&net, &pod, "1.1.0");
         check(&net, &pod, "1.1.0", &r).ok_empty();
         pod.ns.exec("ip", &[fam, "route", "del", "default"]);
@@ -838,12 +739,12 @@ fn renamed_network_takes_over_the_masquerade() {
         return;
     }
     let mut net = BridgeNet::new(true);
-    let old = Pod::new();
+    let old = TestPod::new();
     add(&net, &old, "1.1.0");
     del(&net, &old, "1.1.0");
     net.name = format!("{}-renamed", net.name);
-    let out = Outside::new(&net, false);
-    let pod = Pod::new();
+    let out = Outside::new(&net);
+    let pod = TestPod::new();
     let r = net.call(
         "ADD",
         &pod.id,

@@ -8,24 +8,10 @@
 //! rollback instead: on every kernel exactly one side of the pair runs, so
 //! the skip does not fail CI (whose machines share this kernel).
 
-use ferry_tests::{BridgeNet, TestNetns, container_id, host_veth_name, require_root};
+use ferry_tests::{BridgeNet, TestNetns, TestPod, host_veth_name, require_root};
 use serde_json::{Value, json};
 use std::io::Write;
 use std::net::IpAddr;
-
-struct Pod {
-    ns: TestNetns,
-    id: String,
-}
-
-impl Pod {
-    fn new() -> Pod {
-        Pod {
-            ns: TestNetns::new(),
-            id: container_id(),
-        }
-    }
-}
 
 /// A network whose bridge name leaves room for "<bridge>.<vlan>" (≤ 15).
 fn short_net() -> BridgeNet {
@@ -43,17 +29,22 @@ fn conf_with(net: &BridgeNet, extra: Value) -> Value {
     c
 }
 
-fn call(net: &BridgeNet, cmd: &str, pod: &Pod, conf: &Value) -> ferry_tests::PluginOutput {
+fn call(net: &BridgeNet, cmd: &str, pod: &TestPod, conf: &Value) -> ferry_tests::PluginOutput {
     net.call(cmd, &pod.id, Some(&pod.ns.path_str()), "eth0", conf)
 }
 
-fn add(net: &BridgeNet, pod: &Pod, conf: &Value) -> Value {
+fn add(net: &BridgeNet, pod: &TestPod, conf: &Value) -> Value {
     let out = call(net, "ADD", pod, conf);
     assert!(!out.stderr.contains("panicked"), "plugin panicked: {out:?}");
     out.ok_json()
 }
 
-fn check(net: &BridgeNet, pod: &Pod, conf: &Value, result: &Value) -> ferry_tests::PluginOutput {
+fn check(
+    net: &BridgeNet,
+    pod: &TestPod,
+    conf: &Value,
+    result: &Value,
+) -> ferry_tests::PluginOutput {
     let mut c = conf.clone();
     c["prevResult"] = result.clone();
     call(net, "CHECK", pod, &c)
@@ -144,7 +135,7 @@ fn vlan_isolates_pods_of_different_vlans() {
         &net,
         json!({"isGateway": false, "vlan": 200, "preserveDefaultVlan": false}),
     );
-    let (a, b, c) = (Pod::new(), Pod::new(), Pod::new());
+    let (a, b, c) = (TestPod::new(), TestPod::new(), TestPod::new());
     let ra = add(&net, &a, &v100);
     let rb = add(&net, &b, &v100);
     let rc = add(&net, &c, &v200);
@@ -195,7 +186,7 @@ fn vlan_gateway_lives_on_bridge_dot_vlan() {
     }
     let net = short_net();
     let conf = conf_with(&net, json!({"vlan": 300}));
-    let (a, b) = (Pod::new(), Pod::new());
+    let (a, b) = (TestPod::new(), TestPod::new());
     let ra = add(&net, &a, &conf);
     let rb = add(&net, &b, &conf);
     let gw_if = format!("{}.300", net.bridge);
@@ -236,7 +227,7 @@ fn vlan_without_kernel_support_fails_cleanly() {
     }
     let net = short_net();
     let conf = conf_with(&net, json!({"vlan": 100}));
-    let p = Pod::new();
+    let p = TestPod::new();
     let out = call(&net, "ADD", &p, &conf);
     let e = out.err_json();
     assert_eq!(e["code"], 2, "{e}");
@@ -253,7 +244,7 @@ fn vlan_config_refusals() {
         return;
     }
     let net = short_net();
-    let p = Pod::new();
+    let p = TestPod::new();
     for (extra, code) in [
         (json!({"vlan": 4095}), 2),
         (json!({"vlan": -3}), 2),
@@ -275,7 +266,7 @@ fn macspoofchk_drops_frames_from_a_changed_mac() {
     let net = BridgeNet::new(false);
     let on = conf_with(&net, json!({"macspoofchk": true}));
     let off = net.conf("1.1.0");
-    let (a, b, c) = (Pod::new(), Pod::new(), Pod::new());
+    let (a, b, c) = (TestPod::new(), TestPod::new(), TestPod::new());
     let ra = add(&net, &a, &on);
     let rb = add(&net, &b, &on);
     let rc = add(&net, &c, &off); // control: same bridge, no check
@@ -334,7 +325,7 @@ fn macspoofchk_del_leaves_nothing_also_without_netns() {
     }
     let net = BridgeNet::new(false);
     let on = conf_with(&net, json!({"macspoofchk": true}));
-    let (a, b) = (Pod::new(), Pod::new());
+    let (a, b) = (TestPod::new(), TestPod::new());
     let ra = add(&net, &a, &on);
     add(&net, &b, &on);
     let (va, vb) = (host_veth_name(&a.id, "eth0"), host_veth_name(&b.id, "eth0"));
@@ -389,7 +380,7 @@ fn macspoofchk_undone_when_add_fails_later() {
     let other = net.subnet4.replace(".0/24", ".99/24");
     net.host
         .exec("ip", &["addr", "add", &other, "dev", &net.bridge]);
-    let p = Pod::new();
+    let p = TestPod::new();
     let e = call(&net, "ADD", &p, &on).err_json();
     assert_eq!(e["code"], 111, "{e}");
     let t = nft_table(&net.host);

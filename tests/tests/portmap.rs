@@ -8,27 +8,13 @@
 //! are reached on). All of it vanishes on drop, also when a test panics.
 
 use ferry_tests::{
-    BridgeNet, PluginOutput, TestNetns, bin, container_id, require_root, run_plugin, run_plugin_in,
-    unique_index,
+    BridgeNet, Outside, PluginOutput, TestNetns, TestPod, bin, require_root, run_plugin,
+    run_plugin_in, unique_index,
 };
 use serde_json::{Value, json};
 use std::io::{Read, Write};
 use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream, UdpSocket};
 use std::time::Duration;
-
-struct Pod {
-    ns: TestNetns,
-    id: String,
-}
-
-impl Pod {
-    fn new() -> Pod {
-        Pod {
-            ns: TestNetns::new(),
-            id: container_id(),
-        }
-    }
-}
 
 /// The bridge config of the chain. `hairpinMode`, as in flannel's and the
 /// reference's Kubernetes conflists: with br_netfilter loaded (as on this
@@ -41,7 +27,7 @@ fn bridge_conf(net: &BridgeNet) -> Value {
 }
 
 /// ferry-bridge ADD for `pod`: its result.
-fn bridge_add(net: &BridgeNet, pod: &Pod) -> Value {
+fn bridge_add(net: &BridgeNet, pod: &TestPod) -> Value {
     net.call(
         "ADD",
         &pod.id,
@@ -92,7 +78,7 @@ fn portmap(
 
 /// bridge ADD then portmap ADD (the chain); returns the bridge's result and
 /// asserts portmap passed it through unchanged.
-fn chain_add(net: &BridgeNet, pod: &Pod, mappings: Value) -> Value {
+fn chain_add(net: &BridgeNet, pod: &TestPod, mappings: Value) -> Value {
     let prev = bridge_add(net, pod);
     let conf = pm_conf(net, mappings, Some(&prev), json!({}));
     let out = portmap(net, "ADD", &pod.id, Some(&pod.ns.path_str()), &conf);
@@ -101,7 +87,7 @@ fn chain_add(net: &BridgeNet, pod: &Pod, mappings: Value) -> Value {
 }
 
 /// portmap DEL then bridge DEL (reverse order), with everything a runtime knows.
-fn chain_del(net: &BridgeNet, pod: &Pod, mappings: Value, prev: &Value) {
+fn chain_del(net: &BridgeNet, pod: &TestPod, mappings: Value, prev: &Value) {
     let conf = pm_conf(net, mappings, Some(prev), json!({}));
     portmap(net, "DEL", &pod.id, Some(&pod.ns.path_str()), &conf).ok_empty();
     net.call(
@@ -202,60 +188,6 @@ fn udp_from(ns: &TestNetns, dst: SocketAddr) -> Option<String> {
     .ok()
 }
 
-/// The world outside the node: a namespace linked to the fake host by the
-/// veth "uplink", with the host's addresses on its end.
-struct Outside {
-    ns: TestNetns,
-    host_v4: IpAddr,
-    out_v4: IpAddr,
-    host_v6: IpAddr,
-    out_v6: IpAddr,
-}
-
-impl Outside {
-    fn new(net: &BridgeNet) -> Outside {
-        let ns = TestNetns::new();
-        let i = unique_index();
-        let (o2, o3) = (18 + (i / 256) % 2, i % 256);
-        let host_v4: IpAddr = format!("198.{o2}.{o3}.1").parse().unwrap();
-        let out_v4: IpAddr = format!("198.{o2}.{o3}.2").parse().unwrap();
-        let host_v6: IpAddr = format!("2001:db8:{i:x}::1").parse().unwrap();
-        let out_v6: IpAddr = format!("2001:db8:{i:x}::2").parse().unwrap();
-        let h = &net.host;
-        h.exec(
-            "ip",
-            &[
-                "link",
-                "add",
-                "uplink",
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "uplink",
-                "netns",
-                &ns.path_str(),
-            ],
-        );
-        for (side, a4, a6) in [(h, host_v4, host_v6), (&ns, out_v4, out_v6)] {
-            side.exec("ip", &["addr", "add", &format!("{a4}/24"), "dev", "uplink"]);
-            side.exec(
-                "ip",
-                &["addr", "add", &format!("{a6}/64"), "dev", "uplink", "nodad"],
-            );
-            side.exec("ip", &["link", "set", "uplink", "up"]);
-            side.exec("ip", &["link", "set", "lo", "up"]);
-        }
-        Outside {
-            ns,
-            host_v4,
-            out_v4,
-            host_v6,
-            out_v6,
-        }
-    }
-}
-
 fn sa(ip: IpAddr, port: u16) -> SocketAddr {
     SocketAddr::new(ip, port)
 }
@@ -276,7 +208,7 @@ fn host_port_reaches_the_pod_from_everywhere() {
     }
     let net = BridgeNet::new(true);
     let out = Outside::new(&net);
-    let (a, b) = (Pod::new(), Pod::new());
+    let (a, b) = (TestPod::new(), TestPod::new());
     let hp = port();
     let mappings = json!([
         {"hostPort": hp, "containerPort": 8080, "protocol": "tcp"},
@@ -376,7 +308,7 @@ fn host_ip_restricts_the_destination() {
         "ip",
         &["addr", "add", &format!("{other}/24"), "dev", "uplink"],
     );
-    let a = Pod::new();
+    let a = TestPod::new();
     let hp = port();
     let mappings = json!([
         {"hostPort": hp, "containerPort": 8080, "protocol": "tcp", "hostIP": out.host_v4.to_string()},
@@ -422,7 +354,7 @@ fn conflicting_host_port_is_refused_atomically() {
         return;
     }
     let net = BridgeNet::new(false);
-    let (a, b) = (Pod::new(), Pod::new());
+    let (a, b) = (TestPod::new(), TestPod::new());
     let hp = port();
     let tcp = json!([{"hostPort": hp, "containerPort": 80, "protocol": "tcp"}]);
     let both = json!([
@@ -469,7 +401,7 @@ fn del_without_netns_or_prev_result_removes_only_that_pod() {
         return;
     }
     let net = BridgeNet::new(false);
-    let (a, b) = (Pod::new(), Pod::new());
+    let (a, b) = (TestPod::new(), TestPod::new());
     let (hp_a, hp_b) = (port(), port() + 2000);
     chain_add(
         &net,
@@ -530,7 +462,7 @@ fn add_and_del_leave_other_pods_elements_untouched() {
     }
     let net = BridgeNet::new(false);
     let out = Outside::new(&net);
-    let (a, b, c) = (Pod::new(), Pod::new(), Pod::new());
+    let (a, b, c) = (TestPod::new(), TestPod::new(), TestPod::new());
     let hp = port();
     let mb = json!([
         {"hostPort": hp, "containerPort": 8080, "protocol": "tcp"},
@@ -600,7 +532,7 @@ fn check_fails_after_the_element_is_deleted() {
         return;
     }
     let net = BridgeNet::new(false);
-    let a = Pod::new();
+    let a = TestPod::new();
     let hp = port();
     let m = json!([{"hostPort": hp, "containerPort": 80, "protocol": "udp"}]);
     let ra = chain_add(&net, &a, m.clone());
@@ -632,7 +564,7 @@ fn no_port_mappings_no_nft_state() {
         return;
     }
     let net = BridgeNet::new(false);
-    let a = Pod::new();
+    let a = TestPod::new();
     let ra = chain_add(&net, &a, json!([]));
     let rs = ruleset(&net.host);
     assert!(!rs.contains("inet ferry"), "{rs}");
