@@ -45,14 +45,7 @@ pub fn chain_exists(family: NftFamily, table: &str, chain: &str) -> Result<bool>
     push_str_attr(&mut attrs, NFTA_CHAIN_TABLE, table);
     push_str_attr(&mut attrs, NFTA_CHAIN_NAME, chain);
     let what = format!("nft chain {table}/{chain}");
-    let answers = query(
-        NFT_MSG_GETCHAIN,
-        NLM_F_REQUEST | NLM_F_ACK,
-        family,
-        &attrs,
-        &what,
-    )?;
-    Ok(answers.is_some_and(|a| !a.is_empty()))
+    exists(NFT_MSG_GETCHAIN, family, &attrs, &what)
 }
 
 fn push_str_attr(buf: &mut Vec<u8>, kind: u16, s: &str) {
@@ -150,14 +143,7 @@ pub fn set_has_key(family: NftFamily, table: &str, set: &str, key: &[u8]) -> Res
         &elem,
     );
     let what = format!("element of nft set {table}/{set}");
-    let answers = query(
-        NFT_MSG_GETSETELEM,
-        NLM_F_REQUEST | NLM_F_ACK,
-        family,
-        &attrs,
-        &what,
-    )?;
-    Ok(answers.is_some_and(|a| !a.is_empty()))
+    exists(NFT_MSG_GETSETELEM, family, &attrs, &what)
 }
 
 /// The rules of chain `chain` of `table`, each as its raw nf_tables message
@@ -168,14 +154,7 @@ pub fn chain_rules(family: NftFamily, table: &str, chain: &str) -> Result<Vec<Ve
     push_str_attr(&mut attrs, NFTA_RULE_TABLE, table);
     push_str_attr(&mut attrs, NFTA_RULE_CHAIN, chain);
     let what = format!("rules of nft chain {table}/{chain}");
-    Ok(query(
-        NFT_MSG_GETRULE,
-        NLM_F_REQUEST | NLM_F_DUMP,
-        family,
-        &attrs,
-        &what,
-    )?
-    .unwrap_or_default())
+    dump(NFT_MSG_GETRULE, family, &attrs, &what)
 }
 
 fn push_attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) {
@@ -186,6 +165,18 @@ fn push_attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) {
     while buf.len() % 4 != 0 {
         buf.push(0);
     }
+}
+
+/// Whether a GET request finds anything (one answer or more; ENOENT is
+/// `false`).
+fn exists(msg_type: u16, family: NftFamily, attrs: &[u8], what: &str) -> Result<bool> {
+    let answers = query(msg_type, NLM_F_REQUEST | NLM_F_ACK, family, attrs, what)?;
+    Ok(answers.is_some_and(|a| !a.is_empty()))
+}
+
+/// The answers' bodies of a dump request (none on ENOENT).
+fn dump(msg_type: u16, family: NftFamily, attrs: &[u8], what: &str) -> Result<Vec<Vec<u8>>> {
+    Ok(query(msg_type, NLM_F_REQUEST | NLM_F_DUMP, family, attrs, what)?.unwrap_or_default())
 }
 
 /// One nf_tables request; the answers' bodies (after the netlink header), or
@@ -390,14 +381,7 @@ pub fn set_names(family: NftFamily, table: &str) -> Result<Vec<String>> {
     let mut attrs = Vec::new();
     push_str_attr(&mut attrs, NFTA_SET_TABLE, table);
     let what = format!("sets of nft table {table}");
-    let answers = query(
-        NFT_MSG_GETSET,
-        NLM_F_REQUEST | NLM_F_DUMP,
-        family,
-        &attrs,
-        &what,
-    )?
-    .unwrap_or_default();
+    let answers = dump(NFT_MSG_GETSET, family, &attrs, &what)?;
     Ok(answers
         .iter()
         .filter_map(|body| {
@@ -415,14 +399,7 @@ fn element_attrs(family: NftFamily, table: &str, noun: &str, set: &str) -> Resul
     push_str_attr(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, table);
     push_str_attr(&mut attrs, NFTA_SET_ELEM_LIST_SET, set);
     let what = format!("elements of nft {noun} {table}/{set}");
-    let answers = query(
-        NFT_MSG_GETSETELEM,
-        NLM_F_REQUEST | NLM_F_DUMP,
-        family,
-        &attrs,
-        &what,
-    )?
-    .unwrap_or_default();
+    let answers = dump(NFT_MSG_GETSETELEM, family, &attrs, &what)?;
     let mut out = Vec::new();
     for body in &answers {
         // nfgenmsg (4 bytes), then the list's attributes.
