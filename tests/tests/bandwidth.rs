@@ -129,7 +129,9 @@ fn iperf3(client: &TestNetns, server: &str, reverse: bool) -> f64 {
     loop {
         let out = client.try_exec("iperf3", &args);
         let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        if out.status.success() {
+        // iperf3 3.12 with -J exits 0 even when it could not connect (the
+        // server not listening yet): the report's "error" says so.
+        if out.status.success() && report["error"].is_null() {
             return report["end"]["sum_received"]["bits_per_second"]
                 .as_f64()
                 .unwrap_or_else(|| panic!("iperf3 report without sum_received: {report}"));
