@@ -221,12 +221,8 @@ impl NsHandle {
             .controller(bridge)
             .up()
             .build();
-        self.handle
-            .link()
-            .add(msg)
-            .execute()
+        self.add_link(msg, "create veth pair", format!("{port}/{name}"))
             .await
-            .map_err(|e| self.err("create veth pair", format!("{port}/{name}"), e))
     }
 
     async fn name_of_port(&self, port: u32) -> String {

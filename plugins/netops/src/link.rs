@@ -135,6 +135,22 @@ impl NsHandle {
         }
     }
 
+    /// `ip link add` of `msg` (RTM_NEWLINK, create exclusively); `op` and
+    /// `name` name it in the error.
+    pub(crate) async fn add_link(
+        &self,
+        msg: LinkMessage,
+        op: &'static str,
+        name: impl Into<String>,
+    ) -> Result<()> {
+        self.handle
+            .link()
+            .add(msg)
+            .execute()
+            .await
+            .map_err(|e| self.err(op, name, e))
+    }
+
     /// `ip link set <index> up`.
     pub async fn set_up(&self, index: u32) -> Result<()> {
         let msg = LinkUnspec::new_with_index(index).up().build();

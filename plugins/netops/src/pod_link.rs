@@ -100,13 +100,12 @@ impl NsHandle {
             .controller(pair.controller)
             .up()
             .build();
-        self.handle.link().add(msg).execute().await.map_err(|e| {
-            self.err(
-                "create veth pair",
-                format!("{}/{}", pair.host_name, pair.pod_name),
-                e,
-            )
-        })?;
+        self.add_link(
+            msg,
+            "create veth pair",
+            format!("{}/{}", pair.host_name, pair.pod_name),
+        )
+        .await?;
         self.link_by_name(pair.host_name).await?.ok_or_else(|| {
             NetopsError::io(
                 format!("veth {} vanished right after creation", pair.host_name),

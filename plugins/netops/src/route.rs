@@ -3,7 +3,7 @@
 
 use crate::link::is_errno;
 use crate::{NsHandle, Result};
-use futures::TryStreamExt;
+use futures::{TryStream, TryStreamExt};
 use ipnetwork::{IpNetwork, Ipv4Network};
 use rtnetlink::RouteMessageBuilder;
 use rtnetlink::packet_route::AddressFamily;
@@ -226,6 +226,16 @@ pub struct RouteFilter {
 }
 
 impl NsHandle {
+    /// A dump of every route of `family` (all tables), streamed.
+    pub(crate) fn route_dump(
+        &self,
+        family: AddressFamily,
+    ) -> impl TryStream<Ok = RouteMessage, Error = rtnetlink::Error> + Unpin {
+        let mut req = RouteMessage::default();
+        req.header.address_family = family;
+        self.handle.route().get(req).execute()
+    }
+
     /// `ip route replace <route>` with its protocol: idempotent, and takes
     /// over a route to the same prefix and metric whoever added it.
     pub async fn replace_ipv4_route(&self, route: &Ipv4Route) -> Result<()> {
@@ -251,9 +261,7 @@ impl NsHandle {
     /// The unicast IPv4 routes of the main table matching `filter`, from one
     /// dump (filtered while it streams, so only the matches are kept).
     pub async fn ipv4_routes(&self, filter: RouteFilter) -> Result<Vec<Ipv4Route>> {
-        let mut req = RouteMessage::default();
-        req.header.address_family = AddressFamily::Inet;
-        let mut stream = self.handle.route().get(req).execute();
+        let mut stream = self.route_dump(AddressFamily::Inet);
         let mut out = Vec::new();
         while let Some(m) = stream
             .try_next()
@@ -315,9 +323,7 @@ impl NsHandle {
 
     /// The IPv4 default route of the main table with the lowest metric.
     pub async fn default_ipv4_route(&self) -> Result<Option<Ipv4Route>> {
-        let mut req = RouteMessage::default();
-        req.header.address_family = AddressFamily::Inet;
-        let mut stream = self.handle.route().get(req).execute();
+        let mut stream = self.route_dump(AddressFamily::Inet);
         let mut best: Option<(u32, Ipv4Route)> = None;
         while let Some(m) = stream
             .try_next()
@@ -349,9 +355,7 @@ impl NsHandle {
     /// (single-path unicast routes only: a multipath default has no one
     /// output link).
     pub async fn default_ipv6_route(&self) -> Result<Option<RouteSpec>> {
-        let mut req = RouteMessage::default();
-        req.header.address_family = AddressFamily::Inet6;
-        let mut stream = self.handle.route().get(req).execute();
+        let mut stream = self.route_dump(AddressFamily::Inet6);
         let mut best: Option<(u32, RouteSpec)> = None;
         while let Some(m) = stream
             .try_next()
@@ -399,9 +403,7 @@ impl NsHandle {
             IpAddr::V4(_) => (AddressFamily::Inet, 32),
             IpAddr::V6(_) => (AddressFamily::Inet6, 128),
         };
-        let mut req = RouteMessage::default();
-        req.header.address_family = family;
-        let mut stream = self.handle.route().get(req).execute();
+        let mut stream = self.route_dump(family);
         while let Some(m) = stream
             .try_next()
             .await

@@ -170,12 +170,8 @@ impl NsHandle {
             .address(spec.mac.to_vec())
             .up()
             .build();
-        self.handle
-            .link()
-            .add(msg)
-            .execute()
-            .await
-            .map_err(|e| self.err("create vxlan", spec.name.clone(), e))?;
+        self.add_link(msg, "create vxlan", spec.name.clone())
+            .await?;
         match self.vxlan_by_name(&spec.name).await? {
             Some(v) => Ok(v.index),
             None => Err(crate::NetopsError::LinkNotFound {
