@@ -66,6 +66,7 @@ fn write_leases(lab: &Lab, fakes: &[Fake]) -> Duration {
                 backend: BackendType::Vxlan,
                 vtep_mac: Some(f.mac),
                 renewed_at: 0,
+                ipv6_subnet: None,
             };
             (
                 format!("/ferry/network/subnets/{}", subnet_key_segment(f.subnet)),

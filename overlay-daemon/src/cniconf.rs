@@ -8,7 +8,7 @@
 //! to traffic leaving the cluster network (`ipMasqExclude`), so pod-to-pod
 //! traffic across nodes keeps its pod source address.
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde_json::json;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -18,6 +18,8 @@ use std::path::{Path, PathBuf};
 pub struct NodeNetwork {
     pub network: Ipv4Network,
     pub subnet: Ipv4Network,
+    /// Dual stack: the cluster's IPv6 network and this node's IPv6 subnet.
+    pub ipv6: Option<(Ipv6Network, Ipv6Network)>,
     pub mtu: u32,
     pub ip_masq: bool,
 }
@@ -53,10 +55,18 @@ impl CniConfOptions {
 
 /// The conflist, pretty-printed (operators read it).
 pub fn conflist(n: &NodeNetwork, o: &CniConfOptions) -> String {
+    let mut ranges = vec![json!([{ "subnet": n.subnet.to_string() }])];
+    let mut routes = vec![json!({ "dst": n.network.to_string() })];
+    let mut masq_exclude = vec![json!(n.network.to_string())];
+    if let Some((network6, subnet6)) = n.ipv6 {
+        ranges.push(json!([{ "subnet": subnet6.to_string() }]));
+        routes.push(json!({ "dst": network6.to_string() }));
+        masq_exclude.push(json!(network6.to_string()));
+    }
     let mut ipam = json!({
         "type": "ferry-ipam",
-        "ranges": [[{ "subnet": n.subnet.to_string() }]],
-        "routes": [{ "dst": n.network.to_string() }],
+        "ranges": ranges,
+        "routes": routes,
     });
     if let Some(dir) = &o.ipam_data_dir {
         ipam["dataDir"] = json!(dir);
@@ -74,7 +84,7 @@ pub fn conflist(n: &NodeNetwork, o: &CniConfOptions) -> String {
             "isDefaultGateway": true,
             "hairpinMode": true,
             "ipMasq": n.ip_masq,
-            "ipMasqExclude": [n.network.to_string()],
+            "ipMasqExclude": masq_exclude,
             "mtu": n.mtu,
             "ipam": ipam,
         }, {
@@ -97,10 +107,22 @@ pub fn subnet_env(n: &NodeNetwork) -> String {
         n.subnet.prefix(),
     )
     .expect("prefix is valid");
-    format!(
+    let mut s = format!(
         "FERRY_NETWORK={}\nFERRY_SUBNET={}\nFERRY_MTU={}\nFERRY_IPMASQ={}\n",
         n.network, gateway, n.mtu, n.ip_masq
-    )
+    );
+    if let Some((network6, subnet6)) = n.ipv6 {
+        // flannel's FLANNEL_IPV6_SUBNET shape: the gateway (::1) and the length.
+        let gateway6 = Ipv6Network::new(
+            std::net::Ipv6Addr::from(u128::from(subnet6.network()) + 1),
+            subnet6.prefix(),
+        )
+        .expect("prefix is valid");
+        s.push_str(&format!(
+            "FERRY_IPV6_NETWORK={network6}\nFERRY_IPV6_SUBNET={gateway6}\n"
+        ));
+    }
+    s
 }
 
 /// The node subnet recorded in a subnet.env, if the file is there and sane:
@@ -151,6 +173,7 @@ mod tests {
         NodeNetwork {
             network: "10.244.0.0/16".parse().unwrap(),
             subnet: "10.244.3.0/24".parse().unwrap(),
+            ipv6: None,
             mtu: 1450,
             ip_masq: true,
         }
@@ -216,5 +239,42 @@ mod tests {
             .collect();
         assert!(leftovers.is_empty());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn dual_stack_conflist_and_env() {
+        let n = NodeNetwork {
+            ipv6: Some((
+                "fd00:244::/56".parse().unwrap(),
+                "fd00:244:0:3::/64".parse().unwrap(),
+            )),
+            ..node()
+        };
+        let text = conflist(&n, &CniConfOptions::default());
+        ferry_cni::config::NetConfList::parse(text.as_bytes()).unwrap();
+        let v: Value = serde_json::from_str(&text).unwrap();
+        let bridge = &v["plugins"][0];
+        assert_eq!(bridge["ipam"]["ranges"][0][0]["subnet"], "10.244.3.0/24");
+        assert_eq!(
+            bridge["ipam"]["ranges"][1][0]["subnet"],
+            "fd00:244:0:3::/64"
+        );
+        assert_eq!(bridge["ipam"]["routes"][0]["dst"], "10.244.0.0/16");
+        assert_eq!(bridge["ipam"]["routes"][1]["dst"], "fd00:244::/56");
+        assert_eq!(
+            bridge["ipMasqExclude"],
+            serde_json::json!(["10.244.0.0/16", "fd00:244::/56"])
+        );
+        let env = subnet_env(&n);
+        assert!(env.contains("FERRY_IPV6_NETWORK=fd00:244::/56\n"), "{env}");
+        assert!(
+            env.contains("FERRY_IPV6_SUBNET=fd00:244:0:3::1/64\n"),
+            "{env}"
+        );
+        assert!(env.contains("FERRY_SUBNET=10.244.3.1/24\n"), "{env}");
+        // IPv4 only: nothing about IPv6.
+        let v4 = conflist(&node(), &CniConfOptions::default());
+        assert!(!v4.contains("fd00"));
+        assert!(!subnet_env(&node()).contains("IPV6"));
     }
 }

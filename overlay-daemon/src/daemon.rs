@@ -357,6 +357,7 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
         backend: cfg.backend.kind,
         vtep_mac: (cfg.backend.kind == BackendType::Vxlan).then_some(vtep_mac),
         renewed_at: now_unix(),
+        ipv6_subnet: None,
     };
     info!(node = %node_name, underlay = %underlay.name, ip = %underlay.ip, "starting");
 
@@ -367,7 +368,7 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
     .await;
     metrics.lease_acquired();
     metrics.set_lease_held(true);
-    info!(subnet = %held.lease.subnet(), "lease held");
+    info!(subnet = %held.lease.subnet(), ipv6_subnet = ?held.lease.ipv6_subnet, "lease held");
 
     let mut node = Node {
         dataplane: Dataplane::new(
@@ -375,6 +376,7 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
             &cfg.backend,
             LocalNode {
                 subnet: held.lease.subnet(),
+                subnet6: held.lease.ipv6_subnet,
                 underlay: underlay.clone(),
                 vtep_mac,
             },
@@ -434,10 +436,13 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
                             Ok(held) => {
                                 metrics.lease_acquired();
                                 metrics.set_lease_held(true);
-                                if held.lease.subnet() != node.held.lease.subnet() {
+                                if held.lease.subnet() != node.held.lease.subnet()
+                                    || held.lease.ipv6_subnet != node.held.lease.ipv6_subnet
+                                {
                                     warn!(old = %node.held.lease.subnet(), new = %held.lease.subnet(), "subnet changed");
                                     node.dataplane = Dataplane::new(handle.clone(), &node.cfg.backend, LocalNode {
                                         subnet: held.lease.subnet(),
+                                        subnet6: held.lease.ipv6_subnet,
                                         underlay: underlay.clone(),
                                         vtep_mac,
                                     });
@@ -547,17 +552,30 @@ fn is_peer(l: &SubnetLease, node: &Node) -> bool {
     node.cfg.holds(l.subnet()) && l.subnet() != node.held.lease.subnet()
 }
 
+/// The peer a lease describes. Its IPv6 subnet counts only when it is the one
+/// the config maps its IPv4 subnet to (uniqueness comes from that mapping);
+/// a lease without one (a node from before dual stack) gets IPv4 routes only.
+fn peer_of(l: &SubnetLease, node: &Node) -> Peer {
+    let mut p = Peer::from(l);
+    let want = node.cfg.ipv6_subnet_for(l.subnet());
+    if p.subnet6.is_some() && p.subnet6 != want {
+        warn!(subnet = %l.subnet(), ipv6_subnet = ?p.subnet6, expected = ?want, "ignoring a lease's IPv6 subnet that does not match the network config");
+        p.subnet6 = None;
+    }
+    p
+}
+
 fn replace_peers(peers: &mut BTreeMap<Ipv4Network, Peer>, leases: &[SubnetLease], node: &Node) {
     peers.clear();
     for l in leases.iter().filter(|l| is_peer(l, node)) {
-        peers.insert(l.subnet(), Peer::from(l));
+        peers.insert(l.subnet(), peer_of(l, node));
     }
 }
 
 fn apply_event(peers: &mut BTreeMap<Ipv4Network, Peer>, ev: LeaseEvent, node: &Node) {
     match ev {
         LeaseEvent::Put(l) if is_peer(&l, node) => {
-            peers.insert(l.subnet(), Peer::from(&l));
+            peers.insert(l.subnet(), peer_of(&l, node));
         }
         LeaseEvent::Put(_) => {}
         LeaseEvent::Delete(subnet) => {
@@ -573,6 +591,7 @@ fn write_node_files(node: &Node, r: &RunArgs, conf: &CniConfOptions) -> Result<b
     let n = NodeNetwork {
         network: node.cfg.network,
         subnet: node.held.lease.subnet(),
+        ipv6: node.cfg.ipv6().zip(node.held.lease.ipv6_subnet),
         mtu: node.dataplane.pod_mtu(),
         ip_masq: r.ip_masq,
     };

@@ -19,6 +19,16 @@
 //!   <public ip> dev <underlay>` and nothing on the device.
 //! - host-gw: that plain route for every peer.
 //!
+//! Dual stack (the network config has `ipv6Network`): the same device also
+//! carries the local `<v6 subnet>::/128` and, per peer with an IPv6 subnet
+//! in its lease, a permanent neighbour `<peer v6 subnet>::` lladdr <vtep mac>
+//! and the route `<peer v6 subnet> via <peer v6 subnet>:: dev ferry.<vni>
+//! onlink` (the fdb entry is shared: same VNI, same VTEP MAC). Direct routing
+//! routes IPv6 pod subnets via the peer's public IP only over an IPv6
+//! underlay (else IPv6 goes through the tunnel); host-gw does not route IPv6
+//! pod subnets (logged once). Main-table IPv6 routes with protocol 70 and the
+//! device's IPv6 neighbours are ferry's too.
+//!
 //! The underlay may be IPv4 or IPv6; the pod network is IPv4 either way, so
 //! only the device's `local`/`local6`, the fdb remotes and the MTU (underlay
 //! − 50, or − 70 over IPv6) depend on it. An IPv4 route needs an IPv4 next
@@ -47,14 +57,14 @@
 use crate::lease::{Mac, SubnetLease};
 use crate::network::{BackendConfig, BackendType};
 use ferry_netops::{
-    Batch, BatchOp, FERRY_ROUTE_PROTO, FdbEntry, Ipv4Route, KernelEvent, Monitor, NeighState,
-    NetNs, NetopsError, NsHandle, RouteFilter, VxlanChange, VxlanSpec,
+    Batch, BatchOp, FERRY_ROUTE_PROTO, FdbEntry, Ipv4Route, Ipv6Route, KernelEvent, Monitor,
+    NeighState, NetNs, NetopsError, NsHandle, RouteFilter, VxlanChange, VxlanSpec,
 };
 use futures::StreamExt;
-use ipnetwork::{IpNetwork, Ipv4Network};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::time::Duration;
 use tracing::{debug, warn};
 
@@ -238,6 +248,8 @@ pub fn check_underlay(backend: &BackendConfig, underlay: &Underlay) -> Result<()
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LocalNode {
     pub subnet: Ipv4Network,
+    /// The node's IPv6 pod subnet (dual stack), else `None`.
+    pub subnet6: Option<Ipv6Network>,
     pub underlay: Underlay,
     pub vtep_mac: Mac,
 }
@@ -246,6 +258,8 @@ pub struct LocalNode {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     pub subnet: Ipv4Network,
+    /// Its IPv6 pod subnet (dual stack; `None` for IPv4-only nodes).
+    pub subnet6: Option<Ipv6Network>,
     /// Its underlay address; must be of the family of ours.
     pub public_ip: IpAddr,
     pub vtep_mac: Option<Mac>,
@@ -255,6 +269,7 @@ impl From<&SubnetLease> for Peer {
     fn from(l: &SubnetLease) -> Peer {
         Peer {
             subnet: l.subnet(),
+            subnet6: l.ipv6_subnet,
             public_ip: l.public_ip,
             vtep_mac: l.vtep_mac,
         }
@@ -284,12 +299,23 @@ enum Via {
     Direct(Ipv4Addr),
 }
 
+/// How one peer's IPv6 pod subnet is reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Via6 {
+    /// Over the VXLAN device (this index), to this VTEP MAC.
+    Tunnel(u32, [u8; 6]),
+    /// A plain route via its (IPv6) public IP on the underlay.
+    Direct(Ipv6Addr),
+}
+
 /// One peer's desired entries and which of them are missing or wrong.
 struct PeerJob {
     peer: Peer,
     neigh: Option<(u32, Ipv4Addr, [u8; 6])>,
+    neigh6: Option<(u32, Ipv6Addr, [u8; 6])>,
     fdb: Option<(u32, [u8; 6], IpAddr)>,
     route: Option<Ipv4Route>,
+    route6: Option<Ipv6Route>,
 }
 
 pub struct Dataplane {
@@ -299,6 +325,10 @@ pub struct Dataplane {
     port: u16,
     /// `directRouting`, and an IPv4 underlay to route over.
     direct_routing: bool,
+    /// `directRouting`, and an IPv6 underlay to route IPv6 pod subnets over.
+    direct_routing6: bool,
+    /// host-gw in a dual-stack network: said once that IPv6 is not routed.
+    told_no_v6: bool,
     local: LocalNode,
     device: Option<String>,
     /// Peers of the other underlay family already reported (each is
@@ -322,6 +352,8 @@ impl Dataplane {
     pub fn new(h: NsHandle, backend: &BackendConfig, local: LocalNode) -> Dataplane {
         let device = (backend.kind == BackendType::Vxlan).then(|| format!("ferry.{}", backend.vni));
         let mut direct_routing = backend.direct_routing;
+        let direct_routing6 =
+            backend.direct_routing && device.is_some() && local.underlay.ip.is_ipv6();
         if direct_routing && device.is_some() && local.underlay.ip.is_ipv6() {
             warn!(
                 underlay = %local.underlay.ip,
@@ -335,6 +367,8 @@ impl Dataplane {
             vni: backend.vni,
             port: backend.port,
             direct_routing,
+            direct_routing6,
+            told_no_v6: false,
             local,
             device,
             reported: HashSet::new(),
@@ -429,12 +463,41 @@ impl Dataplane {
         } else {
             HashSet::new()
         };
-        let mut plan: Vec<(&Peer, Via)> = Vec::with_capacity(wanted.len());
+        let v6_on = self.local.subnet6.is_some();
+        let direct6: HashSet<Ipv6Addr> = if vx.is_some() && self.direct_routing6 && v6_on {
+            self.directly_reachable6(wanted.values().filter(|p| p.subnet6.is_some()).filter_map(
+                |p| match p.public_ip {
+                    IpAddr::V6(v6) => Some(v6),
+                    IpAddr::V4(_) => None,
+                },
+            ))
+            .await?
+        } else {
+            HashSet::new()
+        };
+        if vx.is_none() && v6_on && !self.told_no_v6 {
+            self.told_no_v6 = true;
+            warn!(
+                "backend host-gw routes only the IPv4 pod subnets: IPv6 pod traffic to other nodes is not routed (use the vxlan backend for dual stack)"
+            );
+        }
+        // How a peer's IPv6 subnet is reached (dual stack, vxlan only).
+        let via6 = |p: &Peer| -> Option<Via6> {
+            let (vx, _) = (vx?, p.subnet6?);
+            if !v6_on {
+                return None;
+            }
+            match p.public_ip {
+                IpAddr::V6(ip) if direct6.contains(&ip) => Some(Via6::Direct(ip)),
+                _ => p.vtep_mac.map(|m| Via6::Tunnel(vx, m.0)),
+            }
+        };
+        let mut plan: Vec<(&Peer, Via, Option<Via6>)> = Vec::with_capacity(wanted.len());
         for p in wanted.values() {
             match (vx, p.public_ip) {
-                (None, IpAddr::V4(v4)) => plan.push((p, Via::Direct(v4))),
+                (None, IpAddr::V4(v4)) => plan.push((p, Via::Direct(v4), None)),
                 (Some(_), IpAddr::V4(v4)) if direct.contains(&v4) => {
-                    plan.push((p, Via::Direct(v4)))
+                    plan.push((p, Via::Direct(v4), via6(p)))
                 }
                 (None, ip @ IpAddr::V6(_)) => {
                     // check_underlay refuses this at startup; never a crash.
@@ -442,7 +505,7 @@ impl Dataplane {
                     warn!("peer {}: {}", p.subnet, DataplaneError::HostGwNeedsIpv4(ip));
                 }
                 (Some(vx), _) => match p.vtep_mac {
-                    Some(mac) => plan.push((p, Via::Tunnel(vx, mac.0))),
+                    Some(mac) => plan.push((p, Via::Tunnel(vx, mac.0), via6(p))),
                     None => {
                         report.failed += 1;
                         warn!(
@@ -466,23 +529,42 @@ impl Dataplane {
             })
             .await
             .map_err(kernel("list ferry's routes"))?;
-        let (neighs, fdb) = match vx {
+        let routes6 = self
+            .h
+            .ipv6_routes(RouteFilter {
+                protocol: Some(FERRY_ROUTE_PROTO),
+                oif: None,
+            })
+            .await
+            .map_err(kernel("list ferry's IPv6 routes"))?;
+        let (neighs, neighs6, fdb) = match vx {
             Some(vx) => {
                 let n = self.h.neighbours(vx).await.map_err(kernel(format!(
                     "list neighbours of {}",
+                    self.device.as_deref().unwrap_or("?")
+                )))?;
+                let n6 = self.h.neighbours6(vx).await.map_err(kernel(format!(
+                    "list IPv6 neighbours of {}",
                     self.device.as_deref().unwrap_or("?")
                 )))?;
                 let f = self.h.fdb_entries(vx).await.map_err(kernel(format!(
                     "list fdb entries of {}",
                     self.device.as_deref().unwrap_or("?")
                 )))?;
-                (n, f)
+                (n, n6, f)
             }
-            None => (Vec::new(), Vec::new()),
+            None => (Vec::new(), Vec::new(), Vec::new()),
         };
         let have_route: HashMap<Ipv4Network, &Ipv4Route> =
             routes.iter().map(|r| (r.dst, r)).collect();
         let have_neigh: HashMap<Ipv4Addr, Option<[u8; 6]>> = neighs
+            .iter()
+            .filter(|n| n.state == NeighState::Permanent)
+            .map(|n| (n.ip, n.mac))
+            .collect();
+        let have_route6: HashMap<Ipv6Network, &Ipv6Route> =
+            routes6.iter().map(|r| (r.dst, r)).collect();
+        let have_neigh6: HashMap<Ipv6Addr, Option<[u8; 6]>> = neighs6
             .iter()
             .filter(|n| n.state == NeighState::Permanent)
             .map(|n| (n.ip, n.mac))
@@ -497,8 +579,10 @@ impl Dataplane {
         let mut want_routes: HashSet<Ipv4Network> = HashSet::with_capacity(plan.len());
         let mut want_neigh: HashSet<Ipv4Addr> = HashSet::new();
         let mut want_fdb: HashSet<([u8; 6], IpAddr)> = HashSet::new();
+        let mut want_routes6: HashSet<Ipv6Network> = HashSet::new();
+        let mut want_neigh6: HashSet<Ipv6Addr> = HashSet::new();
         let mut jobs = Vec::new();
-        for (p, via) in &plan {
+        for (p, via, via6) in &plan {
             let gw0 = p.subnet.network();
             let route = match via {
                 Via::Tunnel(vx, _) => Ipv4Route::ferry(p.subnet, gw0, *vx, true),
@@ -508,15 +592,39 @@ impl Dataplane {
             let mut job = PeerJob {
                 peer: (*p).clone(),
                 neigh: None,
+                neigh6: None,
                 fdb: None,
                 route: None,
+                route6: None,
             };
+            let mut fdb_for = None;
             if let Via::Tunnel(vx, mac) = *via {
                 want_neigh.insert(gw0);
-                want_fdb.insert((mac, p.public_ip));
+                fdb_for = Some((vx, mac));
                 if have_neigh.get(&gw0) != Some(&Some(mac)) {
                     job.neigh = Some((vx, gw0, mac));
                 }
+            }
+            if let (Some(via6), Some(subnet6)) = (*via6, p.subnet6) {
+                let gw6 = subnet6.network();
+                let route6 = match via6 {
+                    Via6::Tunnel(vx, mac) => {
+                        want_neigh6.insert(gw6);
+                        fdb_for = Some((vx, mac));
+                        if have_neigh6.get(&gw6) != Some(&Some(mac)) {
+                            job.neigh6 = Some((vx, gw6, mac));
+                        }
+                        Ipv6Route::ferry(subnet6, gw6, vx, true)
+                    }
+                    Via6::Direct(next_hop) => Ipv6Route::ferry(subnet6, next_hop, underlay, false),
+                };
+                want_routes6.insert(subnet6);
+                if have_route6.get(&subnet6) != Some(&&route6) {
+                    job.route6 = Some(route6);
+                }
+            }
+            if let Some((vx, mac)) = fdb_for {
+                want_fdb.insert((mac, p.public_ip));
                 if !have_fdb.contains(&(mac, p.public_ip)) {
                     job.fdb = Some((vx, mac, p.public_ip));
                 }
@@ -524,7 +632,12 @@ impl Dataplane {
             if have_route.get(&p.subnet) != Some(&&route) {
                 job.route = Some(route);
             }
-            if job.neigh.is_none() && job.fdb.is_none() && job.route.is_none() {
+            if job.neigh.is_none()
+                && job.neigh6.is_none()
+                && job.fdb.is_none()
+                && job.route.is_none()
+                && job.route6.is_none()
+            {
                 report.peers_programmed += 1;
             } else {
                 jobs.push(job);
@@ -533,6 +646,15 @@ impl Dataplane {
         let stale_routes: Vec<&Ipv4Route> = routes
             .iter()
             .filter(|r| !want_routes.contains(&r.dst))
+            .collect();
+        let stale_routes6: Vec<&Ipv6Route> = routes6
+            .iter()
+            .filter(|r| !want_routes6.contains(&r.dst))
+            .collect();
+        let stale_neigh6: Vec<Ipv6Addr> = neighs6
+            .iter()
+            .filter(|n| n.state != NeighState::NoArp && !want_neigh6.contains(&n.ip))
+            .map(|n| n.ip)
             .collect();
         let stale_fdb: Vec<&FdbEntry> = fdb
             .iter()
@@ -550,6 +672,11 @@ impl Dataplane {
         let stale_routes: Vec<BatchOp> = stale_routes
             .into_iter()
             .map(|r| BatchOp::DeleteRoute(r.clone()))
+            .chain(
+                stale_routes6
+                    .into_iter()
+                    .map(|r| BatchOp::DeleteRoute6(r.clone())),
+            )
             .collect();
         let stale_fdb: Vec<BatchOp> = stale_fdb
             .into_iter()
@@ -559,6 +686,11 @@ impl Dataplane {
             Some(vx) => stale_neigh
                 .into_iter()
                 .map(|ip| BatchOp::DeleteNeighbour { ifindex: vx, ip })
+                .chain(
+                    stale_neigh6
+                        .into_iter()
+                        .map(|ip| BatchOp::DeleteNeighbour6 { ifindex: vx, ip }),
+                )
                 .collect(),
             None => Vec::new(),
         };
@@ -620,12 +752,23 @@ impl Dataplane {
         }
         let want =
             IpNetwork::V4(Ipv4Network::new(self.local.subnet.network(), 32).expect("/32 is valid"));
+        let want6 = self
+            .local
+            .subnet6
+            .map(|s| IpNetwork::V6(Ipv6Network::new(s.network(), 128).expect("/128 is valid")));
         let addrs = self
             .h
             .addresses(index)
             .await
             .map_err(kernel(format!("list addresses of {name}")))?;
-        for a in addrs.iter().filter(|a| a.is_ipv4() && **a != want) {
+        // Global addresses only (link-local ones are the kernel's).
+        for a in addrs.iter().filter(|a| {
+            if a.is_ipv4() {
+                **a != want
+            } else {
+                Some(**a) != want6
+            }
+        }) {
             if self
                 .h
                 .delete_address(index, *a)
@@ -640,6 +783,15 @@ impl Dataplane {
                 .replace_address(index, want)
                 .await
                 .map_err(kernel(format!("add address {want} to {name}")))?;
+            report.added += 1;
+        }
+        if let Some(want6) = want6
+            && !addrs.contains(&want6)
+        {
+            self.h
+                .replace_address_nodad(index, want6)
+                .await
+                .map_err(kernel(format!("add address {want6} to {name}")))?;
             report.added += 1;
         }
         Ok(index)
@@ -657,6 +809,34 @@ impl Dataplane {
         let found: Vec<Result<Option<Ipv4Addr>, NetopsError>> = futures::stream::iter(unique)
             .map(|ip| async move {
                 let r = request(|| h.route_get_ipv4(ip)).await?;
+                Ok(r.filter(|r| r.gw.is_none() && r.oif == underlay)
+                    .map(|_| ip))
+            })
+            .buffer_unordered(IN_FLIGHT)
+            .collect()
+            .await;
+        let mut out = HashSet::new();
+        for r in found {
+            if let Some(ip) = r.map_err(kernel("look up the route to a peer"))? {
+                out.insert(ip);
+            }
+        }
+        Ok(out)
+    }
+}
+
+impl Dataplane {
+    /// [`Self::directly_reachable`] for IPv6 public IPs (an IPv6 underlay).
+    async fn directly_reachable6(
+        &self,
+        ips: impl Iterator<Item = Ipv6Addr>,
+    ) -> Result<HashSet<Ipv6Addr>, DataplaneError> {
+        let unique: HashSet<Ipv6Addr> = ips.collect();
+        let underlay = self.local.underlay.index;
+        let h = &self.h;
+        let found: Vec<Result<Option<Ipv6Addr>, NetopsError>> = futures::stream::iter(unique)
+            .map(|ip| async move {
+                let r = request(|| h.route_get_ipv6(ip)).await?;
                 Ok(r.filter(|r| r.gw.is_none() && r.oif == underlay)
                     .map(|_| ip))
             })
@@ -694,6 +874,10 @@ async fn program_round(batch: &mut Batch, round: &[PeerJob], report: &mut Reconc
             ops.push(BatchOp::ReplaceNeighbour { ifindex, ip, mac });
             owner.push((i, "neighbour"));
         }
+        if let Some((ifindex, ip, mac)) = job.neigh6 {
+            ops.push(BatchOp::ReplaceNeighbour6 { ifindex, ip, mac });
+            owner.push((i, "IPv6 neighbour"));
+        }
         if let Some((ifindex, mac, dst)) = job.fdb {
             ops.push(BatchOp::ReplaceFdb { ifindex, mac, dst });
             owner.push((i, "fdb entry"));
@@ -711,17 +895,28 @@ async fn program_round(batch: &mut Batch, round: &[PeerJob], report: &mut Reconc
     }
 
     ops.clear();
-    let mut owner: Vec<usize> = Vec::with_capacity(round.len());
+    let mut owner: Vec<(usize, &'static str)> = Vec::with_capacity(round.len());
     for (i, job) in round.iter().enumerate() {
-        if let (Some(route), None) = (&job.route, &failed[i]) {
+        if failed[i].is_some() {
+            continue;
+        }
+        if let Some(route) = &job.route {
             ops.push(BatchOp::ReplaceRoute(route.clone()));
-            owner.push(i);
+            owner.push((i, "route"));
+        }
+        if let Some(route) = &job.route6 {
+            ops.push(BatchOp::ReplaceRoute6(route.clone()));
+            owner.push((i, "IPv6 route"));
         }
     }
-    for (i, r) in owner.into_iter().zip(run_ops(batch, &ops).await) {
+    for ((i, step), r) in owner.into_iter().zip(run_ops(batch, &ops).await) {
         match r {
             Ok(_) => report.added += 1,
-            Err(e) => failed[i] = Some(fail(&round[i], "route", e)),
+            Err(e) => {
+                if failed[i].is_none() {
+                    failed[i] = Some(fail(&round[i], step, e));
+                }
+            }
         }
     }
 

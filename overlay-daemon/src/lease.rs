@@ -3,7 +3,7 @@
 //! TTL that the owning daemon keeps alive).
 
 use crate::network::BackendType;
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde::{Deserialize, Serialize};
 use std::fmt;
 use std::net::IpAddr;
@@ -101,6 +101,16 @@ pub struct SubnetLease {
     /// Unix seconds of the last (re)acquisition, for operators.
     #[serde(default)]
     pub renewed_at: u64,
+    /// The node's IPv6 pod subnet (dual-stack networks): always the one
+    /// [`NetworkConfig::ipv6_subnet_for`](crate::network::NetworkConfig::ipv6_subnet_for)
+    /// maps the key's IPv4 subnet to. Absent in IPv4-only networks and in
+    /// leases of nodes that predate dual stack (they get no IPv6 routes).
+    #[serde(
+        rename = "ipv6Subnet",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ipv6_subnet: Option<Ipv6Network>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -187,6 +197,7 @@ mod tests {
             backend: BackendType::Vxlan,
             vtep_mac: Some(Mac::derived("node-a")),
             renewed_at: 17,
+            ipv6_subnet: None,
         };
         let key = format!(
             "/ferry/network/subnets/{}",
@@ -195,6 +206,17 @@ mod tests {
         assert_eq!(key, "/ferry/network/subnets/10.244.3.0-24");
         let back = SubnetLease::from_kv(&key, lease.to_json().as_bytes()).unwrap();
         assert_eq!(back, lease);
+        assert!(!lease.to_json().contains("ipv6Subnet"));
+        let dual = SubnetLease {
+            ipv6_subnet: Some("fd00:244:0:3::/64".parse().unwrap()),
+            ..lease
+        };
+        assert!(
+            dual.to_json()
+                .contains(r#""ipv6Subnet":"fd00:244:0:3::/64""#)
+        );
+        let back = SubnetLease::from_kv(&key, dual.to_json().as_bytes()).unwrap();
+        assert_eq!(back, dual);
     }
 
     #[test]

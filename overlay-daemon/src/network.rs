@@ -4,10 +4,17 @@
 //! The JSON uses ferry's camelCase keys; flannel's capitalised keys
 //! (`Network`, `SubnetLen`, `Backend.Type`, `VNI`, `Port`, `DirectRouting`)
 //! are accepted too, so an operator can copy a flannel net-conf.json.
+//!
+//! Dual stack: `ipv6Network` (flannel's `IPv6Network`, with `EnableIPv6`)
+//! adds an IPv6 pod subnet of `ipv6SubnetLen` (default 64) per node beside
+//! the IPv4 one. The IPv4 `network` stays required: IPv6-only cluster
+//! networks are not supported. The i-th IPv4 subnet always goes with the
+//! i-th IPv6 subnet ([`NetworkConfig::ipv6_subnet_for`]), so leasing the IPv4
+//! subnet leases the IPv6 one too.
 
-use ipnetwork::Ipv4Network;
+use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde::{Deserialize, Serialize};
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 
 /// IANA's VXLAN port. (flannel's default is the Linux default 8472; set
 /// `port` to keep it.)
@@ -25,10 +32,38 @@ pub struct NetworkConfig {
     pub subnet_len: u8,
     #[serde(alias = "Backend", default)]
     pub backend: BackendConfig,
+    /// flannel's `EnableIPv6`: `false` ignores `ipv6Network`; `true` requires
+    /// it. Absent: dual stack exactly when `ipv6Network` is set.
+    #[serde(
+        rename = "enableIPv6",
+        alias = "EnableIPv6",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub enable_ipv6: Option<bool>,
+    /// The cluster's IPv6 pod network, e.g. fd00:244::/56 (dual stack).
+    #[serde(
+        rename = "ipv6Network",
+        alias = "IPv6Network",
+        default,
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub ipv6_network: Option<Ipv6Network>,
+    /// Prefix length of each node's IPv6 subnet (default 64).
+    #[serde(
+        rename = "ipv6SubnetLen",
+        alias = "IPv6SubnetLen",
+        default = "default_ipv6_subnet_len"
+    )]
+    pub ipv6_subnet_len: u8,
 }
 
 fn default_subnet_len() -> u8 {
     24
+}
+
+fn default_ipv6_subnet_len() -> u8 {
+    64
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -84,10 +119,37 @@ pub enum NetworkConfigError {
     Vni(u32),
     #[error("port must not be 0")]
     Port,
+    #[error(
+        "ipv6SubnetLen {subnet_len} must be longer than the IPv6 network's /{network_len} and at most /120"
+    )]
+    Ipv6SubnetLen { subnet_len: u8, network_len: u8 },
+    #[error(
+        "ipv6Network {network} holds {v6} /{subnet_len} subnets, fewer than the {v4} IPv4 subnets of network {v4_network}: every node's IPv4 subnet needs an IPv6 one (a shorter ipv6Network or a longer ipv6SubnetLen)"
+    )]
+    Ipv6TooSmall {
+        network: Ipv6Network,
+        subnet_len: u8,
+        v6: u128,
+        v4: u64,
+        v4_network: Ipv4Network,
+    },
+    #[error("EnableIPv6 is true but no ipv6Network (IPv6Network) is given")]
+    Ipv6NetworkMissing,
+    #[error(
+        "the IPv4 network is required: IPv6-only cluster networks are not supported (give network beside ipv6Network for dual stack)"
+    )]
+    Ipv6Only,
 }
 
 impl NetworkConfig {
     pub fn from_json(text: &str) -> Result<NetworkConfig, NetworkConfigError> {
+        if let Ok(serde_json::Value::Object(o)) = serde_json::from_str(text)
+            && !o.contains_key("network")
+            && !o.contains_key("Network")
+            && (o.contains_key("ipv6Network") || o.contains_key("IPv6Network"))
+        {
+            return Err(NetworkConfigError::Ipv6Only);
+        }
         let cfg: NetworkConfig =
             serde_json::from_str(text).map_err(|e| NetworkConfigError::Json(e.to_string()))?;
         cfg.validate()?;
@@ -112,7 +174,68 @@ impl NetworkConfig {
         if self.backend.port == 0 {
             return Err(NetworkConfigError::Port);
         }
+        if self.enable_ipv6 == Some(true) && self.ipv6_network.is_none() {
+            return Err(NetworkConfigError::Ipv6NetworkMissing);
+        }
+        if let Some(net6) = self.ipv6() {
+            let network_len = net6.prefix();
+            if self.ipv6_subnet_len <= network_len || self.ipv6_subnet_len > 120 {
+                return Err(NetworkConfigError::Ipv6SubnetLen {
+                    subnet_len: self.ipv6_subnet_len,
+                    network_len,
+                });
+            }
+            let v6 = self.ipv6_subnet_count();
+            if v6 < u128::from(self.subnet_count()) {
+                return Err(NetworkConfigError::Ipv6TooSmall {
+                    network: net6,
+                    subnet_len: self.ipv6_subnet_len,
+                    v6,
+                    v4: self.subnet_count(),
+                    v4_network: self.network,
+                });
+            }
+        }
         Ok(())
+    }
+
+    /// The IPv6 pod network when the config is dual-stack.
+    pub fn ipv6(&self) -> Option<Ipv6Network> {
+        if self.enable_ipv6 == Some(false) {
+            return None;
+        }
+        self.ipv6_network
+    }
+
+    /// How many IPv6 node subnets the IPv6 network holds (saturating).
+    fn ipv6_subnet_count(&self) -> u128 {
+        let Some(net6) = self.ipv6() else { return 0 };
+        let bits = u32::from(self.ipv6_subnet_len.saturating_sub(net6.prefix()));
+        1u128.checked_shl(bits).unwrap_or(u128::MAX)
+    }
+
+    /// The `i`-th IPv6 node subnet.
+    pub fn ipv6_subnet(&self, i: u64) -> Option<Ipv6Network> {
+        let net6 = self.ipv6()?;
+        if u128::from(i) >= self.ipv6_subnet_count() {
+            return None;
+        }
+        let base = u128::from(net6.network());
+        let step = 1u128 << (128 - u32::from(self.ipv6_subnet_len));
+        let addr = base.checked_add(u128::from(i).checked_mul(step)?)?;
+        Ipv6Network::new(Ipv6Addr::from(addr), self.ipv6_subnet_len).ok()
+    }
+
+    /// The IPv6 subnet that goes with the IPv4 node subnet `v4` (the same
+    /// index in both networks); `None` without dual stack or when `v4` is not
+    /// one of this network's subnets.
+    pub fn ipv6_subnet_for(&self, v4: Ipv4Network) -> Option<Ipv6Network> {
+        if !self.holds(v4) {
+            return None;
+        }
+        let offset = u32::from(v4.network()) - u32::from(self.network.network());
+        let i = u64::from(offset >> (32 - u32::from(self.subnet_len)));
+        self.ipv6_subnet(i)
     }
 
     /// How many node subnets the network holds.
@@ -189,6 +312,26 @@ mod tests {
             ),
             (r#"{"network":"10.244.0.0/33"}"#, "JSON"),
             (r#"{"subnetLen":24}"#, "JSON"),
+            (
+                r#"{"ipv6Network":"fd00:244::/56"}"#,
+                "IPv6-only cluster networks are not supported",
+            ),
+            (
+                r#"{"network":"10.244.0.0/16","ipv6Network":"fd00:244::/56","ipv6SubnetLen":56}"#,
+                "ipv6SubnetLen 56",
+            ),
+            (
+                r#"{"network":"10.244.0.0/16","ipv6Network":"fd00:244::/56","ipv6SubnetLen":121}"#,
+                "ipv6SubnetLen 121",
+            ),
+            (
+                r#"{"network":"10.244.0.0/16","ipv6Network":"fd00:244::/60"}"#,
+                "holds 16 /64 subnets, fewer than the 256",
+            ),
+            (
+                r#"{"network":"10.244.0.0/16","EnableIPv6":true}"#,
+                "no ipv6Network",
+            ),
         ];
         for (text, want) in cases {
             let err = NetworkConfig::from_json(text).unwrap_err().to_string();
@@ -206,5 +349,68 @@ mod tests {
         assert!(!cfg.holds("10.244.3.0/25".parse().unwrap()));
         assert!(!cfg.holds("10.245.0.0/24".parse().unwrap()));
         assert_eq!(cfg.subnet(4), None);
+    }
+
+    #[test]
+    fn dual_stack_parses_in_both_spellings_and_maps_subnets_by_index() {
+        let ferry = NetworkConfig::from_json(
+            r#"{"network":"10.244.0.0/16","ipv6Network":"fd00:244::/56","backend":{"type":"vxlan"}}"#,
+        )
+        .unwrap();
+        let flannel = NetworkConfig::from_json(
+            r#"{"Network":"10.244.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:244::/56","IPv6SubnetLen":64,"Backend":{"Type":"vxlan"}}"#,
+        )
+        .unwrap();
+        assert_eq!(ferry.ipv6(), flannel.ipv6());
+        assert_eq!(ferry.ipv6_subnet_len, 64);
+        assert_eq!(
+            NetworkConfig::from_json(&flannel.to_json()).unwrap(),
+            flannel
+        );
+        assert_eq!(NetworkConfig::from_json(&ferry.to_json()).unwrap(), ferry);
+        let v6 = |s: &str| s.parse::<Ipv6Network>().unwrap();
+        let v4 = |s: &str| s.parse::<Ipv4Network>().unwrap();
+        assert_eq!(
+            ferry.ipv6_subnet_for(v4("10.244.1.0/24")),
+            Some(v6("fd00:244:0:1::/64"))
+        );
+        assert_eq!(
+            ferry.ipv6_subnet_for(v4("10.244.255.0/24")),
+            Some(v6("fd00:244:0:ff::/64"))
+        );
+        assert_eq!(ferry.ipv6_subnet_for(v4("10.245.1.0/24")), None);
+        assert_eq!(ferry.ipv6_subnet_for(v4("10.244.1.0/25")), None);
+        // Distinct IPv4 subnets get distinct IPv6 subnets.
+        let all: std::collections::HashSet<Ipv6Network> = ferry
+            .candidates()
+            .map(|s| ferry.ipv6_subnet_for(s).unwrap())
+            .collect();
+        assert_eq!(all.len() as u64, ferry.subnet_count() - 1);
+        // A /16 of /24s fits exactly into a /56 of /64s, not into a /57.
+        assert!(
+            NetworkConfig::from_json(
+                r#"{"network":"10.244.0.0/16","ipv6Network":"fd00:244::/57"}"#
+            )
+            .is_err()
+        );
+        // Big IPv6 networks and long subnets do not overflow.
+        let wide = NetworkConfig::from_json(
+            r#"{"network":"10.0.0.0/8","subnetLen":30,"ipv6Network":"fd00::/8","ipv6SubnetLen":120}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            wide.ipv6_subnet_for(v4("10.0.0.4/30")),
+            Some(v6("fd00::100/120"))
+        );
+        // EnableIPv6 false turns dual stack off; no ipv6Network: IPv4 only.
+        let off = NetworkConfig::from_json(
+            r#"{"network":"10.244.0.0/16","EnableIPv6":false,"IPv6Network":"fd00:244::/56"}"#,
+        )
+        .unwrap();
+        assert_eq!(off.ipv6(), None);
+        assert_eq!(off.ipv6_subnet_for(v4("10.244.1.0/24")), None);
+        let v4only = NetworkConfig::from_json(r#"{"network":"10.244.0.0/16"}"#).unwrap();
+        assert_eq!(v4only.ipv6(), None);
+        assert!(!v4only.to_json().contains("ipv6Network"));
     }
 }

@@ -327,6 +327,10 @@ impl Store {
     ///    compare-and-create (`create_revision == 0`).
     /// 3. else the first free candidate of `cfg`, compare-and-create.
     ///
+    /// In a dual-stack network the lease also holds the IPv6 subnet of the
+    /// IPv4 subnet's index ([`NetworkConfig::ipv6_subnet_for`]): the IPv4
+    /// key's compare-and-create makes both unique.
+    ///
     /// A lost race (compare failed) re-reads and starts over. When nothing
     /// is free: [`StoreError::Exhausted`]. On error the new etcd lease is
     /// revoked. (If this future is dropped half-way, that etcd lease lives
@@ -395,7 +399,7 @@ impl Store {
             if let Some(e) = mine.first()
                 && let Some(subnet) = e.subnet
             {
-                let held = self.held(me, subnet, lease_id);
+                let held = self.held(cfg, me, subnet, lease_id);
                 let cmp = Compare::mod_revision(e.key.clone(), CompareOp::Equal, e.mod_revision);
                 if self.put_if(&held, cmp, "take over").await? {
                     tracing::info!(subnet = %subnet, key = %held.key, "took over this node's lease");
@@ -418,7 +422,7 @@ impl Store {
                     prefix: self.subnets_prefix(),
                 });
             };
-            let held = self.held(me, subnet, lease_id);
+            let held = self.held(cfg, me, subnet, lease_id);
             let cmp = Compare::create_revision(held.key.clone(), CompareOp::Equal, 0);
             if self.put_if(&held, cmp, "create").await? {
                 tracing::info!(subnet = %subnet, key = %held.key, "acquired a subnet");
@@ -432,9 +436,19 @@ impl Store {
         })
     }
 
-    fn held(&self, me: &SubnetLease, subnet: Ipv4Network, lease_id: i64) -> HeldLease {
+    /// The lease `me` holding `subnet` and, in a dual-stack network, the
+    /// IPv6 subnet of the same index: taking the IPv4 key (compare-and-create
+    /// or take-over) takes the IPv6 subnet too, with no key of its own.
+    fn held(
+        &self,
+        cfg: &NetworkConfig,
+        me: &SubnetLease,
+        subnet: Ipv4Network,
+        lease_id: i64,
+    ) -> HeldLease {
         let mut lease = me.clone();
         lease.subnet = Some(subnet);
+        lease.ipv6_subnet = cfg.ipv6_subnet_for(subnet);
         lease.renewed_at = now_unix();
         HeldLease {
             key: self.lease_key(subnet),

@@ -56,6 +56,7 @@ fn peer(i: u32) -> Peer {
             24,
         )
         .unwrap(),
+        subnet6: None,
         public_ip: IpAddr::V4(Ipv4Addr::from(u32::from(Ipv4Addr::new(192, 0, 0, 10)) + i)),
         vtep_mac: Some(Mac::derived(&format!("node-{i}"))),
     }
@@ -101,6 +102,7 @@ async fn local(h: &NsHandle, subnet: &str) -> LocalNode {
     let underlay = find_underlay(h, Some("ul0"), None).await.unwrap();
     LocalNode {
         subnet: net(subnet),
+        subnet6: None,
         underlay,
         vtep_mac: Mac::derived("local"),
     }
@@ -191,6 +193,7 @@ fn vxlan_programs_exactly_the_peers_and_is_idempotent() {
         // The local node's own lease is in the list too, and skipped.
         let own = Peer {
             subnet: me.subnet,
+            subnet6: None,
             public_ip: me.underlay.ip,
             vtep_mac: Some(me.vtep_mac),
         };
@@ -402,6 +405,7 @@ fn direct_routing_and_host_gw_program_plain_routes() {
         let mut peers: Vec<Peer> = (2..=6).map(peer).collect();
         let far = Peer {
             subnet: net("10.244.7.0/24"),
+            subnet6: None,
             public_ip: Ipv4Addr::new(198, 51, 100, 7).into(),
             vtep_mac: Some(Mac::derived("far")),
         };
@@ -726,11 +730,13 @@ fn two_node_ping(backend: BackendConfig, v6: bool) {
         };
         let pa_ = Peer {
             subnet: la.subnet,
+            subnet6: None,
             public_ip: la.underlay.ip,
             vtep_mac: Some(la.vtep_mac),
         };
         let pb_ = Peer {
             subnet: lb.subnet,
+            subnet6: None,
             public_ip: lb.underlay.ip,
             vtep_mac: Some(lb.vtep_mac),
         };
@@ -868,4 +874,166 @@ fn program_many_peers() {
     ns2.exec("ip", &["-batch", dir.join("route").to_str().unwrap()]);
     eprintln!("ip -batch + bridge -batch: {n} peers: {:?}", t.elapsed());
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Peer `i` of a dual-stack network: [`peer`] plus fd00:244:0:<i>::/64.
+fn dual(i: u32) -> Peer {
+    Peer {
+        subnet6: Some(format!("fd00:244:0:{i:x}::/64").parse().unwrap()),
+        ..peer(i)
+    }
+}
+
+/// (IPv6 neighbours of `dev`, ferry's IPv6 routes), sorted, as strings.
+async fn kernel_state6(h: &NsHandle, dev: &str) -> (Vec<String>, Vec<String>) {
+    let mut neigh = Vec::new();
+    if let Some(l) = h.link_by_name(dev).await.unwrap() {
+        for n in h.neighbours6(l.index).await.unwrap() {
+            if n.state == NeighState::NoArp {
+                continue;
+            }
+            assert_eq!(n.state, NeighState::Permanent, "{n:?}");
+            neigh.push(format!("{} {}", n.ip, Mac(n.mac.unwrap())));
+        }
+    }
+    let mut routes: Vec<String> = h
+        .ipv6_routes(RouteFilter {
+            protocol: Some(FERRY_ROUTE_PROTO),
+            oif: None,
+        })
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| {
+            format!(
+                "{} via {} dev #{}{}",
+                r.dst,
+                r.gw.unwrap(),
+                r.oif,
+                if r.onlink { " onlink" } else { "" }
+            )
+        })
+        .collect();
+    neigh.sort();
+    routes.sort();
+    (neigh, routes)
+}
+
+#[test]
+fn vxlan_dual_stack_programs_and_cleans_ipv6_entries() {
+    if !require_root() {
+        return;
+    }
+    let ns = node_ns("192.0.0.1/16");
+    block_on(async {
+        let h = NsHandle::new(ns.netns())?;
+        let me = LocalNode {
+            subnet6: Some("fd00:244:0:1::/64".parse().unwrap()),
+            ..local(&h, "10.244.1.0/24").await
+        };
+        for (backend, direct) in [(vxlan(false), false), (vxlan(true), true)] {
+            let mut dp = Dataplane::new(h.clone(), &backend, me.clone());
+            // Peers 2..=6 dual-stack, 7 an old node without an IPv6 subnet.
+            let mut peers: Vec<Peer> = (2..=6).map(dual).collect();
+            peers.push(peer(7));
+            let r = dp.reconcile(&peers).await.unwrap();
+            assert_eq!(r.peers_programmed, 6, "{r:?}");
+            assert_eq!(r.failed, 0);
+            let vx = h.link_by_name("ferry.1").await?.unwrap();
+            let mut addrs = h.addresses(vx.index).await?;
+            addrs.sort();
+            assert_eq!(
+                addrs,
+                vec![
+                    "10.244.1.0/32".parse().unwrap(),
+                    "fd00:244:0:1::/128".parse().unwrap()
+                ]
+            );
+            // IPv4 as before (directRouting: peers on the segment go direct).
+            let (neigh, fdb, routes) = kernel_state(&h, "ferry.1").await;
+            if direct {
+                assert!(neigh.is_empty(), "{neigh:?}");
+                assert_eq!(routes, expected_plain(&peers, me.underlay.index));
+                // The fdb entries stay: IPv6 goes through the tunnel.
+                assert_eq!(fdb, expected_vxlan(&peers[..5], vx.index).1);
+            } else {
+                assert_eq!((neigh, fdb, routes), expected_vxlan(&peers, vx.index));
+            }
+            // IPv6: a neighbour and an onlink route per dual-stack peer.
+            let mut want_neigh: Vec<String> = peers[..5]
+                .iter()
+                .map(|p| format!("{} {}", p.subnet6.unwrap().network(), p.vtep_mac.unwrap()))
+                .collect();
+            want_neigh.sort();
+            let mut want_routes: Vec<String> = peers[..5]
+                .iter()
+                .map(|p| {
+                    let s6 = p.subnet6.unwrap();
+                    format!("{s6} via {} dev #{} onlink", s6.network(), vx.index)
+                })
+                .collect();
+            want_routes.sort();
+            assert_eq!(
+                kernel_state6(&h, "ferry.1").await,
+                (want_neigh, want_routes)
+            );
+            let shown = ns.exec("ip", &["-6", "route", "show", "fd00:244:0:2::/64"]);
+            assert!(
+                shown.contains("via fd00:244:0:2:: dev ferry.1 proto 70")
+                    && shown.contains("onlink"),
+                "{shown}"
+            );
+
+            // Twice: nothing to do.
+            let r = dp.reconcile(&peers).await.unwrap();
+            assert_eq!((r.added, r.removed, r.peers_programmed), (0, 0, 6), "{r:?}");
+
+            // Drift: a deleted IPv6 route and neighbour come back.
+            ns.exec("ip", &["-6", "route", "del", "fd00:244:0:3::/64"]);
+            ns.exec(
+                "ip",
+                &["-6", "neigh", "del", "fd00:244:0:4::", "dev", "ferry.1"],
+            );
+            let r = dp.reconcile(&peers).await.unwrap();
+            assert_eq!((r.added, r.removed), (2, 0), "{r:?}");
+
+            // A peer leaves: its IPv6 entries go; all leave: nothing is left.
+            let r = dp.reconcile(&peers[1..]).await.unwrap();
+            assert_eq!(r.peers_programmed, 5);
+            let (n6, r6) = kernel_state6(&h, "ferry.1").await;
+            assert_eq!((n6.len(), r6.len()), (4, 4));
+            assert!(!r6.iter().any(|r| r.starts_with("fd00:244:0:2::/64")));
+            dp.reconcile(&[]).await.unwrap();
+            assert_eq!(kernel_state6(&h, "ferry.1").await, (vec![], vec![]));
+            assert_eq!(kernel_state(&h, "ferry.1").await, (vec![], vec![], vec![]));
+            // A foreign IPv6 route is never touched.
+            ns.exec("ip", &["-6", "route", "add", "fd99::/64", "dev", "ul0"]);
+            dp.reconcile(&peers).await.unwrap();
+            dp.reconcile(&[]).await.unwrap();
+            let shown = ns.exec("ip", &["-6", "route", "show", "fd99::/64"]);
+            assert!(shown.contains("fd99::/64"), "{shown}");
+            ns.exec("ip", &["-6", "route", "del", "fd99::/64"]);
+        }
+
+        // A local node without an IPv6 subnet (IPv4-only network) drops the
+        // device's IPv6 address and programs no IPv6 entries.
+        let v4 = local(&h, "10.244.1.0/24").await;
+        let mut dp = Dataplane::new(h.clone(), &vxlan(false), v4);
+        let peers: Vec<Peer> = (2..=4).map(dual).collect();
+        dp.reconcile(&peers).await.unwrap();
+        let vx = h.link_by_name("ferry.1").await?.unwrap();
+        assert_eq!(
+            h.addresses(vx.index).await?,
+            vec!["10.244.1.0/32".parse().unwrap()]
+        );
+        assert_eq!(kernel_state6(&h, "ferry.1").await, (vec![], vec![]));
+
+        // host-gw routes IPv4 only (over an IPv4 underlay).
+        let mut dp = Dataplane::new(h.clone(), &host_gw(), me.clone());
+        let r = dp.reconcile(&peers).await.unwrap();
+        assert_eq!((r.peers_programmed, r.failed), (3, 0));
+        assert_eq!(kernel_state6(&h, "ferry.1").await.1, Vec::<String>::new());
+        Ok(())
+    })
+    .unwrap();
 }

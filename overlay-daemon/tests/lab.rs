@@ -439,3 +439,120 @@ fn twenty_daemons_started_at_once_get_twenty_subnets() {
     assert!(text.contains("leases at revision"), "{text}");
     assert_eq!(text.matches("\"node\":").count(), 20, "{text}");
 }
+
+const VXLAN_DUAL: &str = r#"{"network":"10.244.0.0/16","subnetLen":24,"ipv6Network":"fd00:244::/56","backend":{"type":"vxlan","vni":1}}"#;
+
+/// `FERRY_IPV6_SUBNET` of node `i`'s subnet.env (`fd00:244:0:3::1/64`).
+fn ipv6_subnet_env(lab: &Lab, i: usize) -> String {
+    let text = std::fs::read_to_string(lab.nodes[i].dir.join("subnet.env")).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("FERRY_IPV6_SUBNET="))
+        .unwrap_or_else(|| panic!("no FERRY_IPV6_SUBNET in {text}"))
+        .to_string()
+}
+
+#[test]
+fn dual_stack_vxlan_every_pod_reaches_every_pod_over_both_families() {
+    if !can_run() {
+        return;
+    }
+    let lab = lab(VXLAN_DUAL, 3, 2);
+    assert_full_matrix(&lab);
+    let failed = lab.ping_matrix6(3);
+    assert!(
+        failed.is_empty(),
+        "unreachable pod pairs over IPv6 {failed:?}\nn1 log:\n{}",
+        lab.ferryd_log(0)
+    );
+
+    // Each node's IPv6 subnet is the one of its IPv4 subnet's index, and its
+    // pods' addresses come from it.
+    for i in 0..3 {
+        let v4 = subnet_of(&lab, i);
+        let third: u32 = v4.split('.').nth(2).unwrap().parse().unwrap();
+        assert_eq!(
+            ipv6_subnet_env(&lab, i),
+            format!("fd00:244:0:{third:x}::1/64")
+        );
+        for p in &lab.nodes[i].pods {
+            let ip6 = p.ip6.expect("dual-stack pod");
+            assert!(
+                ip6.to_string()
+                    .starts_with(&format!("fd00:244:0:{third:x}::")),
+                "{ip6} in node {i} with {v4}"
+            );
+        }
+    }
+    let conflist: Value =
+        serde_json::from_str(&std::fs::read_to_string(lab.conflist(0)).unwrap()).unwrap();
+    assert_eq!(
+        conflist["plugins"][0]["ipMasqExclude"],
+        serde_json::json!(["10.244.0.0/16", "fd00:244::/56"]),
+        "{conflist}"
+    );
+
+    // n1: its own /128 on the device, per peer an IPv6 neighbour and an
+    // onlink route through ferry.1 with protocol 70.
+    let n1 = &lab.nodes[0].ns;
+    let addrs = n1.exec("ip", &["-6", "addr", "show", "dev", "ferry.1"]);
+    let own = ipv6_subnet_env(&lab, 0).replace("::1/64", "::/128");
+    assert!(addrs.contains(&own), "{own}: {addrs}");
+    let r6 = n1.exec("ip", &["-6", "route", "show", "proto", "70"]);
+    let neigh6 = n1.exec("ip", &["-6", "neigh", "show", "dev", "ferry.1"]);
+    for peer in [1, 2] {
+        let gw = ipv6_subnet_env(&lab, peer).replace("::1/64", "::");
+        let subnet = ipv6_subnet_env(&lab, peer).replace("::1/64", "::/64");
+        assert!(
+            r6.contains(&format!("{subnet} via {gw} dev ferry.1")),
+            "{subnet}: {r6}"
+        );
+        assert!(neigh6.contains(&format!("{gw} lladdr")), "{gw}: {neigh6}");
+        assert!(neigh6.contains("PERMANENT"), "{neigh6}");
+    }
+
+    // A node leaving takes its IPv6 routes along.
+    let out = lab.ferryd_cli(&["remove-node", "n3"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let gone = ipv6_subnet_env(&lab, 2).replace("::1/64", "::/64");
+    assert!(
+        wait_until(Duration::from_secs(10), || !n1
+            .exec("ip", &["-6", "route", "show", "proto", "70"])
+            .contains(&gone)),
+        "{gone} still routed on n1"
+    );
+}
+
+#[test]
+fn dual_stack_direct_routing_over_an_ipv6_underlay_routes_ipv6_pods_directly() {
+    if !can_run() {
+        return;
+    }
+    let network = r#"{"network":"10.244.0.0/16","ipv6Network":"fd00:244::/56","backend":{"type":"vxlan","directRouting":true}}"#;
+    let lab = lab_over(network, Underlay::V6, 3, 1);
+    assert_full_matrix(&lab);
+    let failed = lab.ping_matrix6(3);
+    assert!(
+        failed.is_empty(),
+        "unreachable pod pairs over IPv6 {failed:?}\nn1 log:\n{}",
+        lab.ferryd_log(0)
+    );
+    // IPv6 pod subnets via the peer's underlay address; IPv4 through the tunnel.
+    let n1 = &lab.nodes[0].ns;
+    let r6 = n1.exec("ip", &["-6", "route", "show", "proto", "70"]);
+    for peer in [1, 2] {
+        let subnet = ipv6_subnet_env(&lab, peer).replace("::1/64", "::/64");
+        let via = format!(
+            "{subnet} via {} dev eth0",
+            underlay_ip6(12 + peer as u8 - 1)
+        );
+        assert!(r6.contains(&via), "{via}: {r6}");
+        let route = route_to(&routes(n1), &subnet_of(&lab, peer))
+            .cloned()
+            .unwrap();
+        assert_eq!(route["dev"], "ferry.1", "{route}");
+    }
+}

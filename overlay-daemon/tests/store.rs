@@ -56,6 +56,7 @@ fn node(name: &str, i: u8) -> SubnetLease {
         backend: BackendType::Vxlan,
         vtep_mac: Some(Mac::derived(name)),
         renewed_at: 0,
+        ipv6_subnet: None,
     }
 }
 
@@ -181,6 +182,49 @@ async fn acquire_gives_a_valid_subnet_stored_with_an_etcd_lease() {
     let (leases, rev) = s.list_leases().await.unwrap();
     assert_eq!(leases, vec![held.lease.clone()]);
     assert!(rev > 0);
+}
+
+#[tokio::test]
+async fn dual_stack_leases_carry_the_ipv6_subnet_of_the_same_index() {
+    let Some(etcd) = etcd() else { return };
+    let s = store(&etcd).await;
+    let c = cfg(
+        r#"{"network":"10.244.0.0/16","subnetLen":24,"ipv6Network":"fd00:244::/56","backend":{"type":"vxlan"}}"#,
+    );
+    s.put_network_config(&c).await.unwrap();
+    assert_eq!(s.network_config().await.unwrap(), c);
+    let a = acquire(&s, &c, &node("node-a", 1), None).await;
+    let b = acquire(&s, &c, &node("node-b", 2), net("10.244.7.0/24").into()).await;
+    assert_eq!(a.lease.subnet, Some(net("10.244.1.0/24")));
+    assert_eq!(
+        a.lease.ipv6_subnet,
+        Some("fd00:244:0:1::/64".parse().unwrap())
+    );
+    assert_eq!(b.lease.subnet, Some(net("10.244.7.0/24")));
+    assert_eq!(
+        b.lease.ipv6_subnet,
+        Some("fd00:244:0:7::/64".parse().unwrap())
+    );
+    // Stored in the value, under the unchanged IPv4 key.
+    assert_eq!(a.key, "/ferry-test/network/subnets/10.244.1.0-24");
+    let (value, _) = raw_get(s.client(), &a.key).await.unwrap();
+    assert!(
+        String::from_utf8_lossy(&value).contains(r#""ipv6Subnet":"fd00:244:0:1::/64""#),
+        "{}",
+        String::from_utf8_lossy(&value)
+    );
+    // A restart takes its lease over with the same IPv6 subnet.
+    let again = acquire(&s, &c, &node("node-a", 9), None).await;
+    assert_eq!(again.lease.ipv6_subnet, a.lease.ipv6_subnet);
+    let (leases, _) = s.list_leases().await.unwrap();
+    let v6: BTreeSet<_> = leases.iter().map(|l| l.ipv6_subnet).collect();
+    assert_eq!(v6.len(), 2);
+    // An IPv4-only network: no IPv6 subnet, nothing in the value.
+    let c4 = cluster();
+    let d = acquire(&s, &c4, &node("node-d", 4), None).await;
+    assert_eq!(d.lease.ipv6_subnet, None);
+    let (value, _) = raw_get(s.client(), &d.key).await.unwrap();
+    assert!(!String::from_utf8_lossy(&value).contains("ipv6"));
 }
 
 #[tokio::test]

@@ -77,6 +77,8 @@ pub struct LabPod {
     pub id: String,
     pub ns: TestNetns,
     pub ip: Ipv4Addr,
+    /// Its IPv6 address, in a dual-stack network (`ipv6Network`).
+    pub ip6: Option<Ipv6Addr>,
 }
 
 impl Lab {
@@ -440,8 +442,14 @@ impl Lab {
             .and_then(|a| a.split('/').next())
             .and_then(|a| a.parse().ok())
             .unwrap_or_else(|| panic!("no IPv4 in {result}"));
+        let ip6: Option<Ipv6Addr> = result["ips"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a["address"].as_str()?.split('/').next()?.parse().ok())
+            .next();
         let node = &mut self.nodes[i];
-        node.pods.push(LabPod { id, ns, ip });
+        node.pods.push(LabPod { id, ns, ip, ip6 });
         node.pods.len() - 1
     }
 
@@ -472,6 +480,25 @@ impl Lab {
             for &b in &pods {
                 let (pa, pb) = (self.pod(a), self.pod(b));
                 if !pa.ns.ping(pb.ip.into(), tries) {
+                    failed.push((pa.id.clone(), pb.id.clone()));
+                }
+            }
+        }
+        failed
+    }
+
+    /// [`Self::ping_matrix`] over IPv6 (dual stack): every pod must have an
+    /// IPv6 address; returns the failed pairs by pod id.
+    pub fn ping_matrix6(&self, tries: u32) -> Vec<(String, String)> {
+        let pods = self.all_pods();
+        let mut failed = Vec::new();
+        for &a in &pods {
+            for &b in &pods {
+                let (pa, pb) = (self.pod(a), self.pod(b));
+                let ip6 = pb
+                    .ip6
+                    .unwrap_or_else(|| panic!("pod {} has no IPv6 address", pb.id));
+                if !pa.ns.ping(ip6.into(), tries) {
                     failed.push((pa.id.clone(), pb.id.clone()));
                 }
             }

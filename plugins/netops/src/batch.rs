@@ -22,14 +22,14 @@
 //! the caller retries them.
 
 use crate::neigh::{fdb_key, mac_str, neighbour_key, permanent_fdb, permanent_neighbour};
-use crate::{FdbEntry, Ipv4Route, NetNs, NetopsError, NsHandle, Result, in_netns};
+use crate::{FdbEntry, Ipv4Route, Ipv6Route, NetNs, NetopsError, NsHandle, Result, in_netns};
 use rtnetlink::packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
 };
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -56,6 +56,18 @@ pub enum BatchOp {
     DeleteFdb(FdbEntry),
     /// `ip neigh del <ip> dev <ifindex>`.
     DeleteNeighbour { ifindex: u32, ip: Ipv4Addr },
+    /// `ip -6 neigh replace <ip> lladdr <mac> dev <ifindex> nud permanent`.
+    ReplaceNeighbour6 {
+        ifindex: u32,
+        ip: Ipv6Addr,
+        mac: [u8; 6],
+    },
+    /// `ip -6 neigh del <ip> dev <ifindex>`.
+    DeleteNeighbour6 { ifindex: u32, ip: Ipv6Addr },
+    /// `ip -6 route replace <route>` with its protocol.
+    ReplaceRoute6(Ipv6Route),
+    /// `ip -6 route del <route>` (protocol included).
+    DeleteRoute6(Ipv6Route),
 }
 
 impl BatchOp {
@@ -64,8 +76,26 @@ impl BatchOp {
         let delete = NLM_F_REQUEST | NLM_F_ACK;
         let (inner, flags) = match self {
             BatchOp::ReplaceNeighbour { ifindex, ip, mac } => (
-                RouteNetlinkMessage::NewNeighbour(permanent_neighbour(*ifindex, *ip, *mac)),
+                RouteNetlinkMessage::NewNeighbour(permanent_neighbour(
+                    *ifindex,
+                    IpAddr::V4(*ip),
+                    *mac,
+                )),
                 create,
+            ),
+            BatchOp::ReplaceNeighbour6 { ifindex, ip, mac } => (
+                RouteNetlinkMessage::NewNeighbour(permanent_neighbour(
+                    *ifindex,
+                    IpAddr::V6(*ip),
+                    *mac,
+                )),
+                create,
+            ),
+            BatchOp::ReplaceRoute6(r) => (RouteNetlinkMessage::NewRoute(r.message()), create),
+            BatchOp::DeleteRoute6(r) => (RouteNetlinkMessage::DelRoute(r.message()), delete),
+            BatchOp::DeleteNeighbour6 { ifindex, ip } => (
+                RouteNetlinkMessage::DelNeighbour(neighbour_key(*ifindex, IpAddr::V6(*ip))),
+                delete,
             ),
             BatchOp::ReplaceFdb { ifindex, mac, dst } => (
                 RouteNetlinkMessage::NewNeighbour(permanent_fdb(*ifindex, *mac, *dst)),
@@ -75,7 +105,7 @@ impl BatchOp {
             BatchOp::DeleteRoute(r) => (RouteNetlinkMessage::DelRoute(r.message()), delete),
             BatchOp::DeleteFdb(e) => (RouteNetlinkMessage::DelNeighbour(fdb_key(e)), delete),
             BatchOp::DeleteNeighbour { ifindex, ip } => (
-                RouteNetlinkMessage::DelNeighbour(neighbour_key(*ifindex, *ip)),
+                RouteNetlinkMessage::DelNeighbour(neighbour_key(*ifindex, IpAddr::V4(*ip))),
                 delete,
             ),
         };
@@ -87,8 +117,10 @@ impl BatchOp {
     /// The errno that means "was not there" for a delete.
     fn absent(&self) -> Option<i32> {
         match self {
-            BatchOp::DeleteRoute(_) => Some(libc::ESRCH),
-            BatchOp::DeleteFdb(_) | BatchOp::DeleteNeighbour { .. } => Some(libc::ENOENT),
+            BatchOp::DeleteRoute(_) | BatchOp::DeleteRoute6(_) => Some(libc::ESRCH),
+            BatchOp::DeleteFdb(_)
+            | BatchOp::DeleteNeighbour { .. }
+            | BatchOp::DeleteNeighbour6 { .. } => Some(libc::ENOENT),
             _ => None,
         }
     }
@@ -119,6 +151,17 @@ impl BatchOp {
             BatchOp::DeleteNeighbour { ifindex, ip } => {
                 format!("delete neighbour {ip} dev #{ifindex}")
             }
+            BatchOp::ReplaceNeighbour6 { ifindex, ip, mac } => {
+                format!(
+                    "replace neighbour {ip} lladdr {} dev #{ifindex}",
+                    mac_str(mac)
+                )
+            }
+            BatchOp::DeleteNeighbour6 { ifindex, ip } => {
+                format!("delete neighbour {ip} dev #{ifindex}")
+            }
+            BatchOp::ReplaceRoute6(r) => format!("replace route {}", r.describe()),
+            BatchOp::DeleteRoute6(r) => format!("delete route {}", r.describe()),
         }
     }
 }

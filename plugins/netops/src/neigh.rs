@@ -13,13 +13,23 @@ use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// An IPv4 neighbour entry of a link (`ip -4 neigh show dev <link>`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Neighbour {
     pub ifindex: u32,
     pub ip: Ipv4Addr,
+    /// Absent for unresolved entries (INCOMPLETE, FAILED).
+    pub mac: Option<[u8; 6]>,
+    pub state: NeighState,
+}
+
+/// An IPv6 neighbour entry of a link (`ip -6 neigh show dev <link>`).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Neighbour6 {
+    pub ifindex: u32,
+    pub ip: Ipv6Addr,
     /// Absent for unresolved entries (INCOMPLETE, FAILED).
     pub mac: Option<[u8; 6]>,
     pub state: NeighState,
@@ -62,7 +72,7 @@ pub(crate) fn mac_str(m: &[u8]) -> String {
 
 /// The message of `ip neigh replace <ip> lladdr <mac> dev <ifindex> nud
 /// permanent` (what [`NsHandle::replace_neighbour`] sends; batches send it too).
-pub(crate) fn permanent_neighbour(ifindex: u32, ip: Ipv4Addr, mac: [u8; 6]) -> NeighbourMessage {
+pub(crate) fn permanent_neighbour(ifindex: u32, ip: IpAddr, mac: [u8; 6]) -> NeighbourMessage {
     let mut msg = neighbour_key(ifindex, ip);
     msg.header.state = NeighbourState::Permanent;
     msg.attributes
@@ -71,12 +81,15 @@ pub(crate) fn permanent_neighbour(ifindex: u32, ip: Ipv4Addr, mac: [u8; 6]) -> N
 }
 
 /// The message naming neighbour `<ip> dev <ifindex>` (for a delete).
-pub(crate) fn neighbour_key(ifindex: u32, ip: Ipv4Addr) -> NeighbourMessage {
+pub(crate) fn neighbour_key(ifindex: u32, ip: IpAddr) -> NeighbourMessage {
     let mut msg = NeighbourMessage::default();
-    msg.header.family = AddressFamily::Inet;
+    msg.header.family = match ip {
+        IpAddr::V4(_) => AddressFamily::Inet,
+        IpAddr::V6(_) => AddressFamily::Inet6,
+    };
     msg.header.ifindex = ifindex;
     msg.attributes
-        .push(NeighbourAttribute::Destination(NeighbourAddress::Inet(ip)));
+        .push(NeighbourAttribute::Destination(neigh_addr(ip)));
     msg
 }
 
@@ -115,6 +128,14 @@ pub(crate) fn fdb_key(entry: &FdbEntry) -> NeighbourMessage {
     msg
 }
 
+fn neigh_state(s: NeighbourState) -> NeighState {
+    match s {
+        NeighbourState::Permanent => NeighState::Permanent,
+        NeighbourState::Noarp => NeighState::NoArp,
+        _ => NeighState::Dynamic,
+    }
+}
+
 fn neigh_addr(ip: IpAddr) -> NeighbourAddress {
     match ip {
         IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
@@ -144,12 +165,82 @@ impl NsHandle {
 
     /// `ip neigh del <ip> dev <ifindex>`; `Ok(false)` when it was not there.
     pub async fn delete_neighbour(&self, ifindex: u32, ip: Ipv4Addr) -> Result<bool> {
-        let msg = neighbour_key(ifindex, ip);
+        let msg = neighbour_key(ifindex, IpAddr::V4(ip));
         match self.handle.neighbours().del(msg).execute().await {
             Ok(()) => Ok(true),
             Err(e) if is_errno(&e, libc::ENOENT) => Ok(false),
             Err(e) => Err(self.err("delete neighbour", format!("{ip} dev #{ifindex}"), e)),
         }
+    }
+
+    /// `ip -6 neigh replace <ip> lladdr <mac> dev <ifindex> nud permanent`.
+    pub async fn replace_neighbour6(&self, ifindex: u32, ip: Ipv6Addr, mac: [u8; 6]) -> Result<()> {
+        self.handle
+            .neighbours()
+            .add(ifindex, IpAddr::V6(ip))
+            .link_layer_address(&mac)
+            .state(NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| {
+                self.err(
+                    "replace neighbour",
+                    format!("{ip} lladdr {} dev #{ifindex}", mac_str(&mac)),
+                    e,
+                )
+            })
+    }
+
+    /// `ip -6 neigh del <ip> dev <ifindex>`; `Ok(false)` when it was not there.
+    pub async fn delete_neighbour6(&self, ifindex: u32, ip: Ipv6Addr) -> Result<bool> {
+        let msg = neighbour_key(ifindex, IpAddr::V6(ip));
+        match self.handle.neighbours().del(msg).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if is_errno(&e, libc::ENOENT) => Ok(false),
+            Err(e) => Err(self.err("delete neighbour", format!("{ip} dev #{ifindex}"), e)),
+        }
+    }
+
+    /// The IPv6 neighbours of link `ifindex`, from one dump.
+    pub async fn neighbours6(&self, ifindex: u32) -> Result<Vec<Neighbour6>> {
+        let mut req = self
+            .handle
+            .neighbours()
+            .get()
+            .set_address_family(AddressFamily::Inet6);
+        req.message_mut()
+            .attributes
+            .push(NeighbourAttribute::IfIndex(ifindex));
+        let mut stream = req.execute();
+        let mut out = Vec::new();
+        while let Some(m) = stream
+            .try_next()
+            .await
+            .map_err(|e| self.err("list IPv6 neighbours", format!("#{ifindex}"), e))?
+        {
+            if m.header.ifindex != ifindex || m.header.family != AddressFamily::Inet6 {
+                continue;
+            }
+            let mut ip = None;
+            let mut mac = None;
+            for a in &m.attributes {
+                match a {
+                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => ip = Some(*v6),
+                    NeighbourAttribute::LinkLayerAddress(l) => mac = mac6(l),
+                    _ => {}
+                }
+            }
+            if let Some(ip) = ip {
+                out.push(Neighbour6 {
+                    ifindex,
+                    ip,
+                    mac,
+                    state: neigh_state(m.header.state),
+                });
+            }
+        }
+        Ok(out)
     }
 
     /// The IPv4 neighbours of link `ifindex`, from one dump (the kernel
@@ -182,11 +273,7 @@ impl NsHandle {
                     _ => {}
                 }
             }
-            let state = match m.header.state {
-                NeighbourState::Permanent => NeighState::Permanent,
-                NeighbourState::Noarp => NeighState::NoArp,
-                _ => NeighState::Dynamic,
-            };
+            let state = neigh_state(m.header.state);
             if let Some(ip) = ip {
                 out.push(Neighbour {
                     ifindex,
