@@ -1049,11 +1049,14 @@ fn relevant(ev: &KernelEvent) -> bool {
     const MAIN_TABLE: u32 = 254;
     match ev {
         KernelEvent::Link { .. } | KernelEvent::Overrun => true,
-        KernelEvent::Ipv4Route { table, .. } => *table == MAIN_TABLE,
+        KernelEvent::Ipv4Route { table, .. } | KernelEvent::Ipv6Route { table, .. } => {
+            *table == MAIN_TABLE
+        }
         KernelEvent::Neighbour {
             fdb,
             own,
             ipv4,
+            ipv6,
             permanent,
             deleted,
             ..
@@ -1061,7 +1064,7 @@ fn relevant(ev: &KernelEvent) -> bool {
             if *fdb {
                 *own
             } else {
-                *ipv4 && (*permanent || *deleted)
+                (*ipv4 || *ipv6) && (*permanent || *deleted)
             }
         }
     }

@@ -28,7 +28,13 @@ fn lab(network: &str, nodes: usize, pods: usize) -> Lab {
 
 /// [`lab`] with the nodes' underlay of `family`.
 fn lab_over(network: &str, family: Underlay, nodes: usize, pods: usize) -> Lab {
+    lab_with(network, family, nodes, pods, &["--resync-interval", "1"])
+}
+
+/// [`lab_over`] with these ferryd arguments on every node.
+fn lab_with(network: &str, family: Underlay, nodes: usize, pods: usize, args: &[&str]) -> Lab {
     let mut lab = Lab::new_with(network, family);
+    lab.ferryd_args = args.iter().map(|a| a.to_string()).collect();
     for _ in 0..nodes {
         lab.add_node();
     }
@@ -456,7 +462,8 @@ fn dual_stack_vxlan_every_pod_reaches_every_pod_over_both_families() {
     if !can_run() {
         return;
     }
-    let lab = lab(VXLAN_DUAL, 3, 2);
+    // A long periodic pass: the IPv6 drift below must be seen from netlink.
+    let lab = lab_with(VXLAN_DUAL, Underlay::V4, 3, 2, &["--resync-interval", "60"]);
     assert_full_matrix(&lab);
     let failed = lab.ping_matrix6(3);
     assert!(
@@ -509,6 +516,19 @@ fn dual_stack_vxlan_every_pod_reaches_every_pod_over_both_families() {
         assert!(neigh6.contains(&format!("{gw} lladdr")), "{gw}: {neigh6}");
         assert!(neigh6.contains("PERMANENT"), "{neigh6}");
     }
+
+    // IPv6 drift is repaired from netlink events, not only by the periodic
+    // pass (60 s here).
+    let peer6 = ipv6_subnet_env(&lab, 1).replace("::1/64", "::/64");
+    n1.exec("ip", &["-6", "route", "del", &peer6]);
+    let t = std::time::Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(2), || n1
+            .exec("ip", &["-6", "route", "show", "proto", "70"])
+            .contains(&peer6)),
+        "deleted IPv6 route {peer6} not back within 2 s"
+    );
+    eprintln!("IPv6 route repaired in {:?}", t.elapsed());
 
     // A node leaving takes its IPv6 routes along.
     let out = lab.ferryd_cli(&["remove-node", "n3"]);

@@ -12,7 +12,7 @@ use futures::channel::mpsc::UnboundedReceiver;
 use rtnetlink::packet_core::{NetlinkMessage, NetlinkPayload};
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::packet_route::neighbour::{NeighbourFlags, NeighbourState};
-use rtnetlink::packet_route::{AddressFamily, route::RouteMessage};
+use rtnetlink::packet_route::{AddressFamily, route::RouteAttribute, route::RouteMessage};
 use rtnetlink::sys::{Socket, SocketAddr, TokioSocket, protocols::NETLINK_ROUTE};
 use std::os::fd::{FromRawFd, IntoRawFd};
 
@@ -20,6 +20,7 @@ use std::os::fd::{FromRawFd, IntoRawFd};
 const RTNLGRP_LINK: u32 = 1;
 const RTNLGRP_NEIGH: u32 = 3;
 const RTNLGRP_IPV4_ROUTE: u32 = 7;
+const RTNLGRP_IPV6_ROUTE: u32 = 11;
 
 /// Receive buffer asked for: a reconcile of thousands of entries makes as
 /// many notifications at once. (The kernel caps it at `net.core.rmem_max`;
@@ -39,6 +40,8 @@ pub enum KernelEvent {
         table: u32,
         deleted: bool,
     },
+    /// RTM_NEWROUTE / RTM_DELROUTE of an IPv6 route (dual-stack pod subnets).
+    Ipv6Route { table: u32, deleted: bool },
     /// RTM_NEWNEIGH / RTM_DELNEIGH. `fdb` for bridge-family (fdb) entries,
     /// `own` for NTF_SELF ones (a VXLAN device's own fdb, not a bridge's
     /// learned MACs), `ipv4` for ARP entries. A deleted entry is reported
@@ -48,6 +51,8 @@ pub enum KernelEvent {
         fdb: bool,
         own: bool,
         ipv4: bool,
+        /// An NDP entry.
+        ipv6: bool,
         permanent: bool,
         deleted: bool,
     },
@@ -73,9 +78,14 @@ impl Monitor {
         let name = ns.map_or("host".to_string(), |n| n.path().display().to_string());
         let open = || -> std::io::Result<Socket> {
             let mut s = Socket::new(NETLINK_ROUTE)?;
-            let groups = [RTNLGRP_LINK, RTNLGRP_NEIGH, RTNLGRP_IPV4_ROUTE]
-                .iter()
-                .fold(0u32, |m, g| m | (1 << (g - 1)));
+            let groups = [
+                RTNLGRP_LINK,
+                RTNLGRP_NEIGH,
+                RTNLGRP_IPV4_ROUTE,
+                RTNLGRP_IPV6_ROUTE,
+            ]
+            .iter()
+            .fold(0u32, |m, g| m | (1 << (g - 1)));
             s.bind(&SocketAddr::new(0, groups))?;
             // Best effort: the default (~200 KiB) still works, with overruns.
             let _ = s.set_rx_buf_sz(RCVBUF);
@@ -136,6 +146,7 @@ fn event_of(msg: NetlinkMessage<RouteNetlinkMessage>) -> Option<KernelEvent> {
                 fdb: n.header.family == AddressFamily::Bridge,
                 own: n.header.flags.contains(NeighbourFlags::Own),
                 ipv4: n.header.family == AddressFamily::Inet,
+                ipv6: n.header.family == AddressFamily::Inet6,
                 permanent: n.header.state == NeighbourState::Permanent,
                 deleted: matches!(msg_kind(&msg.header), Kind::Del),
             }
@@ -158,6 +169,17 @@ fn msg_kind(h: &rtnetlink::packet_core::NetlinkHeader) -> Kind {
 }
 
 fn route_event(r: &RouteMessage, deleted: bool) -> Option<KernelEvent> {
+    if r.header.address_family == AddressFamily::Inet6 {
+        let table = r
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Table(t) => Some(*t),
+                _ => None,
+            })
+            .unwrap_or(u32::from(r.header.table));
+        return Some(KernelEvent::Ipv6Route { table, deleted });
+    }
     if r.header.address_family != AddressFamily::Inet {
         return None;
     }
