@@ -268,7 +268,19 @@ fn a_removed_node_disappears_from_every_other_node() {
     let gone = subnet_of(&lab, 2);
     let gone_ip = underlay_ip(13).to_string();
     assert!(has_entries_for(&lab, 0, &gone, &gone_ip));
-    lab.stop_ferryd(2, Signal::SIGTERM);
+    // SIGTERM: a clean exit that leaves the data path as it is.
+    assert_eq!(
+        lab.stop_ferryd(2, Signal::SIGTERM),
+        Some(0),
+        "{}",
+        lab.ferryd_log(2)
+    );
+    let n1_subnet = subnet_of(&lab, 0);
+    assert!(
+        route_to(&routes(&lab.nodes[2].ns), &n1_subnet).is_some(),
+        "n3 kept its route to n1 after SIGTERM"
+    );
+    assert!(lab.nodes[2].ns.link("ferry.1").is_some());
     let out = lab.ferryd_cli(&["remove-node", "n3"]);
     assert!(
         out.status.success(),
