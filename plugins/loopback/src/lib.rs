@@ -8,7 +8,7 @@
 
 use ferry_cni::skel::plugin_error;
 use ferry_cni::{CmdArgs, CniError, CniResult, Interface, IpConfig, NetConf, Plugin};
-use ferry_netops::{NetNs, NetopsError, NsHandle, block_on, in_netns, sysctl, to_cni};
+use ferry_netops::{NetNs, NetopsError, NsHandle, block_on, sysctl, to_cni};
 use std::io;
 use std::path::Path;
 
@@ -20,10 +20,13 @@ pub struct Loopback;
 impl Plugin for Loopback {
     fn add(&self, args: &CmdArgs, conf: &NetConf) -> Result<CniResult, CniError> {
         let ns = open_netns(args)?;
-        block_on(async {
-            let h = NsHandle::new(&ns)?;
-            let lo = h.require_link("lo").await?;
-            h.set_up(lo.index).await
+        let ipv6 = block_on(async {
+            // One thread in the pod namespace makes the socket and reads the
+            // sysctl; `lo` is always ifindex 1 (the kernel's LOOPBACK_IFINDEX),
+            // so no lookup is needed.
+            let (h, ipv6) = NsHandle::new_with(&ns, ipv6_enabled_here)?;
+            h.set_up(LOOPBACK_IFINDEX).await?;
+            Ok(ipv6)
         })
         .map_err(to_cni)?;
 
@@ -31,7 +34,7 @@ impl Plugin for Loopback {
         if let Some(prev) = &conf.prev_result {
             return CniResult::from_json(prev);
         }
-        let ipv6 = ipv6_enabled(&ns).map_err(|e| {
+        let ipv6 = ipv6.map_err(|e| {
             to_cni(NetopsError::Io {
                 op: "read net/ipv6/conf/lo/disable_ipv6".into(),
                 netns: ns.path().display().to_string(),
@@ -104,10 +107,14 @@ fn open_netns(args: &CmdArgs) -> Result<NetNs, CniError> {
 
 /// Whether `::1` exists in `ns`: IPv6 can be disabled per namespace, or the
 /// whole `net/ipv6` tree absent when the kernel runs with `ipv6.disable=1`.
-fn ipv6_enabled(ns: &NetNs) -> io::Result<bool> {
-    in_netns(ns, || match sysctl::read("net/ipv6/conf/lo/disable_ipv6") {
+/// `lo`'s index in every network namespace.
+const LOOPBACK_IFINDEX: u32 = 1;
+
+/// Whether IPv6 is on for `lo` in the calling thread's namespace.
+fn ipv6_enabled_here() -> io::Result<bool> {
+    match sysctl::read("net/ipv6/conf/lo/disable_ipv6") {
         Ok(v) => Ok(v == "0"),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(e),
-    })
+    }
 }

@@ -65,6 +65,15 @@ impl NsHandle {
         Self::from_socket(sock, name)
     }
 
+    /// [`NsHandle::new`], also running `f` inside `ns` on the same
+    /// short-lived thread (a sysctl read, say): one thread instead of two.
+    pub fn new_with<T: Send>(ns: &NetNs, f: impl FnOnce() -> T + Send) -> Result<(NsHandle, T)> {
+        let name = ns.path().display().to_string();
+        let (sock, out) = in_netns(ns, || Ok((Socket::new(NETLINK_ROUTE)?, f())))
+            .map_err(|e| NetopsError::io("create netlink socket", &name, e))?;
+        Ok((Self::from_socket(sock, name)?, out))
+    }
+
     /// A handle acting in the calling thread's own namespace.
     pub fn host() -> Result<NsHandle> {
         let sock = Socket::new(NETLINK_ROUTE)
