@@ -523,7 +523,7 @@ impl Dataplane {
         // The kernel as it is: one dump per kind.
         let routes = self
             .h
-            .ipv4_routes(RouteFilter {
+            .ip_routes::<Ipv4Addr>(RouteFilter {
                 protocol: Some(FERRY_ROUTE_PROTO),
                 oif: None,
             })
@@ -531,7 +531,7 @@ impl Dataplane {
             .map_err(kernel("list ferry's routes"))?;
         let routes6 = self
             .h
-            .ipv6_routes(RouteFilter {
+            .ip_routes::<Ipv6Addr>(RouteFilter {
                 protocol: Some(FERRY_ROUTE_PROTO),
                 oif: None,
             })
@@ -808,7 +808,7 @@ impl Dataplane {
         let h = &self.h;
         let found: Vec<Result<Option<Ipv4Addr>, NetopsError>> = futures::stream::iter(unique)
             .map(|ip| async move {
-                let r = request(|| h.route_get_ipv4(ip)).await?;
+                let r = request(|| h.route_get(ip)).await?;
                 Ok(r.filter(|r| r.gw.is_none() && r.oif == underlay)
                     .map(|_| ip))
             })
@@ -836,7 +836,7 @@ impl Dataplane {
         let h = &self.h;
         let found: Vec<Result<Option<Ipv6Addr>, NetopsError>> = futures::stream::iter(unique)
             .map(|ip| async move {
-                let r = request(|| h.route_get_ipv6(ip)).await?;
+                let r = request(|| h.route_get(ip)).await?;
                 Ok(r.filter(|r| r.gw.is_none() && r.oif == underlay)
                     .map(|_| ip))
             })

@@ -123,7 +123,7 @@ async fn kernel_state(h: &NsHandle, dev: &str) -> (Vec<String>, Vec<String>, Vec
         }
     }
     let mut routes: Vec<String> = h
-        .ipv4_routes(RouteFilter {
+        .ip_routes::<Ipv4Addr>(RouteFilter {
             protocol: Some(FERRY_ROUTE_PROTO),
             oif: None,
         })
@@ -897,7 +897,7 @@ async fn kernel_state6(h: &NsHandle, dev: &str) -> (Vec<String>, Vec<String>) {
         }
     }
     let mut routes: Vec<String> = h
-        .ipv6_routes(RouteFilter {
+        .ip_routes::<Ipv6Addr>(RouteFilter {
             protocol: Some(FERRY_ROUTE_PROTO),
             oif: None,
         })

@@ -24,7 +24,6 @@ mod netns;
 pub mod nft;
 mod pod_link;
 mod route;
-mod route6;
 pub mod sysctl;
 mod tc;
 mod vxlan;
@@ -43,8 +42,7 @@ pub use neigh::{FdbEntry, NeighState, Neighbour, Neighbour6};
 pub use netns::{NetNs, in_netns};
 pub use pod_link::{BridgeSpec, VethPair};
 pub use route::RouteSpec;
-pub use route::{FERRY_ROUTE_PROTO, Ipv4Route, RouteFilter};
-pub use route6::Ipv6Route;
+pub use route::{FERRY_ROUTE_PROTO, IpRoute, Ipv4Route, Ipv6Route, RouteFamily, RouteFilter};
 pub use tc::{Qdisc, Tbf, TbfState};
 pub use vxlan::{Vxlan, VxlanChange, VxlanSpec};
 

@@ -1,16 +1,19 @@
 //! Routes in the main table: the plugins' [`RouteSpec`], and the daemon's
-//! [`Ipv4Route`]s tagged with ferry's own protocol ([`FERRY_ROUTE_PROTO`]).
+//! [`IpRoute`]s (IPv4 and IPv6 alike) tagged with ferry's own protocol
+//! ([`FERRY_ROUTE_PROTO`]).
 
 use crate::link::is_errno;
 use crate::{NsHandle, Result};
 use futures::{TryStream, TryStreamExt};
-use ipnetwork::{IpNetwork, Ipv4Network};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use rtnetlink::RouteMessageBuilder;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::route::{
     RouteAddress, RouteAttribute, RouteFlags, RouteMessage, RouteProtocol, RouteType,
 };
-use std::net::{IpAddr, Ipv4Addr};
+use std::fmt;
+use std::hash::Hash;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// A route as ferry programs it: `dst [via gw] dev <index> [onlink]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,21 +140,87 @@ pub const FERRY_ROUTE_PROTO: u8 = 70;
 /// `RT_TABLE_MAIN`.
 const MAIN_TABLE: u32 = 254;
 
-/// An IPv4 route of the main table, with its protocol:
-/// `dst [via gw] dev <oif> [onlink] proto <protocol>`.
+/// An address family ferry routes pod subnets in: [`Ipv4Addr`] or
+/// [`Ipv6Addr`]. What differs between the two is only how an address is
+/// spelled in a route message.
+pub trait RouteFamily:
+    Copy + Eq + Hash + fmt::Debug + fmt::Display + Into<IpAddr> + Send + Sync + 'static
+{
+    /// The family's network type (`Ipv4Network`, `Ipv6Network`).
+    type Net: Copy + Eq + Hash + fmt::Debug + fmt::Display + Send + Sync;
+    const FAMILY: AddressFamily;
+    const UNSPECIFIED: Self;
+    /// 32 or 128.
+    const HOST_PREFIX: u8;
+    fn from_route_address(a: &RouteAddress) -> Option<Self>;
+    fn to_route_address(self) -> RouteAddress;
+    fn net(addr: Self, prefix: u8) -> Option<Self::Net>;
+    fn net_parts(net: &Self::Net) -> (Self, u8);
+}
+
+impl RouteFamily for Ipv4Addr {
+    type Net = Ipv4Network;
+    const FAMILY: AddressFamily = AddressFamily::Inet;
+    const UNSPECIFIED: Self = Ipv4Addr::UNSPECIFIED;
+    const HOST_PREFIX: u8 = 32;
+    fn from_route_address(a: &RouteAddress) -> Option<Self> {
+        match a {
+            RouteAddress::Inet(v4) => Some(*v4),
+            _ => None,
+        }
+    }
+    fn to_route_address(self) -> RouteAddress {
+        RouteAddress::Inet(self)
+    }
+    fn net(addr: Self, prefix: u8) -> Option<Ipv4Network> {
+        Ipv4Network::new(addr, prefix).ok()
+    }
+    fn net_parts(net: &Ipv4Network) -> (Self, u8) {
+        (net.network(), net.prefix())
+    }
+}
+
+impl RouteFamily for Ipv6Addr {
+    type Net = Ipv6Network;
+    const FAMILY: AddressFamily = AddressFamily::Inet6;
+    const UNSPECIFIED: Self = Ipv6Addr::UNSPECIFIED;
+    const HOST_PREFIX: u8 = 128;
+    fn from_route_address(a: &RouteAddress) -> Option<Self> {
+        match a {
+            RouteAddress::Inet6(v6) => Some(*v6),
+            _ => None,
+        }
+    }
+    fn to_route_address(self) -> RouteAddress {
+        RouteAddress::Inet6(self)
+    }
+    fn net(addr: Self, prefix: u8) -> Option<Ipv6Network> {
+        Ipv6Network::new(addr, prefix).ok()
+    }
+    fn net_parts(net: &Ipv6Network) -> (Self, u8) {
+        (net.network(), net.prefix())
+    }
+}
+
+/// A route of the main table, with its protocol:
+/// `dst [via gw] dev <oif> [onlink] proto <protocol>` (the kernel's default
+/// metric).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Ipv4Route {
-    pub dst: Ipv4Network,
-    pub gw: Option<Ipv4Addr>,
+pub struct IpRoute<A: RouteFamily> {
+    pub dst: A::Net,
+    pub gw: Option<A>,
     pub oif: u32,
     pub onlink: bool,
     pub protocol: u8,
 }
 
-impl Ipv4Route {
+pub type Ipv4Route = IpRoute<Ipv4Addr>;
+pub type Ipv6Route = IpRoute<Ipv6Addr>;
+
+impl<A: RouteFamily> IpRoute<A> {
     /// `dst via gw dev oif [onlink]`, tagged with [`FERRY_ROUTE_PROTO`].
-    pub fn ferry(dst: Ipv4Network, gw: Ipv4Addr, oif: u32, onlink: bool) -> Ipv4Route {
-        Ipv4Route {
+    pub fn ferry(dst: A::Net, gw: A, oif: u32, onlink: bool) -> IpRoute<A> {
+        IpRoute {
             dst,
             gw: Some(gw),
             oif,
@@ -161,12 +230,16 @@ impl Ipv4Route {
     }
 
     pub(crate) fn message(&self) -> RouteMessage {
-        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
-            .destination_prefix(self.dst.network(), self.dst.prefix())
+        let (dst, prefix) = A::net_parts(&self.dst);
+        let mut b = RouteMessageBuilder::<IpAddr>::new()
+            .destination_prefix(dst.into(), prefix)
+            .expect("a network's prefix fits its family")
             .output_interface(self.oif)
             .protocol(RouteProtocol::from(self.protocol));
         if let Some(gw) = self.gw {
-            b = b.gateway(gw);
+            b = b
+                .gateway(gw.into())
+                .expect("gateway of the destination's family");
         }
         if self.onlink {
             b = b.onlink();
@@ -187,28 +260,30 @@ impl Ipv4Route {
         s
     }
 
-    /// The route a dump message describes, if it is a plain IPv4 unicast
-    /// route (multipath and non-unicast routes are `None`).
-    pub(crate) fn from_message(m: &RouteMessage) -> Option<(Ipv4Route, u32)> {
-        if m.header.address_family != AddressFamily::Inet || m.header.kind != RouteType::Unicast {
+    /// The route a dump message describes, if it is a plain unicast route of
+    /// this family (multipath and non-unicast routes are `None`), and its
+    /// table.
+    pub(crate) fn from_message(m: &RouteMessage) -> Option<(IpRoute<A>, u32)> {
+        if m.header.address_family != A::FAMILY || m.header.kind != RouteType::Unicast {
             return None;
         }
         let mut table = u32::from(m.header.table);
-        let mut dst = Ipv4Addr::UNSPECIFIED;
+        let mut dst = None;
         let mut gw = None;
         let mut oif = 0;
         for a in &m.attributes {
             match a {
-                RouteAttribute::Destination(RouteAddress::Inet(d)) => dst = *d,
-                RouteAttribute::Gateway(RouteAddress::Inet(g)) => gw = Some(*g),
+                RouteAttribute::Destination(d) => dst = A::from_route_address(d),
+                RouteAttribute::Gateway(g) => gw = A::from_route_address(g),
                 RouteAttribute::Oif(i) => oif = *i,
                 RouteAttribute::Table(t) => table = *t,
                 _ => {}
             }
         }
-        let dst = Ipv4Network::new(dst, m.header.destination_prefix_length).ok()?;
-        let route = Ipv4Route {
-            dst,
+        // No destination attribute: the default route.
+        let dst = dst.unwrap_or(A::UNSPECIFIED);
+        let route = IpRoute {
+            dst: A::net(dst, m.header.destination_prefix_length)?,
             gw,
             oif,
             onlink: m.header.flags.contains(RouteFlags::Onlink),
@@ -218,7 +293,7 @@ impl Ipv4Route {
     }
 }
 
-/// Which main-table IPv4 routes [`NsHandle::ipv4_routes`] returns.
+/// Which main-table routes [`NsHandle::ip_routes`] returns.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RouteFilter {
     pub protocol: Option<u8>,
@@ -238,7 +313,7 @@ impl NsHandle {
 
     /// `ip route replace <route>` with its protocol: idempotent, and takes
     /// over a route to the same prefix and metric whoever added it.
-    pub async fn replace_ipv4_route(&self, route: &Ipv4Route) -> Result<()> {
+    pub async fn replace_ip_route<A: RouteFamily>(&self, route: &IpRoute<A>) -> Result<()> {
         self.handle
             .route()
             .add(route.message())
@@ -250,7 +325,7 @@ impl NsHandle {
 
     /// `ip route del <route>`, matching its protocol too, so a foreign route
     /// to the same prefix is never removed. `Ok(false)` when it was not there.
-    pub async fn delete_ipv4_route(&self, route: &Ipv4Route) -> Result<bool> {
+    pub async fn delete_ip_route<A: RouteFamily>(&self, route: &IpRoute<A>) -> Result<bool> {
         match self.handle.route().del(route.message()).execute().await {
             Ok(()) => Ok(true),
             Err(e) if is_errno(&e, libc::ESRCH) => Ok(false),
@@ -258,17 +333,18 @@ impl NsHandle {
         }
     }
 
-    /// The unicast IPv4 routes of the main table matching `filter`, from one
-    /// dump (filtered while it streams, so only the matches are kept).
-    pub async fn ipv4_routes(&self, filter: RouteFilter) -> Result<Vec<Ipv4Route>> {
-        let mut stream = self.route_dump(AddressFamily::Inet);
+    /// The unicast routes of family `A` in the main table matching
+    /// `filter`, from one dump (filtered while it streams, so only the
+    /// matches are kept).
+    pub async fn ip_routes<A: RouteFamily>(&self, filter: RouteFilter) -> Result<Vec<IpRoute<A>>> {
+        let mut stream = self.route_dump(A::FAMILY);
         let mut out = Vec::new();
         while let Some(m) = stream
             .try_next()
             .await
             .map_err(|e| self.err("list routes", "<all>", e))?
         {
-            let Some((r, table)) = Ipv4Route::from_message(&m) else {
+            let Some((r, table)) = IpRoute::<A>::from_message(&m) else {
                 continue;
             };
             if table == MAIN_TABLE
@@ -283,18 +359,18 @@ impl NsHandle {
 
     /// `ip route get <dst>`: the route the kernel would use, or `None` when
     /// the destination is unreachable.
-    pub async fn route_get_ipv4(&self, dst: Ipv4Addr) -> Result<Option<Ipv4Route>> {
+    pub async fn route_get<A: RouteFamily>(&self, dst: A) -> Result<Option<IpRoute<A>>> {
         let mut req = RouteMessage::default();
-        req.header.address_family = AddressFamily::Inet;
-        req.header.destination_prefix_length = 32;
+        req.header.address_family = A::FAMILY;
+        req.header.destination_prefix_length = A::HOST_PREFIX;
         req.attributes
-            .push(RouteAttribute::Destination(RouteAddress::Inet(dst)));
+            .push(RouteAttribute::Destination(dst.to_route_address()));
         let mut stream = self.handle.route().get(req).execute();
         match stream.try_next().await {
             Ok(Some(m)) => {
-                // The answer describes a cached /32; keep its gateway and oif.
-                let mut r = Ipv4Route {
-                    dst: Ipv4Network::new(dst, 32).expect("/32 is valid"),
+                // The answer describes a cached host route; keep its gateway and oif.
+                let mut r = IpRoute {
+                    dst: A::net(dst, A::HOST_PREFIX).expect("a host prefix is valid"),
                     gw: None,
                     oif: 0,
                     onlink: m.header.flags.contains(RouteFlags::Onlink),
@@ -302,7 +378,7 @@ impl NsHandle {
                 };
                 for a in &m.attributes {
                     match a {
-                        RouteAttribute::Gateway(RouteAddress::Inet(g)) => r.gw = Some(*g),
+                        RouteAttribute::Gateway(g) => r.gw = A::from_route_address(g),
                         RouteAttribute::Oif(i) => r.oif = *i,
                         _ => {}
                     }

@@ -353,8 +353,8 @@ fn routes_tagged_with_ferry_protocol_leave_foreign_routes_alone() {
             vx,
             true,
         );
-        h.replace_ipv4_route(&ours).await?;
-        h.replace_ipv4_route(&ours).await?;
+        h.replace_ip_route(&ours).await?;
+        h.replace_ip_route(&ours).await?;
         ip(
             &ns,
             &[
@@ -373,14 +373,14 @@ fn routes_tagged_with_ferry_protocol_leave_foreign_routes_alone() {
             "{shown}"
         );
         let mine = h
-            .ipv4_routes(RouteFilter {
+            .ip_routes::<Ipv4Addr>(RouteFilter {
                 protocol: Some(FERRY_ROUTE_PROTO),
                 oif: None,
             })
             .await?;
         assert_eq!(mine, vec![ours.clone()]);
         let on_under = h
-            .ipv4_routes(RouteFilter {
+            .ip_routes::<Ipv4Addr>(RouteFilter {
                 protocol: None,
                 oif: Some(under),
             })
@@ -398,12 +398,12 @@ fn routes_tagged_with_ferry_protocol_leave_foreign_routes_alone() {
             under,
             false,
         );
-        assert!(!h.delete_ipv4_route(&fake).await?);
+        assert!(!h.delete_ip_route(&fake).await?);
         assert!(ip(&ns, &["route", "show", "10.99.0.0/16"]).contains("via 192.0.2.254"));
-        assert!(h.delete_ipv4_route(&ours).await?);
-        assert!(!h.delete_ipv4_route(&ours).await?);
+        assert!(h.delete_ip_route(&ours).await?);
+        assert!(!h.delete_ip_route(&ours).await?);
         assert!(
-            h.ipv4_routes(RouteFilter {
+            h.ip_routes::<Ipv4Addr>(RouteFilter {
                 protocol: Some(FERRY_ROUTE_PROTO),
                 oif: None
             })
@@ -412,20 +412,11 @@ fn routes_tagged_with_ferry_protocol_leave_foreign_routes_alone() {
         );
 
         // Lookups: a connected peer has no gateway; the default route; who holds an address.
-        let got = h
-            .route_get_ipv4(Ipv4Addr::new(192, 0, 2, 20))
-            .await?
-            .unwrap();
+        let got = h.route_get(Ipv4Addr::new(192, 0, 2, 20)).await?.unwrap();
         assert_eq!((got.gw, got.oif), (None, under));
-        let via = h
-            .route_get_ipv4(Ipv4Addr::new(10, 99, 1, 1))
-            .await?
-            .unwrap();
+        let via = h.route_get(Ipv4Addr::new(10, 99, 1, 1)).await?.unwrap();
         assert_eq!(via.gw, Some(Ipv4Addr::new(192, 0, 2, 254)));
-        assert_eq!(
-            h.route_get_ipv4(Ipv4Addr::new(198, 51, 100, 1)).await?,
-            None
-        );
+        assert_eq!(h.route_get(Ipv4Addr::new(198, 51, 100, 1)).await?, None);
         assert_eq!(h.default_ipv4_route().await?, None);
         ip(
             &ns,
@@ -469,7 +460,7 @@ fn monitor_sees_a_route_deletion() {
             under,
             false,
         );
-        h.replace_ipv4_route(&route).await?;
+        h.replace_ip_route(&route).await?;
         let mut mon = Monitor::new(Some(&ns))?;
         // Deleted by someone else (an operator's `ip route del`).
         ip(&ns, &["route", "del", "10.244.5.0/24"]);

@@ -77,7 +77,7 @@ pub fn pod_addrs(result: &CniResult, ifname: &str) -> PodAddrs {
 fn enable_route_localnet(pod: std::net::Ipv4Addr) -> Result<(), CniError> {
     let name = ferry_netops::block_on(async {
         let h = ferry_netops::NsHandle::host()?;
-        let Some(route) = h.route_get_ipv4(pod).await? else {
+        let Some(route) = h.route_get(pod).await? else {
             return Ok(None);
         };
         Ok(h.link_by_index(route.oif).await?.map(|l| l.name))
