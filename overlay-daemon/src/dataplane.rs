@@ -58,7 +58,7 @@ use crate::lease::{Mac, SubnetLease};
 use crate::network::{BackendConfig, BackendType};
 use ferry_netops::{
     Batch, BatchOp, FERRY_ROUTE_PROTO, FdbEntry, Ipv4Route, Ipv6Route, KernelEvent, Monitor,
-    NeighState, NetNs, NetopsError, NsHandle, RouteFilter, VxlanChange, VxlanSpec,
+    NeighState, NetNs, NetopsError, NsHandle, RouteFamily, RouteFilter, VxlanChange, VxlanSpec,
 };
 use futures::StreamExt;
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
@@ -465,7 +465,7 @@ impl Dataplane {
         };
         let v6_on = self.local.subnet6.is_some();
         let direct6: HashSet<Ipv6Addr> = if vx.is_some() && self.direct_routing6 && v6_on {
-            self.directly_reachable6(wanted.values().filter(|p| p.subnet6.is_some()).filter_map(
+            self.directly_reachable(wanted.values().filter(|p| p.subnet6.is_some()).filter_map(
                 |p| match p.public_ip {
                     IpAddr::V6(v6) => Some(v6),
                     IpAddr::V4(_) => None,
@@ -539,14 +539,22 @@ impl Dataplane {
             .map_err(kernel("list ferry's IPv6 routes"))?;
         let (neighs, neighs6, fdb) = match vx {
             Some(vx) => {
-                let n = self.h.neighbours(vx).await.map_err(kernel(format!(
-                    "list neighbours of {}",
-                    self.device.as_deref().unwrap_or("?")
-                )))?;
-                let n6 = self.h.neighbours6(vx).await.map_err(kernel(format!(
-                    "list IPv6 neighbours of {}",
-                    self.device.as_deref().unwrap_or("?")
-                )))?;
+                let n = self
+                    .h
+                    .neighbours::<Ipv4Addr>(vx)
+                    .await
+                    .map_err(kernel(format!(
+                        "list neighbours of {}",
+                        self.device.as_deref().unwrap_or("?")
+                    )))?;
+                let n6 = self
+                    .h
+                    .neighbours::<Ipv6Addr>(vx)
+                    .await
+                    .map_err(kernel(format!(
+                        "list IPv6 neighbours of {}",
+                        self.device.as_deref().unwrap_or("?")
+                    )))?;
                 let f = self.h.fdb_entries(vx).await.map_err(kernel(format!(
                     "list fdb entries of {}",
                     self.device.as_deref().unwrap_or("?")
@@ -797,44 +805,17 @@ impl Dataplane {
         Ok(index)
     }
 
-    /// The public IPs the kernel reaches on the underlay without a gateway
-    /// (flannel's `DirectRouting` test: `ip route get` has no gateway).
-    async fn directly_reachable(
+    /// The public IPs (of either family) the kernel reaches on the underlay
+    /// without a gateway (flannel's `DirectRouting` test: `ip route get` has
+    /// no gateway).
+    async fn directly_reachable<A: RouteFamily>(
         &self,
-        ips: impl Iterator<Item = Ipv4Addr>,
-    ) -> Result<HashSet<Ipv4Addr>, DataplaneError> {
-        let unique: HashSet<Ipv4Addr> = ips.collect();
+        ips: impl Iterator<Item = A>,
+    ) -> Result<HashSet<A>, DataplaneError> {
+        let unique: HashSet<A> = ips.collect();
         let underlay = self.local.underlay.index;
         let h = &self.h;
-        let found: Vec<Result<Option<Ipv4Addr>, NetopsError>> = futures::stream::iter(unique)
-            .map(|ip| async move {
-                let r = request(|| h.route_get(ip)).await?;
-                Ok(r.filter(|r| r.gw.is_none() && r.oif == underlay)
-                    .map(|_| ip))
-            })
-            .buffer_unordered(IN_FLIGHT)
-            .collect()
-            .await;
-        let mut out = HashSet::new();
-        for r in found {
-            if let Some(ip) = r.map_err(kernel("look up the route to a peer"))? {
-                out.insert(ip);
-            }
-        }
-        Ok(out)
-    }
-}
-
-impl Dataplane {
-    /// [`Self::directly_reachable`] for IPv6 public IPs (an IPv6 underlay).
-    async fn directly_reachable6(
-        &self,
-        ips: impl Iterator<Item = Ipv6Addr>,
-    ) -> Result<HashSet<Ipv6Addr>, DataplaneError> {
-        let unique: HashSet<Ipv6Addr> = ips.collect();
-        let underlay = self.local.underlay.index;
-        let h = &self.h;
-        let found: Vec<Result<Option<Ipv6Addr>, NetopsError>> = futures::stream::iter(unique)
+        let found: Vec<Result<Option<A>, NetopsError>> = futures::stream::iter(unique)
             .map(|ip| async move {
                 let r = request(|| h.route_get(ip)).await?;
                 Ok(r.filter(|r| r.gw.is_none() && r.oif == underlay)

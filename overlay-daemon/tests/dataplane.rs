@@ -113,7 +113,7 @@ async fn kernel_state(h: &NsHandle, dev: &str) -> (Vec<String>, Vec<String>, Vec
     let mut neigh = Vec::new();
     let mut fdb = Vec::new();
     if let Some(l) = h.link_by_name(dev).await.unwrap() {
-        for n in h.neighbours(l.index).await.unwrap() {
+        for n in h.neighbours::<Ipv4Addr>(l.index).await.unwrap() {
             assert_eq!(n.state, NeighState::Permanent, "{n:?}");
             neigh.push(format!("{} {}", n.ip, Mac(n.mac.unwrap())));
         }
@@ -888,7 +888,7 @@ fn dual(i: u32) -> Peer {
 async fn kernel_state6(h: &NsHandle, dev: &str) -> (Vec<String>, Vec<String>) {
     let mut neigh = Vec::new();
     if let Some(l) = h.link_by_name(dev).await.unwrap() {
-        for n in h.neighbours6(l.index).await.unwrap() {
+        for n in h.neighbours::<Ipv6Addr>(l.index).await.unwrap() {
             if n.state == NeighState::NoArp {
                 continue;
             }

@@ -38,7 +38,7 @@ pub use futures::future::{join, join_all, join3};
 pub use handle::{NsHandle, Runtime, block_on};
 pub use link::{Link, OperState};
 pub use monitor::{KernelEvent, Monitor};
-pub use neigh::{FdbEntry, NeighState, Neighbour, Neighbour6};
+pub use neigh::{FdbEntry, IpNeighbour, NeighState, Neighbour, Neighbour6};
 pub use netns::{NetNs, in_netns};
 pub use pod_link::{BridgeSpec, VethPair};
 pub use route::RouteSpec;

@@ -7,7 +7,7 @@
 //! (`ip neigh replace … nud permanent`, `bridge fdb replace … self permanent`).
 
 use crate::link::is_errno;
-use crate::{NsHandle, Result};
+use crate::{NsHandle, Result, RouteFamily};
 use futures::TryStreamExt;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::neighbour::{
@@ -15,25 +15,20 @@ use rtnetlink::packet_route::neighbour::{
 };
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
-/// An IPv4 neighbour entry of a link (`ip -4 neigh show dev <link>`).
+/// A neighbour entry of a link (`ip -4|-6 neigh show dev <link>`).
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Neighbour {
+pub struct IpNeighbour<A: RouteFamily> {
     pub ifindex: u32,
-    pub ip: Ipv4Addr,
+    pub ip: A,
     /// Absent for unresolved entries (INCOMPLETE, FAILED).
     pub mac: Option<[u8; 6]>,
     pub state: NeighState,
 }
 
-/// An IPv6 neighbour entry of a link (`ip -6 neigh show dev <link>`).
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct Neighbour6 {
-    pub ifindex: u32,
-    pub ip: Ipv6Addr,
-    /// Absent for unresolved entries (INCOMPLETE, FAILED).
-    pub mac: Option<[u8; 6]>,
-    pub state: NeighState,
-}
+/// An ARP entry.
+pub type Neighbour = IpNeighbour<Ipv4Addr>;
+/// An NDP entry.
+pub type Neighbour6 = IpNeighbour<Ipv6Addr>;
 
 /// The NUD states ferry distinguishes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -136,6 +131,14 @@ fn neigh_state(s: NeighbourState) -> NeighState {
     }
 }
 
+fn neigh_ip(a: &NeighbourAddress) -> Option<IpAddr> {
+    match a {
+        NeighbourAddress::Inet(v4) => Some(IpAddr::V4(*v4)),
+        NeighbourAddress::Inet6(v6) => Some(IpAddr::V6(*v6)),
+        _ => None,
+    }
+}
+
 fn neigh_addr(ip: IpAddr) -> NeighbourAddress {
     match ip {
         IpAddr::V4(v4) => NeighbourAddress::Inet(v4),
@@ -145,10 +148,15 @@ fn neigh_addr(ip: IpAddr) -> NeighbourAddress {
 
 impl NsHandle {
     /// `ip neigh replace <ip> lladdr <mac> dev <ifindex> nud permanent`.
-    pub async fn replace_neighbour(&self, ifindex: u32, ip: Ipv4Addr, mac: [u8; 6]) -> Result<()> {
+    pub async fn replace_neighbour<A: RouteFamily>(
+        &self,
+        ifindex: u32,
+        ip: A,
+        mac: [u8; 6],
+    ) -> Result<()> {
         self.handle
             .neighbours()
-            .add(ifindex, IpAddr::V4(ip))
+            .add(ifindex, ip.into())
             .link_layer_address(&mac)
             .state(NeighbourState::Permanent)
             .replace()
@@ -164,8 +172,8 @@ impl NsHandle {
     }
 
     /// `ip neigh del <ip> dev <ifindex>`; `Ok(false)` when it was not there.
-    pub async fn delete_neighbour(&self, ifindex: u32, ip: Ipv4Addr) -> Result<bool> {
-        let msg = neighbour_key(ifindex, IpAddr::V4(ip));
+    pub async fn delete_neighbour<A: RouteFamily>(&self, ifindex: u32, ip: A) -> Result<bool> {
+        let msg = neighbour_key(ifindex, ip.into());
         match self.handle.neighbours().del(msg).execute().await {
             Ok(()) => Ok(true),
             Err(e) if is_errno(&e, libc::ENOENT) => Ok(false),
@@ -173,84 +181,10 @@ impl NsHandle {
         }
     }
 
-    /// `ip -6 neigh replace <ip> lladdr <mac> dev <ifindex> nud permanent`.
-    pub async fn replace_neighbour6(&self, ifindex: u32, ip: Ipv6Addr, mac: [u8; 6]) -> Result<()> {
-        self.handle
-            .neighbours()
-            .add(ifindex, IpAddr::V6(ip))
-            .link_layer_address(&mac)
-            .state(NeighbourState::Permanent)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| {
-                self.err(
-                    "replace neighbour",
-                    format!("{ip} lladdr {} dev #{ifindex}", mac_str(&mac)),
-                    e,
-                )
-            })
-    }
-
-    /// `ip -6 neigh del <ip> dev <ifindex>`; `Ok(false)` when it was not there.
-    pub async fn delete_neighbour6(&self, ifindex: u32, ip: Ipv6Addr) -> Result<bool> {
-        let msg = neighbour_key(ifindex, IpAddr::V6(ip));
-        match self.handle.neighbours().del(msg).execute().await {
-            Ok(()) => Ok(true),
-            Err(e) if is_errno(&e, libc::ENOENT) => Ok(false),
-            Err(e) => Err(self.err("delete neighbour", format!("{ip} dev #{ifindex}"), e)),
-        }
-    }
-
-    /// The IPv6 neighbours of link `ifindex`, from one dump.
-    pub async fn neighbours6(&self, ifindex: u32) -> Result<Vec<Neighbour6>> {
-        let mut req = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet6);
-        req.message_mut()
-            .attributes
-            .push(NeighbourAttribute::IfIndex(ifindex));
-        let mut stream = req.execute();
-        let mut out = Vec::new();
-        while let Some(m) = stream
-            .try_next()
-            .await
-            .map_err(|e| self.err("list IPv6 neighbours", format!("#{ifindex}"), e))?
-        {
-            if m.header.ifindex != ifindex || m.header.family != AddressFamily::Inet6 {
-                continue;
-            }
-            let mut ip = None;
-            let mut mac = None;
-            for a in &m.attributes {
-                match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet6(v6)) => ip = Some(*v6),
-                    NeighbourAttribute::LinkLayerAddress(l) => mac = mac6(l),
-                    _ => {}
-                }
-            }
-            if let Some(ip) = ip {
-                out.push(Neighbour6 {
-                    ifindex,
-                    ip,
-                    mac,
-                    state: neigh_state(m.header.state),
-                });
-            }
-        }
-        Ok(out)
-    }
-
-    /// The IPv4 neighbours of link `ifindex`, from one dump (the kernel
-    /// filters by NDA_IFINDEX; the filter is applied here too).
-    pub async fn neighbours(&self, ifindex: u32) -> Result<Vec<Neighbour>> {
-        let mut req = self
-            .handle
-            .neighbours()
-            .get()
-            .set_address_family(AddressFamily::Inet);
+    /// The neighbours of family `A` on link `ifindex`, from one dump (the
+    /// kernel filters by NDA_IFINDEX; the filter is applied here too).
+    pub async fn neighbours<A: RouteFamily>(&self, ifindex: u32) -> Result<Vec<IpNeighbour<A>>> {
+        let mut req = self.handle.neighbours().get().set_address_family(A::FAMILY);
         req.message_mut()
             .attributes
             .push(NeighbourAttribute::IfIndex(ifindex));
@@ -261,25 +195,24 @@ impl NsHandle {
             .await
             .map_err(|e| self.err("list neighbours", format!("#{ifindex}"), e))?
         {
-            if m.header.ifindex != ifindex || m.header.family != AddressFamily::Inet {
+            if m.header.ifindex != ifindex || m.header.family != A::FAMILY {
                 continue;
             }
             let mut ip = None;
             let mut mac = None;
             for a in &m.attributes {
                 match a {
-                    NeighbourAttribute::Destination(NeighbourAddress::Inet(v4)) => ip = Some(*v4),
+                    NeighbourAttribute::Destination(d) => ip = A::from_ip(neigh_ip(d)),
                     NeighbourAttribute::LinkLayerAddress(l) => mac = mac6(l),
                     _ => {}
                 }
             }
-            let state = neigh_state(m.header.state);
             if let Some(ip) = ip {
-                out.push(Neighbour {
+                out.push(IpNeighbour {
                     ifindex,
                     ip,
                     mac,
-                    state,
+                    state: neigh_state(m.header.state),
                 });
             }
         }

@@ -154,6 +154,8 @@ pub trait RouteFamily:
     const HOST_PREFIX: u8;
     fn from_route_address(a: &RouteAddress) -> Option<Self>;
     fn to_route_address(self) -> RouteAddress;
+    /// `Some` when `ip` is of this family.
+    fn from_ip(ip: Option<IpAddr>) -> Option<Self>;
     fn net(addr: Self, prefix: u8) -> Option<Self::Net>;
     fn net_parts(net: &Self::Net) -> (Self, u8);
 }
@@ -171,6 +173,12 @@ impl RouteFamily for Ipv4Addr {
     }
     fn to_route_address(self) -> RouteAddress {
         RouteAddress::Inet(self)
+    }
+    fn from_ip(ip: Option<IpAddr>) -> Option<Self> {
+        match ip? {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        }
     }
     fn net(addr: Self, prefix: u8) -> Option<Ipv4Network> {
         Ipv4Network::new(addr, prefix).ok()
@@ -193,6 +201,12 @@ impl RouteFamily for Ipv6Addr {
     }
     fn to_route_address(self) -> RouteAddress {
         RouteAddress::Inet6(self)
+    }
+    fn from_ip(ip: Option<IpAddr>) -> Option<Self> {
+        match ip? {
+            IpAddr::V6(v6) => Some(v6),
+            IpAddr::V4(_) => None,
+        }
     }
     fn net(addr: Self, prefix: u8) -> Option<Ipv6Network> {
         Ipv6Network::new(addr, prefix).ok()

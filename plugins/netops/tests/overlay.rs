@@ -157,7 +157,7 @@ fn neighbours_and_fdb_replace_dump_delete() {
 
         h.replace_neighbour(vx, peer, mac_a).await?;
         h.replace_neighbour(vx, peer, mac_a).await?;
-        let n = h.neighbours(vx).await?;
+        let n = h.neighbours::<Ipv4Addr>(vx).await?;
         assert_eq!(n.len(), 1, "{n:?}");
         assert_eq!(
             (n[0].ip, n[0].mac, n[0].state),
@@ -165,7 +165,7 @@ fn neighbours_and_fdb_replace_dump_delete() {
         );
         // Replace in place: still one entry, the new MAC.
         h.replace_neighbour(vx, peer, mac_b).await?;
-        let n = h.neighbours(vx).await?;
+        let n = h.neighbours::<Ipv4Addr>(vx).await?;
         assert_eq!(n.len(), 1);
         assert_eq!(n[0].mac, Some(mac_b));
         let shown = ip(&ns, &["neigh", "show", "dev", "ferry.7"]);
@@ -186,10 +186,10 @@ fn neighbours_and_fdb_replace_dump_delete() {
                 "under0",
             ],
         );
-        assert_eq!(h.neighbours(vx).await?.len(), 1);
+        assert_eq!(h.neighbours::<Ipv4Addr>(vx).await?.len(), 1);
         assert!(h.delete_neighbour(vx, peer).await?);
         assert!(!h.delete_neighbour(vx, peer).await?);
-        assert!(h.neighbours(vx).await?.is_empty());
+        assert!(h.neighbours::<Ipv4Addr>(vx).await?.is_empty());
 
         let dst1 = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 20));
         let dst2 = IpAddr::V4(Ipv4Addr::new(192, 0, 2, 21));
@@ -287,7 +287,7 @@ fn vxlan_over_an_ipv6_underlay_with_ipv6_fdb_remotes() {
         // IPv4 neighbours on the device are unchanged by the underlay's family.
         h.replace_neighbour(vx, Ipv4Addr::new(10, 244, 2, 0), mac_b)
             .await?;
-        assert_eq!(h.neighbours(vx).await?.len(), 1);
+        assert_eq!(h.neighbours::<Ipv4Addr>(vx).await?.len(), 1);
 
         // The family of the local address cannot change in place.
         let (vx4, change) = h.ensure_vxlan(&spec(under)).await?;
