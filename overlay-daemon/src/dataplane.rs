@@ -693,12 +693,14 @@ impl Dataplane {
         let stale_neigh: Vec<BatchOp> = match vx {
             Some(vx) => stale_neigh
                 .into_iter()
-                .map(|ip| BatchOp::DeleteNeighbour { ifindex: vx, ip })
-                .chain(
-                    stale_neigh6
-                        .into_iter()
-                        .map(|ip| BatchOp::DeleteNeighbour6 { ifindex: vx, ip }),
-                )
+                .map(|ip| BatchOp::DeleteNeighbour {
+                    ifindex: vx,
+                    ip: ip.into(),
+                })
+                .chain(stale_neigh6.into_iter().map(|ip| BatchOp::DeleteNeighbour {
+                    ifindex: vx,
+                    ip: ip.into(),
+                }))
                 .collect(),
             None => Vec::new(),
         };
@@ -852,11 +854,19 @@ async fn program_round(batch: &mut Batch, round: &[PeerJob], report: &mut Reconc
     let mut owner: Vec<(usize, &'static str)> = Vec::with_capacity(2 * round.len());
     for (i, job) in round.iter().enumerate() {
         if let Some((ifindex, ip, mac)) = job.neigh {
-            ops.push(BatchOp::ReplaceNeighbour { ifindex, ip, mac });
+            ops.push(BatchOp::ReplaceNeighbour {
+                ifindex,
+                ip: ip.into(),
+                mac,
+            });
             owner.push((i, "neighbour"));
         }
         if let Some((ifindex, ip, mac)) = job.neigh6 {
-            ops.push(BatchOp::ReplaceNeighbour6 { ifindex, ip, mac });
+            ops.push(BatchOp::ReplaceNeighbour {
+                ifindex,
+                ip: ip.into(),
+                mac,
+            });
             owner.push((i, "IPv6 neighbour"));
         }
         if let Some((ifindex, mac, dst)) = job.fdb {

@@ -29,7 +29,7 @@ use rtnetlink::packet_core::{
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -39,7 +39,7 @@ pub enum BatchOp {
     /// `ip neigh replace <ip> lladdr <mac> dev <ifindex> nud permanent`.
     ReplaceNeighbour {
         ifindex: u32,
-        ip: Ipv4Addr,
+        ip: IpAddr,
         mac: [u8; 6],
     },
     /// `bridge fdb replace <mac> dev <ifindex> dst <dst> self permanent`.
@@ -55,15 +55,7 @@ pub enum BatchOp {
     /// `bridge fdb del <mac> dev <ifindex> [dst <dst>] self`.
     DeleteFdb(FdbEntry),
     /// `ip neigh del <ip> dev <ifindex>`.
-    DeleteNeighbour { ifindex: u32, ip: Ipv4Addr },
-    /// `ip -6 neigh replace <ip> lladdr <mac> dev <ifindex> nud permanent`.
-    ReplaceNeighbour6 {
-        ifindex: u32,
-        ip: Ipv6Addr,
-        mac: [u8; 6],
-    },
-    /// `ip -6 neigh del <ip> dev <ifindex>`.
-    DeleteNeighbour6 { ifindex: u32, ip: Ipv6Addr },
+    DeleteNeighbour { ifindex: u32, ip: IpAddr },
     /// `ip -6 route replace <route>` with its protocol.
     ReplaceRoute6(Ipv6Route),
     /// `ip -6 route del <route>` (protocol included).
@@ -76,27 +68,11 @@ impl BatchOp {
         let delete = NLM_F_REQUEST | NLM_F_ACK;
         let (inner, flags) = match self {
             BatchOp::ReplaceNeighbour { ifindex, ip, mac } => (
-                RouteNetlinkMessage::NewNeighbour(permanent_neighbour(
-                    *ifindex,
-                    IpAddr::V4(*ip),
-                    *mac,
-                )),
-                create,
-            ),
-            BatchOp::ReplaceNeighbour6 { ifindex, ip, mac } => (
-                RouteNetlinkMessage::NewNeighbour(permanent_neighbour(
-                    *ifindex,
-                    IpAddr::V6(*ip),
-                    *mac,
-                )),
+                RouteNetlinkMessage::NewNeighbour(permanent_neighbour(*ifindex, *ip, *mac)),
                 create,
             ),
             BatchOp::ReplaceRoute6(r) => (RouteNetlinkMessage::NewRoute(r.message()), create),
             BatchOp::DeleteRoute6(r) => (RouteNetlinkMessage::DelRoute(r.message()), delete),
-            BatchOp::DeleteNeighbour6 { ifindex, ip } => (
-                RouteNetlinkMessage::DelNeighbour(neighbour_key(*ifindex, IpAddr::V6(*ip))),
-                delete,
-            ),
             BatchOp::ReplaceFdb { ifindex, mac, dst } => (
                 RouteNetlinkMessage::NewNeighbour(permanent_fdb(*ifindex, *mac, *dst)),
                 create,
@@ -105,7 +81,7 @@ impl BatchOp {
             BatchOp::DeleteRoute(r) => (RouteNetlinkMessage::DelRoute(r.message()), delete),
             BatchOp::DeleteFdb(e) => (RouteNetlinkMessage::DelNeighbour(fdb_key(e)), delete),
             BatchOp::DeleteNeighbour { ifindex, ip } => (
-                RouteNetlinkMessage::DelNeighbour(neighbour_key(*ifindex, IpAddr::V4(*ip))),
+                RouteNetlinkMessage::DelNeighbour(neighbour_key(*ifindex, *ip)),
                 delete,
             ),
         };
@@ -118,9 +94,7 @@ impl BatchOp {
     fn absent(&self) -> Option<i32> {
         match self {
             BatchOp::DeleteRoute(_) | BatchOp::DeleteRoute6(_) => Some(libc::ESRCH),
-            BatchOp::DeleteFdb(_)
-            | BatchOp::DeleteNeighbour { .. }
-            | BatchOp::DeleteNeighbour6 { .. } => Some(libc::ENOENT),
+            BatchOp::DeleteFdb(_) | BatchOp::DeleteNeighbour { .. } => Some(libc::ENOENT),
             _ => None,
         }
     }
@@ -149,15 +123,6 @@ impl BatchOp {
                 e.ifindex
             ),
             BatchOp::DeleteNeighbour { ifindex, ip } => {
-                format!("delete neighbour {ip} dev #{ifindex}")
-            }
-            BatchOp::ReplaceNeighbour6 { ifindex, ip, mac } => {
-                format!(
-                    "replace neighbour {ip} lladdr {} dev #{ifindex}",
-                    mac_str(mac)
-                )
-            }
-            BatchOp::DeleteNeighbour6 { ifindex, ip } => {
                 format!("delete neighbour {ip} dev #{ifindex}")
             }
             BatchOp::ReplaceRoute6(r) => format!("replace route {}", r.describe()),
