@@ -309,10 +309,7 @@ pub fn requested_ips(conf: &NetConf, args: &CniArgs) -> Result<Vec<IpAddr>, Ipam
         conf.args.get("cni").and_then(|c| c.get("ips")),
         "args.cni.ips",
     )?);
-    raw.extend(strings(
-        conf.runtime_config.get("ips"),
-        "runtimeConfig.ips",
-    )?);
+    raw.extend(strings(conf.runtime("ips"), "runtimeConfig.ips")?);
     let mut out: Vec<IpAddr> = Vec::new();
     for s in raw {
         let addr = s.split_once('/').map(|(a, _)| a).unwrap_or(&s);
@@ -493,6 +490,16 @@ mod tests {
             .map(|s| ip(s))
             .collect();
         assert_eq!(got, want);
+        // Keys as a Go runtime may spell them (matched ignoring case).
+        let folded = NetConf::parse(
+            br#"{"cniVersion":"1.1.0","name":"n","type":"t","runtimeConfig":{"IPs":["10.0.0.9"]}}"#,
+        )
+        .unwrap();
+        let args = CniArgs::parse("ip=10.0.0.4").unwrap();
+        assert_eq!(
+            requested_ips(&folded, &args).unwrap(),
+            vec![ip("10.0.0.4"), ip("10.0.0.9")]
+        );
         let bad_args = CniArgs::parse("IP=10.0.0.300").unwrap();
         assert!(matches!(
             requested_ips(&conf, &bad_args),

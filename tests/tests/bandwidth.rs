@@ -121,7 +121,12 @@ impl Drop for Iperf3Server {
 /// (`reverse`: the server sends). 4 s, the first one omitted (slow start and
 /// the bucket's initial burst).
 fn iperf3(client: &TestNetns, server: &str, reverse: bool) -> f64 {
-    let mut args = vec!["-c", server, "-J", "-t", "4", "-O", "1"];
+    iperf3_for(client, server, reverse, "4", "1")
+}
+
+/// [`iperf3`] for `secs` seconds, the first `omit` not counted.
+fn iperf3_for(client: &TestNetns, server: &str, reverse: bool, secs: &str, omit: &str) -> f64 {
+    let mut args = vec!["-c", server, "-J", "-t", secs, "-O", omit];
     if reverse {
         args.push("-R");
     }
@@ -438,4 +443,59 @@ fn bad_configurations_are_clean_cni_errors_and_create_nothing() {
     assert!(!q.contains("tbf") && !q.contains("ingress"), "{q}");
     net.call("DEL", &pod.id, Some(&path), "eth0", &net.conf(VERSION))
         .ok_empty();
+}
+
+/// containerd's CRI plugin sends the `kubernetes.io/*-bandwidth` annotations
+/// with capitalised keys and a burst of 4294967295 bits ("none given").
+/// Both directions are shaped, and from the very first second: the burst is
+/// not a 512 MiB bucket that passes the first half gigabyte at line rate.
+#[test]
+fn containerd_annotations_shape_from_the_first_second() {
+    if !require_root() {
+        return;
+    }
+    let net = BridgeNet::new(false);
+    let pod = TestPod::new();
+    let prev = bridge_add(&net, &pod);
+    let rate = 10_000_000u64;
+    let containerd = json!({"IngressRate": rate, "IngressBurst": 4294967295u64,
+                            "EgressRate": rate, "EgressBurst": 4294967295u64});
+    bw_add(&net, &pod, containerd.clone(), &prev);
+    assert_eq!(ifbs(&net).len(), 1, "egress is shaped through an ifb");
+
+    let gw = match net.gateways().0 {
+        IpAddr::V4(a) => a.to_string(),
+        IpAddr::V6(_) => unreachable!("gateways().0 is IPv4"),
+    };
+    let _server = Iperf3Server::start(&net.host, &gw);
+    // 2 s from a fresh (full) bucket, nothing omitted: a 512 MiB bucket
+    // would show gigabits here; 100 ms of burst adds at most 5 % over 2 s.
+    for (what, reverse) in [
+        ("egress (pod -> host)", false),
+        ("ingress (host -> pod)", true),
+    ] {
+        let got = iperf3_for(&pod.ns, &gw, reverse, "2", "0");
+        eprintln!("{what}: first 2 s {:.2} Mbit/s at 10 Mbit/s", got / 1e6);
+        assert!(
+            got <= 1.25 * rate as f64,
+            "{what}: {got:.0} bit/s in the first 2 s against a rate of {rate}: the burst passed unshaped"
+        );
+        assert!(
+            got >= 0.5 * rate as f64,
+            "{what}: {got:.0} bit/s, far below the rate"
+        );
+    }
+
+    let path = pod.ns.path_str();
+    bw(
+        &net,
+        "DEL",
+        &pod,
+        Some(&path),
+        &bw_conf(&net, Some(containerd), Some(&prev)),
+    )
+    .ok_empty();
+    net.call("DEL", &pod.id, Some(&path), "eth0", &net.conf(VERSION))
+        .ok_empty();
+    assert_eq!(ifbs(&net), Vec::<String>::new());
 }

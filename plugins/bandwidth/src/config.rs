@@ -4,15 +4,28 @@
 //!
 //! The token bucket follows the reference's arithmetic: bytes = bits / 8,
 //! and the queue limit is what the rate sends in 25 ms plus the burst.
+//!
+//! Keys are matched ignoring case (containerd's CRI plugin sends
+//! `IngressRate`, `IngressBurst`, …, see [`ferry_cni::keys`]); in
+//! `runtimeConfig.bandwidth` a key that names nothing here is refused.
+//!
+//! A burst of exactly 4294967295 bits is containerd's "no burst given" (it
+//! sets it for every `kubernetes.io/*-bandwidth` annotation, which has no
+//! burst). Taken literally it is a 512 MiB bucket: the first half gigabyte
+//! of every idle period would pass at line rate. It gets [`default_burst`]
+//! instead.
 
 use crate::errors;
-use ferry_cni::{CniError, NetConf};
+use ferry_cni::{CniError, NetConf, keys};
 use ferry_netops::Tbf;
 use ipnetwork::IpNetwork;
 use serde_json::{Map, Value};
 
 /// The latency a full queue may add (the reference's `latencyInMillis`).
 const LATENCY_MS: u64 = 25;
+
+/// The burst containerd sends when the pod gave none (`math.MaxUint32`).
+pub const UNSET_BURST: u64 = u32::MAX as u64;
 
 const KEYS: [&str; 6] = [
     "ingressRate",
@@ -37,21 +50,22 @@ impl Shaping {
     /// The shaping `conf` asks for; `Ok(None)` when it asks for none (no
     /// bandwidth keys at all, or every rate and burst 0).
     pub fn load(conf: &NetConf) -> Result<Option<Shaping>, CniError> {
-        let entry: &Map<String, Value> = match conf.runtime_config.get("bandwidth") {
-            Some(Value::Object(bw)) => bw,
-            Some(Value::Null) | None => &conf.plugin,
+        conf.warn_unknown_runtime_config(&["bandwidth"]);
+        let entry = match conf.runtime("bandwidth") {
+            Some(Value::Object(bw)) => keys::fold_keys(bw, &KEYS, "runtimeConfig.bandwidth")?,
+            Some(Value::Null) | None => plugin_keys(&conf.plugin)?,
             Some(other) => {
                 return Err(errors::invalid(format!(
                     "runtimeConfig.bandwidth must be an object, got {other}"
                 )));
             }
         };
-        if !KEYS.iter().any(|k| entry.contains_key(*k)) {
+        if entry.is_empty() {
             return Ok(None);
         }
-        let ingress = direction(entry, "ingress")?;
-        let egress = direction(entry, "egress")?;
-        subnets(entry)?;
+        let ingress = direction(&entry, "ingress")?;
+        let egress = direction(&entry, "egress")?;
+        subnets(&entry)?;
         if ingress.is_none() && egress.is_none() {
             return Ok(None);
         }
@@ -59,12 +73,33 @@ impl Shaping {
     }
 }
 
+/// The bandwidth keys among the plugin's own configuration keys, spelled as
+/// in [`KEYS`] (the other keys are the plugin's business, not shaping).
+fn plugin_keys(plugin: &Map<String, Value>) -> Result<Map<String, Value>, CniError> {
+    let ours: Map<String, Value> = plugin
+        .iter()
+        .filter(|(k, _)| KEYS.iter().any(|n| n.eq_ignore_ascii_case(k)))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    keys::fold_keys(&ours, &KEYS, "bandwidth configuration")
+}
+
+/// The burst given for containerd's [`UNSET_BURST`]: what `rate` (bits/s)
+/// sends in 100 ms, and at least 64 KiB, one full-size GSO packet (smaller,
+/// TBF would have to split or drop what the veth hands it).
+pub fn default_burst(rate: u64) -> u64 {
+    (rate / 10).max(8 * 64 * 1024)
+}
+
 /// `<dir>Rate` and `<dir>Burst` as a bucket, `None` when both are 0.
 fn direction(entry: &Map<String, Value>, dir: &str) -> Result<Option<Tbf>, CniError> {
     let rate_key = format!("{dir}Rate");
     let burst_key = format!("{dir}Burst");
     let rate = bits(entry, &rate_key)?;
-    let burst = bits(entry, &burst_key)?;
+    let mut burst = bits(entry, &burst_key)?;
+    if burst == UNSET_BURST && rate != 0 {
+        burst = default_burst(rate);
+    }
     match (rate, burst) {
         (0, 0) => return Ok(None),
         (_, 0) => {
@@ -212,6 +247,66 @@ mod tests {
             })
         );
         assert_eq!(s.egress, None);
+    }
+
+    /// What containerd's CRI plugin (go-cni) sends for the annotations
+    /// `kubernetes.io/ingress-bandwidth: 10M`, `egress-bandwidth: 10M`.
+    #[test]
+    fn containerd_cri_payload() {
+        let c = NetConf::parse(
+            br#"{"cniVersion":"1.0.0","name":"n","type":"ferry-bandwidth",
+                "capabilities":{"bandwidth":true},
+                "runtimeConfig":{"bandwidth":{"IngressRate":10000000,"IngressBurst":4294967295,
+                                              "EgressRate":10000000,"EgressBurst":4294967295}}}"#,
+        )
+        .unwrap();
+        let s = Shaping::load(&c).unwrap().expect("shaped");
+        // 1.25 MB/s; the burst is 100 ms of that (125000 bytes), not 512 MiB.
+        let want = Tbf {
+            rate: 1_250_000,
+            burst: 125_000,
+            limit: 31_250 + 125_000,
+        };
+        assert_eq!(s.ingress, Some(want));
+        assert_eq!(s.egress, Some(want));
+        // A slow rate still gets a bucket of one GSO packet.
+        assert_eq!(bucket(80_000, default_burst(80_000)).burst, 64 * 1024);
+        // Any other burst is taken as given.
+        let c = conf(json!({"runtimeConfig": {"bandwidth":
+            {"IngressRate": 10_000_000, "IngressBurst": 4_294_967_294u64}}}));
+        assert_eq!(
+            Shaping::load(&c).unwrap().unwrap().ingress.unwrap().burst,
+            536_870_911
+        );
+    }
+
+    #[test]
+    fn folded_keys_stay_strict() {
+        // The plugin's own keys fold too, as the reference's Go decoder does.
+        let s = Shaping::load(&conf(json!({"IngressRate": 8000, "ingressburst": 8000})))
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.ingress.unwrap().rate, 1000);
+        for (input, text) in [
+            // An unknown key in the capability: refused, never a silent "unshaped".
+            (
+                json!({"runtimeConfig": {"bandwidth": {"IngressRateBits": 8000}}}),
+                "unknown key",
+            ),
+            (
+                json!({"runtimeConfig": {"bandwidth": {"ingressRate": 8000, "IngressRate": 9000}}}),
+                "twice",
+            ),
+            (
+                json!({"runtimeConfig": {"bandwidth": {"IngressRate": "10M", "IngressBurst": 8000}}}),
+                "non-negative",
+            ),
+            (json!({"IngressRate": 8000, "ingressRate": 8000}), "twice"),
+        ] {
+            let e = Shaping::load(&conf(input.clone())).expect_err(&input.to_string());
+            assert_eq!(e.code.as_u32(), 7, "{input}: {e}");
+            assert!(e.msg.contains(text), "{input}: {e}");
+        }
     }
 
     #[test]

@@ -129,9 +129,10 @@ impl BridgeConf {
             "K8S_POD_INFRA_CONTAINER_ID",
             "K8S_POD_UID",
         ])?;
+        // "ips" is the IPAM plugin's, which gets this configuration whole.
+        conf.warn_unknown_runtime_config(&["mac", "ips"]);
         let mac_text = conf
-            .runtime_config
-            .get("mac")
+            .runtime("mac")
             .filter(|_| conf.has_capability("mac") || !conf.capabilities.contains_key("mac"))
             .and_then(|v| v.as_str().map(str::to_string))
             .or_else(|| args.args.get("MAC").map(str::to_string));

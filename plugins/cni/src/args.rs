@@ -28,12 +28,18 @@ impl CniArgs {
         Ok(CniArgs { pairs })
     }
 
-    /// The last value given for `key`.
+    /// The last value given for `key`; a key spelled with other ASCII case
+    /// counts only when no exact one is there, as libcni's Go callers match
+    /// keys (see [`crate::keys`]).
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.pairs
-            .iter()
-            .rev()
-            .find(|(k, _)| k == key)
+        let exact = self.pairs.iter().rev().find(|(k, _)| k == key);
+        exact
+            .or_else(|| {
+                self.pairs
+                    .iter()
+                    .rev()
+                    .find(|(k, _)| k.eq_ignore_ascii_case(key))
+            })
             .map(|(_, v)| v.as_str())
     }
 
@@ -58,7 +64,9 @@ impl CniArgs {
             return Ok(());
         }
         for (k, _) in &self.pairs {
-            if k != "IgnoreUnknown" && !known.contains(&k.as_str()) {
+            if !k.eq_ignore_ascii_case("IgnoreUnknown")
+                && !known.iter().any(|n| n.eq_ignore_ascii_case(k))
+            {
                 return Err(CniError::new(
                     crate::error::ErrorCode::UnsupportedField,
                     format!("CNI_ARGS: unknown key {k:?}"),
@@ -190,6 +198,18 @@ mod tests {
         a.check_known(&[]).unwrap();
         assert_eq!(a.get("Z"), Some("1"));
         assert_eq!(a.get("Y"), None);
+    }
+
+    #[test]
+    fn keys_match_ignoring_case_exact_first() {
+        let a =
+            CniArgs::parse("k8s_pod_name=web-0;ip=10.0.0.9;IP=10.0.0.2;ignoreunknown=1").unwrap();
+        assert_eq!(a.get("K8S_POD_NAME"), Some("web-0"));
+        assert_eq!(a.get("IP"), Some("10.0.0.2"), "the exact key wins");
+        assert!(a.ignore_unknown());
+        let a = CniArgs::parse("k8s_pod_namespace=default;Mac=0a:58:0a:00:00:05").unwrap();
+        a.check_known(&["K8S_POD_NAMESPACE", "MAC"]).unwrap();
+        assert_eq!(a.get("MAC"), Some("0a:58:0a:00:00:05"));
     }
 
     #[test]

@@ -144,6 +144,26 @@ impl NetConf {
         self.ipam.as_ref()?.get("type")?.as_str()
     }
 
+    /// What the runtime passes in `runtimeConfig` for capability `name`, its
+    /// key matched as libcni's Go callers match it (see [`crate::keys`]).
+    pub fn runtime(&self, name: &str) -> Option<&Value> {
+        crate::keys::get_folded(&self.runtime_config, name)
+    }
+
+    /// A line on stderr (which runtimes log) for each `runtimeConfig` key
+    /// outside `known`: a capability the conflist declares for `plugin` that
+    /// it does not implement is never dropped without a word.
+    pub fn warn_unknown_runtime_config(&self, known: &[&str]) {
+        for key in crate::keys::unknown_keys(&self.runtime_config, known) {
+            eprintln!(
+                "{}: warning: runtimeConfig.{key} is ignored (the plugin does not implement \
+                 that capability; it implements: {})",
+                self.plugin_type,
+                known.join(", ")
+            );
+        }
+    }
+
     /// Whether a capability declared in the conflist is on.
     pub fn has_capability(&self, name: &str) -> bool {
         self.capabilities.get(name).and_then(Value::as_bool) == Some(true)

@@ -9,6 +9,7 @@ pub mod args;
 pub mod config;
 pub mod delegate;
 pub mod error;
+pub mod keys;
 pub mod result;
 pub mod skel;
 pub mod version;

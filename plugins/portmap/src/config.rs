@@ -1,8 +1,9 @@
 //! The portmap configuration: the reference `portmap` plugin's keys, and the
 //! `portMappings` capability the runtime fills in `runtimeConfig`.
 
-use ferry_cni::{CniError, ErrorCode, NetConf};
+use ferry_cni::{CniError, ErrorCode, NetConf, keys};
 use serde::Deserialize;
+use serde_json::Value;
 use std::net::IpAddr;
 
 /// The reference's default mark bit (Kubernetes uses 14 and 15, Calico 20-31).
@@ -29,12 +30,10 @@ struct Wire {
     backend: Option<String>,
 }
 
-#[derive(Debug, Clone, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
-struct RuntimeWire {
-    #[serde(default)]
-    port_mappings: Option<Vec<MappingWire>>,
-}
+/// The keys of a `portMappings` entry, as the CNI conventions spell them;
+/// containerd's go-cni sends `HostPort`, `ContainerPort`, `Protocol`,
+/// `HostIP` (matched ignoring case, see [`ferry_cni::keys`]).
+const MAPPING_KEYS: [&str; 4] = ["hostPort", "containerPort", "protocol", "hostIP"];
 
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -160,14 +159,8 @@ impl PortmapConf {
                 )));
             }
         };
-        let rt: RuntimeWire =
-            serde_json::from_value(serde_json::Value::Object(conf.runtime_config.clone()))
-                .map_err(|e| {
-                    CniError::invalid_config("invalid runtimeConfig.portMappings").with_details(e)
-                })?;
-        let mut mappings = rt
-            .port_mappings
-            .unwrap_or_default()
+        conf.warn_unknown_runtime_config(&["portMappings"]);
+        let mut mappings = runtime_mappings(conf)?
             .iter()
             .map(mapping)
             .collect::<Result<Vec<_>, _>>()?;
@@ -198,6 +191,34 @@ impl PortmapConf {
     pub fn mark(&self) -> u32 {
         1 << self.mark_bit
     }
+}
+
+/// `runtimeConfig.portMappings`, each entry's keys matched ignoring case.
+fn runtime_mappings(conf: &NetConf) -> Result<Vec<MappingWire>, CniError> {
+    let entries = match conf.runtime("portMappings") {
+        None | Some(Value::Null) => return Ok(Vec::new()),
+        Some(Value::Array(entries)) => entries,
+        Some(other) => {
+            return Err(CniError::invalid_config(format!(
+                "runtimeConfig.portMappings must be a list, got {other}"
+            )));
+        }
+    };
+    entries
+        .iter()
+        .enumerate()
+        .map(|(i, entry)| {
+            let what = format!("runtimeConfig.portMappings[{i}]");
+            let Value::Object(obj) = entry else {
+                return Err(CniError::invalid_config(format!(
+                    "{what} must be an object, got {entry}"
+                )));
+            };
+            let obj = keys::fold_keys(obj, &MAPPING_KEYS, &what)?;
+            serde_json::from_value(Value::Object(obj))
+                .map_err(|e| CniError::invalid_config(format!("invalid {what}")).with_details(e))
+        })
+        .collect()
 }
 
 fn mapping(w: &MappingWire) -> Result<Mapping, CniError> {
@@ -285,6 +306,69 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    /// What containerd's CRI plugin (go-cni) sends for a pod's hostPort.
+    #[test]
+    fn containerd_cri_payload() {
+        let c = NetConf::parse(
+            br#"{"cniVersion":"1.0.0","name":"n","type":"ferry-portmap",
+                "capabilities":{"portMappings":true},
+                "runtimeConfig":{"portMappings":[
+                    {"HostPort":38180,"ContainerPort":80,"Protocol":"tcp","HostIP":""},
+                    {"HostPort":5353,"ContainerPort":53,"Protocol":"UDP","HostIP":"10.0.0.1"}]}}"#,
+        )
+        .unwrap();
+        let c = PortmapConf::load(&c).unwrap();
+        assert_eq!(
+            c.mappings.iter().map(Mapping::describe).collect::<Vec<_>>(),
+            ["38180/tcp", "10.0.0.1:5353/udp"]
+        );
+        assert_eq!(c.mappings[0].container_port, 80);
+        assert_eq!(c.mappings[1].container_port, 53);
+        // The capability's own key as another runtime might spell it.
+        let c = load_raw(json!({"PortMappings": [{"hostport": 1, "containerport": 2}]})).unwrap();
+        assert_eq!(c.mappings.len(), 1);
+    }
+
+    /// A mapping key ferry does not know, or one given twice in two
+    /// spellings, is refused rather than skipped; wrong types stay wrong.
+    #[test]
+    fn folded_keys_stay_strict() {
+        for (mappings, want) in [
+            (
+                json!([{"HostPort": 80, "ContainerPort": 80, "Range": 10}]),
+                "\"Range\"",
+            ),
+            (
+                json!([{"HostPort": 80, "hostPort": 81, "ContainerPort": 80}]),
+                "twice",
+            ),
+            (
+                json!([{"HostPort": "80", "ContainerPort": 80}]),
+                "portMappings[0]",
+            ),
+            (
+                json!([{"HostPort": 80, "ContainerPort": 80, "Protocol": 6}]),
+                "portMappings[0]",
+            ),
+            (json!([{"ContainerPort": 80}]), "hostPort"),
+            (json!([7]), "must be an object"),
+            (json!({"HostPort": 80}), "must be a list"),
+        ] {
+            let e = load(json!({}), mappings.clone()).unwrap_err();
+            assert_eq!(e.code.as_u32(), 7, "{mappings}: {e}");
+            assert!(
+                format!("{} {}", e.msg, e.details).contains(want),
+                "{mappings}: {e:?} should mention {want}"
+            );
+        }
+    }
+
+    fn load_raw(runtime_config: Value) -> Result<PortmapConf, CniError> {
+        let c = json!({"cniVersion": "1.0.0", "name": "n", "type": "ferry-portmap",
+            "capabilities": {"portMappings": true}, "runtimeConfig": runtime_config});
+        PortmapConf::load(&NetConf::from_value(c).unwrap())
     }
 
     #[test]
