@@ -9,7 +9,12 @@
 //! before the error is returned.
 //!
 //! The host veth's name is derived from (container ID, ifname), so DEL finds
-//! it without the pod's namespace, and a retried ADD finds its leftover.
+//! it without the pod's namespace, and a retried ADD finds its leftover. The
+//! name is a hash and two pods can share it: the veth's alias records its
+//! owner ([`veth_owner`]), and ADD, CHECK and DEL act only on a veth whose
+//! alias is their attachment's. ADD of a pod whose name is taken by another
+//! attachment fails with code [`NAME_TAKEN`] and undoes itself; it never
+//! picks another name, because DEL must find the veth without the netns.
 
 pub mod config;
 pub mod masq;
@@ -21,13 +26,22 @@ use ferry_cni::{
     CmdArgs, CniError, CniResult, Command, ErrorCode, Interface, NetConf, Plugin, Route,
 };
 use ferry_netops::{
-    BridgeSpec, Link, NetNs, NetopsError, NsHandle, PortVlan, RouteSpec, Runtime, VethPair,
-    block_on, in_netns, join, join_all, join3, sysctl, to_cni,
+    BridgeSpec, Link, LinkOwner, NetNs, NetopsError, NsHandle, PortVlan, RouteSpec, Runtime,
+    VethPair, block_on, in_netns, join, join_all, join3, sysctl, to_cni,
 };
 use ipnetwork::IpNetwork;
 use std::net::IpAddr;
 
 pub struct Bridge;
+
+/// ADD: the host veth's name belongs to a link of another attachment (or to
+/// a link ferry did not make).
+pub const NAME_TAKEN: u32 = 113;
+
+/// The owner recorded in a pod's host veth's alias.
+pub fn veth_owner(network: &str, container_id: &str, ifname: &str) -> LinkOwner {
+    LinkOwner::new("ferry-bridge", network, container_id, ifname)
+}
 
 /// Host-side veth name: "veth" + 11 hex digits of a hash of (container ID,
 /// ifname). 44 bits: a collision needs millions of pods on one node.
@@ -52,6 +66,19 @@ pub fn bridge_mac(bridge: &str) -> [u8; 6] {
 
 fn plugin_error(code: u32, msg: impl Into<String>) -> CniError {
     CniError::new(ErrorCode::Plugin(code), msg)
+}
+
+/// ADD found the host veth's name on a link that is not this attachment's.
+fn name_taken(link: &Link, owner: &LinkOwner) -> CniError {
+    plugin_error(
+        NAME_TAKEN,
+        format!(
+            "host interface name {} is taken by {}; this attachment is {:?}: refusing to delete or reuse it",
+            link.name,
+            LinkOwner::describe_other(link),
+            owner.alias()
+        ),
+    )
 }
 
 /// What a failed ADD has to undo.
@@ -84,33 +111,49 @@ impl Plugin for Bridge {
         // The IPAM plugin is a process of its own: it releases the address
         // while this thread removes the link (the two do not depend on each
         // other, and the address is released whatever happens to the link).
+        let host_name = host_veth_name(&args.container_id, &args.ifname);
+        let owner = veth_owner(&bc.network, &args.container_id, &args.ifname);
         let (link_result, spoof_result, ipam_result) = std::thread::scope(|s| {
             let ipam = s.spawn(|| exec_ipam(Command::Del, args, conf).map(|_| ()));
             // The link first: with the namespace gone it is gone too;
             // otherwise deleting the host end removes the pod end with it.
+            // A link of that name with another owner is another pod's (or
+            // not ferry's): left alone, and so is the macspoofchk state
+            // keyed by its name.
             let link_result = block_on(async {
                 let host = NsHandle::host()?;
-                if let Some(l) = host
-                    .link_by_name(&host_veth_name(&args.container_id, &args.ifname))
-                    .await?
-                {
-                    host.delete_link(l.index).await?;
+                match host.link_by_name(&host_name).await? {
+                    Some(l) if owner.owns(&l) => {
+                        host.delete_link(l.index).await?;
+                        Ok(true)
+                    }
+                    Some(l) => {
+                        eprintln!(
+                            "ferry-bridge: DEL: {} is not this attachment's ({}), left alone",
+                            LinkOwner::describe_other(&l),
+                            owner.alias()
+                        );
+                        Ok(false)
+                    }
+                    None => Ok(true),
                 }
-                Ok(())
             })
             .map_err(to_cni);
             // Whether or not this config asks for macspoofchk (it may have
             // been turned off since the ADD): one netlink lookup when there
             // is none. Without the option, a failure (no nf_tables on this
             // node) is only logged.
-            let spoof_result =
-                match spoofchk::remove(&host_veth_name(&args.container_id, &args.ifname)) {
+            let spoof_result = match &link_result {
+                Ok(false) => Ok(()),
+                _ => match spoofchk::remove(&host_name) {
                     Err(e) if !bc.macspoofchk => {
                         eprintln!("ferry-bridge: DEL: macspoofchk cleanup skipped: {e}");
                         Ok(())
                     }
                     r => r.map_err(to_cni),
-                };
+                },
+            };
+            let link_result = link_result.map(drop);
             let ipam_result = join_thread(ipam);
             (link_result, spoof_result, ipam_result)
         });
@@ -222,9 +265,15 @@ async fn attach(
         ensure_vlan_filtering(&host, &br).await?;
     }
     // A leftover of an earlier, interrupted ADD of the same pod would make
-    // the create fail with EEXIST: remove it first.
+    // the create fail with EEXIST: remove it first. Only if it is this
+    // attachment's: the name is a hash, and a link of another pod (or one
+    // ferry did not make) that has it is never deleted or reused.
     let host_name = host_veth_name(&args.container_id, &args.ifname);
+    let owner = veth_owner(&bc.network, &args.container_id, &args.ifname);
     if let Some(old) = host.link_by_name(&host_name).await.map_err(to_cni)? {
+        if !owner.owns(&old) {
+            return Err(name_taken(&old, &owner));
+        }
         host.delete_link(old.index).await.map_err(to_cni)?;
     }
     let host_veth = host
@@ -249,7 +298,19 @@ async fn attach(
             _ => to_cni(e),
         })?;
     progress.host_veth = Some(host_veth.index);
-    setup_port_vlans(&host, host_veth.index, bc).await?;
+    // The owner goes on before anything else can act on the name: the
+    // kernel ignores an alias in the creating request.
+    let (alias, vlans) = join(
+        host.set_alias(host_veth.index, owner.alias()),
+        setup_port_vlans(&host, host_veth.index, bc),
+    )
+    .await;
+    alias.map_err(to_cni)?;
+    vlans?;
+    let host_veth = Link {
+        alias: Some(owner.alias().to_string()),
+        ..host_veth
+    };
 
     let pod = NsHandle::new(pod_ns).map_err(to_cni)?;
     let eth = pod
@@ -570,9 +631,23 @@ async fn ensure_vlan_gateway(host: &NsHandle, br: u32, bc: &BridgeConf) -> Resul
         false
     };
     // An interface of that name made by someone else (a VLAN device on the
-    // bridge, say) is used as it is, like the reference does.
+    // bridge, say) is used as it is, like the reference does. Its port's
+    // name is a hash like a pod's host veth: a port carrying another owner
+    // (a pod's veth that drew the same name) is refused, never changed.
+    let owner = LinkOwner::new(
+        "ferry-bridge-vlan-gateway",
+        &bc.bridge,
+        &bc.vlan.to_string(),
+        "gateway",
+    );
     if let Some(port) = host.link_by_name(&port_name).await.map_err(to_cni)? {
+        if port.alias.is_some() && !owner.owns(&port) {
+            return Err(name_taken(&port, &owner));
+        }
         if created {
+            host.set_alias(port.index, owner.alias())
+                .await
+                .map_err(to_cni)?;
             setup_port_vlans(host, port.index, bc).await?;
         } else {
             host.add_port_vlans(port.index, &wanted_vlans(bc))
@@ -679,6 +754,14 @@ async fn check(
         .await
         .map_err(to_cni)?
         .ok_or_else(|| fail(format!("host veth {host_name} missing")))?;
+    let owner = veth_owner(&bc.network, &args.container_id, &args.ifname);
+    if !owner.owns(&veth) {
+        return Err(fail(format!(
+            "host veth {} is not this attachment's ({})",
+            LinkOwner::describe_other(&veth),
+            owner.alias()
+        )));
+    }
     if veth.controller != Some(br.index) {
         return Err(fail(format!(
             "host veth {host_name} is not attached to bridge {}",

@@ -22,6 +22,64 @@ pub struct Link {
     pub controller: Option<u32>,
     /// `veth`, `bridge`, `vxlan`, …; `None` for links without a kind (`lo`, physical).
     pub kind: Option<String>,
+    /// IFLA_IFALIAS (`ip link set … alias`): where ferry records a link's
+    /// owner ([`LinkOwner`]); `None` when unset.
+    pub alias: Option<String>,
+}
+
+/// The attachment a link ferry names after a pod belongs to, recorded in
+/// the link's alias. Names derived from a hash of the container ID can be
+/// shared by two pods (a 44-bit hash collides after a brute force of
+/// seconds), so before deleting, reusing or checking such a link ferry
+/// compares the alias with this, and a link without it is somebody else's.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LinkOwner(String);
+
+/// The kernel refuses longer aliases (IFALIASZ - 1, without the NUL).
+pub const MAX_ALIAS: usize = 255;
+
+impl LinkOwner {
+    /// `<role>:<network>/<ifname>/<container ID>` when that fits in an
+    /// alias, else `<role>:sha256:<hex>` of the three (container IDs have no
+    /// length limit). None of the parts can contain `/`, and the digest form
+    /// has none, so two owners never share an alias unless SHA-256 collides.
+    pub fn new(role: &str, network: &str, container_id: &str, ifname: &str) -> LinkOwner {
+        let plain = format!("{role}:{network}/{ifname}/{container_id}");
+        if plain.len() <= MAX_ALIAS {
+            return LinkOwner(plain);
+        }
+        let mut input = Vec::with_capacity(network.len() + ifname.len() + container_id.len() + 2);
+        for (i, part) in [network, ifname, container_id].into_iter().enumerate() {
+            if i > 0 {
+                input.push(0);
+            }
+            input.extend_from_slice(part.as_bytes());
+        }
+        let digest = ring::digest::digest(&ring::digest::SHA256, &input);
+        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        LinkOwner(format!("{role}:sha256:{hex}"))
+    }
+
+    /// The alias that marks a link as this owner's.
+    pub fn alias(&self) -> &str {
+        &self.0
+    }
+
+    /// Whether `link` carries this owner's alias.
+    pub fn owns(&self, link: &Link) -> bool {
+        link.alias.as_deref() == Some(self.0.as_str())
+    }
+
+    /// For error messages: who `link` belongs to, as far as its alias says.
+    pub fn describe_other(link: &Link) -> String {
+        match &link.alias {
+            Some(a) => format!("{} (alias {a:?})", link.name),
+            None => format!(
+                "{} (no owner alias: not made by ferry for a pod)",
+                link.name
+            ),
+        }
+    }
 }
 
 /// RFC 2863 operational state (`ip link`'s `state`). `lo` reports `Unknown`
@@ -60,6 +118,7 @@ impl Link {
             oper_state: OperState::Unknown,
             controller: None,
             kind: None,
+            alias: None,
         };
         for attr in msg.attributes {
             match attr {
@@ -67,6 +126,7 @@ impl Link {
                 LinkAttribute::Mtu(m) => link.mtu = m,
                 LinkAttribute::Address(a) => link.mac = a,
                 LinkAttribute::Controller(c) => link.controller = Some(c),
+                LinkAttribute::IfAlias(a) if !a.is_empty() => link.alias = Some(a),
                 LinkAttribute::OperState(s) => link.oper_state = OperState::from(s),
                 LinkAttribute::LinkInfo(infos) => {
                     for info in infos {
@@ -169,6 +229,16 @@ impl NsHandle {
         }
     }
 
+    /// `ip link set <index> alias <alias>` (the kernel ignores an alias in
+    /// the RTM_NEWLINK that creates a link, so it is set afterwards).
+    pub async fn set_alias(&self, index: u32, alias: &str) -> Result<()> {
+        let msg = LinkUnspec::new_with_index(index).alias(alias).build();
+        match self.handle.link().set(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(e) => Err(self.err("set alias of link", self.name_of(index).await, e)),
+        }
+    }
+
     /// The name of link `index` for an error message (best effort: only on
     /// failure paths, so the happy path stays one round trip).
     async fn name_of(&self, index: u32) -> String {
@@ -182,4 +252,32 @@ impl NsHandle {
 pub(crate) fn is_errno(e: &rtnetlink::Error, errno: i32) -> bool {
     // raw_code() is the negative errno the kernel put in NLMSG_ERROR.
     matches!(e, rtnetlink::Error::NetlinkError(m) if m.raw_code() == -errno)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owner_aliases_fit_and_differ() {
+        let a = LinkOwner::new("ferry-bridge", "pods", "c1", "eth0");
+        assert_eq!(a.alias(), "ferry-bridge:pods/eth0/c1");
+        assert_ne!(a, LinkOwner::new("ferry-bridge", "pods", "c1", "eth1"));
+        assert_ne!(a, LinkOwner::new("ferry-bandwidth", "pods", "c1", "eth0"));
+        let long_id = "a".repeat(1000);
+        let l = LinkOwner::new("ferry-bridge", "pods", &long_id, "eth0");
+        assert!(l.alias().len() <= MAX_ALIAS, "{}", l.alias());
+        assert!(l.alias().starts_with("ferry-bridge:sha256:"));
+        let mut other = long_id.clone();
+        other.replace_range(999.., "b");
+        assert_ne!(l, LinkOwner::new("ferry-bridge", "pods", &other, "eth0"));
+        // The longest plain form that fits stays plain.
+        let id = "x".repeat(MAX_ALIAS - "ferry-bridge:pods/eth0/".len());
+        assert_eq!(
+            LinkOwner::new("ferry-bridge", "pods", &id, "eth0")
+                .alias()
+                .len(),
+            MAX_ALIAS
+        );
+    }
 }
