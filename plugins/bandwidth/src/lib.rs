@@ -245,23 +245,27 @@ async fn shape(
             other => other,
         }
     };
-    let (r1, r2, r3) = join3(ingress, ingress_qdisc, h.create_ifb(&ifb.name, veth.mtu)).await;
+    let (r1, r2, r3) = join3(
+        ingress,
+        ingress_qdisc,
+        h.ensure_owned_ifb(&ifb.name, veth.mtu, &ifb.owner),
+    )
+    .await;
     r1?;
     r2?;
-    let created = r3?;
-    let ifb_link = h.require_link(&ifb.name).await?;
-    if created {
-        // The kernel ignores an alias in the creating request.
-        h.set_alias(ifb_link.index, ifb.owner.alias()).await?;
-    } else if !ifb.owner.owns(&ifb_link) {
-        // Not left by an interrupted ADD of this attachment: never reused.
-        return Ok(Err(errors::name_taken(format!(
-            "ifb name {} is taken by {}; this attachment is {:?}: refusing to delete or reuse it",
-            ifb.name,
-            LinkOwner::describe_other(&ifb_link),
-            ifb.owner.alias()
-        ))));
-    }
+    let ifb_link = match r3? {
+        Ok(l) => l,
+        // Not this attachment's (nor left by an interrupted ADD of it):
+        // never reused.
+        Err(other) => {
+            return Ok(Err(errors::name_taken(format!(
+                "ifb name {} is taken by {}; this attachment is {:?}: refusing to delete or reuse it",
+                ifb.name,
+                LinkOwner::describe_other(&other),
+                ifb.owner.alias()
+            ))));
+        }
+    };
     let (r1, r2) = join(
         h.set_root_tbf(ifb_link.index, egress),
         h.redirect_ingress(veth.index, ifb_link.index),

@@ -176,14 +176,13 @@ impl Plugin for Bridge {
             .map_err(to_cni)
             .and_then(|r| r)?;
         exec_ipam(Command::Check, args, conf)?;
-        if bc.ip_masq && !masq::present(&bc.network).map_err(to_cni)? {
-            return Err(plugin_error(
-                110,
-                format!(
-                    "masquerade chain {} missing from table inet ferry",
-                    masq::chain_name(&bc.network)
-                ),
-            ));
+        if bc.ip_masq {
+            let subnets: Vec<IpNetwork> = prev.ips.iter().map(|ip| ip.address).collect();
+            if let Some(p) =
+                masq::problem(&bc.network, &subnets, &bc.ip_masq_exclude).map_err(to_cni)?
+            {
+                return Err(plugin_error(110, p));
+            }
         }
         Ok(())
     }
@@ -277,14 +276,17 @@ async fn attach(
         host.delete_link(old.index).await.map_err(to_cni)?;
     }
     let host_veth = host
-        .create_veth(&VethPair {
-            host_name: &host_name,
-            pod_name: &args.ifname,
-            pod_ns,
-            mtu: bc.mtu,
-            pod_mac: bc.mac,
-            controller: br.index,
-        })
+        .create_owned_veth(
+            &VethPair {
+                host_name: &host_name,
+                pod_name: &args.ifname,
+                pod_ns,
+                mtu: bc.mtu,
+                pod_mac: bc.mac,
+                controller: br.index,
+            },
+            &owner,
+        )
         .await
         .map_err(|e| match e.errno() {
             Some(libc::EEXIST) => CniError::new(
@@ -298,19 +300,7 @@ async fn attach(
             _ => to_cni(e),
         })?;
     progress.host_veth = Some(host_veth.index);
-    // The owner goes on before anything else can act on the name: the
-    // kernel ignores an alias in the creating request.
-    let (alias, vlans) = join(
-        host.set_alias(host_veth.index, owner.alias()),
-        setup_port_vlans(&host, host_veth.index, bc),
-    )
-    .await;
-    alias.map_err(to_cni)?;
-    vlans?;
-    let host_veth = Link {
-        alias: Some(owner.alias().to_string()),
-        ..host_veth
-    };
+    setup_port_vlans(&host, host_veth.index, bc).await?;
 
     let pod = NsHandle::new(pod_ns).map_err(to_cni)?;
     let eth = pod

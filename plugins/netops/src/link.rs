@@ -32,8 +32,17 @@ pub struct Link {
 /// shared by two pods (a 44-bit hash collides after a brute force of
 /// seconds), so before deleting, reusing or checking such a link ferry
 /// compares the alias with this, and a link without it is somebody else's.
+///
+/// The kernel ignores an alias in the request that creates a link, so it is
+/// set by a second one; a plugin killed in between leaves a link without an
+/// alias. Such a link is recognised by its MAC, which ferry sets at creation
+/// to one derived from the owner ([`LinkOwner::mac`], 46 bits of SHA-256): a
+/// link without an alias is this owner's only if it has that MAC.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct LinkOwner(String);
+pub struct LinkOwner {
+    alias: String,
+    mac: [u8; 6],
+}
 
 /// The kernel refuses longer aliases (IFALIASZ - 1, without the NUL).
 pub const MAX_ALIAS: usize = 255;
@@ -44,30 +53,49 @@ impl LinkOwner {
     /// length limit). None of the parts can contain `/`, and the digest form
     /// has none, so two owners never share an alias unless SHA-256 collides.
     pub fn new(role: &str, network: &str, container_id: &str, ifname: &str) -> LinkOwner {
-        let plain = format!("{role}:{network}/{ifname}/{container_id}");
-        if plain.len() <= MAX_ALIAS {
-            return LinkOwner(plain);
-        }
-        let mut input = Vec::with_capacity(network.len() + ifname.len() + container_id.len() + 2);
-        for (i, part) in [network, ifname, container_id].into_iter().enumerate() {
+        let mut input =
+            Vec::with_capacity(role.len() + network.len() + ifname.len() + container_id.len() + 3);
+        for (i, part) in [role, network, ifname, container_id]
+            .into_iter()
+            .enumerate()
+        {
             if i > 0 {
                 input.push(0);
             }
             input.extend_from_slice(part.as_bytes());
         }
         let digest = ring::digest::digest(&ring::digest::SHA256, &input);
-        let hex: String = digest.as_ref().iter().map(|b| format!("{b:02x}")).collect();
-        LinkOwner(format!("{role}:sha256:{hex}"))
+        let d = digest.as_ref();
+        // Locally administered unicast.
+        let mac = [(d[0] & 0xfc) | 0x02, d[1], d[2], d[3], d[4], d[5]];
+        let plain = format!("{role}:{network}/{ifname}/{container_id}");
+        let alias = if plain.len() <= MAX_ALIAS {
+            plain
+        } else {
+            let hex: String = d.iter().map(|b| format!("{b:02x}")).collect();
+            format!("{role}:sha256:{hex}")
+        };
+        LinkOwner { alias, mac }
     }
 
     /// The alias that marks a link as this owner's.
     pub fn alias(&self) -> &str {
-        &self.0
+        &self.alias
     }
 
-    /// Whether `link` carries this owner's alias.
+    /// The MAC ferry gives a link of this owner when it creates it.
+    pub fn mac(&self) -> [u8; 6] {
+        self.mac
+    }
+
+    /// Whether `link` is this owner's: it carries the owner's alias, or no
+    /// alias and the owner's MAC (its creator was stopped before setting
+    /// the alias).
     pub fn owns(&self, link: &Link) -> bool {
-        link.alias.as_deref() == Some(self.0.as_str())
+        match &link.alias {
+            Some(a) => *a == self.alias,
+            None => link.mac == self.mac,
+        }
     }
 
     /// For error messages: who `link` belongs to, as far as its alias says.
@@ -267,6 +295,8 @@ mod tests {
         let long_id = "a".repeat(1000);
         let l = LinkOwner::new("ferry-bridge", "pods", &long_id, "eth0");
         assert!(l.alias().len() <= MAX_ALIAS, "{}", l.alias());
+        assert_ne!(l.mac(), a.mac());
+        assert_eq!(a.mac()[0] & 0b11, 0b10, "local unicast");
         assert!(l.alias().starts_with("ferry-bridge:sha256:"));
         let mut other = long_id.clone();
         other.replace_range(999.., "b");
@@ -279,5 +309,30 @@ mod tests {
                 .len(),
             MAX_ALIAS
         );
+    }
+
+    #[test]
+    fn ownership_by_alias_or_by_mac_without_one() {
+        let owner = LinkOwner::new("ferry-bandwidth", "pods", "c1", "eth0");
+        let mut link = Link {
+            index: 7,
+            name: "bwp0".into(),
+            mtu: 1500,
+            mac: owner.mac().to_vec(),
+            is_up: true,
+            lower_up: true,
+            oper_state: OperState::Up,
+            controller: None,
+            kind: Some("ifb".into()),
+            alias: None,
+        };
+        assert!(owner.owns(&link), "no alias yet, our MAC");
+        link.alias = Some("someone else".into());
+        assert!(!owner.owns(&link), "an alias that is not ours wins");
+        link.alias = Some(owner.alias().into());
+        link.mac = vec![2, 0, 0, 0, 0, 1];
+        assert!(owner.owns(&link));
+        link.alias = None;
+        assert!(!owner.owns(&link), "no alias, another MAC");
     }
 }
