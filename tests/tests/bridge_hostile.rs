@@ -604,3 +604,29 @@ fn ifb_left_by_an_interrupted_add_is_recognised_by_its_mac() {
     assert!(net.host.link(&ifb).is_none(), "DEL removed it");
     del(&net, &pod, &conf);
 }
+
+/// ferry-bandwidth given another pod's ADD result as prevResult (a stale or
+/// wrong one) refuses to shape that pod's veth, which ferry-bridge's owner
+/// alias names as another attachment's.
+#[test]
+fn bandwidth_never_shapes_another_attachments_veth() {
+    if !require_root() {
+        return;
+    }
+    let net = BridgeNet::new(false);
+    let conf = net.conf(VERSION);
+    let victim = TestPod::new();
+    let victim_result = add(&net, &victim, &conf);
+    let other = TestPod::new();
+    let e = bw(&net, "ADD", &other, &bw_conf(&net, Some(&victim_result))).err_json();
+    assert_eq!(e["code"], 100, "{e}");
+    let veth = host_veth_name(&victim.id, "eth0");
+    let qdiscs = net.host.exec("tc", &["qdisc", "show", "dev", &veth]);
+    assert!(
+        !qdiscs.contains("tbf") && !qdiscs.contains("ingress"),
+        "{qdiscs}"
+    );
+    assert!(net.host.links_of_kind("ifb").is_empty());
+    bw(&net, "DEL", &other, &bw_conf(&net, None)).ok_empty();
+    del(&net, &victim, &conf);
+}

@@ -134,7 +134,7 @@ impl Plugin for Bandwidth {
         let ifb = Ifb::of(conf, args);
         block_on(async {
             let h = NsHandle::host()?;
-            let veth = match host_veth(&h, &prev).await? {
+            let veth = match host_veth(&h, &prev, conf, args).await? {
                 Ok(v) => v,
                 Err(e) => return Ok(Err(e)),
             };
@@ -178,7 +178,7 @@ impl Plugin for Bandwidth {
         let ifb = Ifb::of(conf, args);
         block_on(async {
             let h = NsHandle::host()?;
-            let veth = match host_veth(&h, &prev).await? {
+            let veth = match host_veth(&h, &prev, conf, args).await? {
                 Ok(v) => v,
                 Err(e) => return Ok(Err(e)),
             };
@@ -189,8 +189,15 @@ impl Plugin for Bandwidth {
 }
 
 /// The pod's host veth: among prevResult's interfaces without a sandbox
-/// (ferry-bridge lists the bridge there too), the one that is a veth.
-async fn host_veth(h: &NsHandle, prev: &CniResult) -> Result<Result<Link, CniError>, NetopsError> {
+/// (ferry-bridge lists the bridge there too), the one that is a veth. One
+/// that ferry-bridge made for another attachment (its owner alias says so;
+/// a stale or wrong prevResult) is refused, never shaped.
+async fn host_veth(
+    h: &NsHandle,
+    prev: &CniResult,
+    conf: &NetConf,
+    args: &CmdArgs,
+) -> Result<Result<Link, CniError>, NetopsError> {
     let names: Vec<&str> = prev
         .interfaces
         .iter()
@@ -207,7 +214,22 @@ async fn host_veth(h: &NsHandle, prev: &CniResult) -> Result<Result<Link, CniErr
         }
     }
     Ok(match veths.len() {
-        1 => Ok(veths.remove(0)),
+        1 => {
+            let veth = veths.remove(0);
+            // ferry-bridge's `veth_owner`.
+            let bridge_owner =
+                LinkOwner::new("ferry-bridge", &conf.name, &args.container_id, &args.ifname);
+            match &veth.alias {
+                Some(a) if a.starts_with("ferry-bridge:") && !bridge_owner.owns(&veth) => {
+                    Err(errors::no_host_veth(format!(
+                        "host veth {} belongs to another attachment, not {:?}",
+                        LinkOwner::describe_other(&veth),
+                        bridge_owner.alias()
+                    )))
+                }
+                _ => Ok(veth),
+            }
+        }
         0 => Err(errors::no_host_veth(format!(
             "no host veth among prevResult's host interfaces {names:?}"
         ))),
