@@ -630,3 +630,61 @@ fn bandwidth_never_shapes_another_attachments_veth() {
     bw(&net, "DEL", &other, &bw_conf(&net, None)).ok_empty();
     del(&net, &victim, &conf);
 }
+
+/// CHECK fails when the masquerade rules are gone although every chain and
+/// element is there: the network's chain flushed, or the base chain.
+#[test]
+fn check_fails_when_the_masquerade_rules_are_flushed() {
+    if !require_root() {
+        return;
+    }
+    let net = BridgeNet::new(true);
+    let conf = net.conf(VERSION);
+    let pod = TestPod::new();
+    let r = add(&net, &pod, &conf);
+    check(&net, &pod, &conf, &r).ok_empty();
+    let table = net.host.exec("nft", &["list", "table", "inet", "ferry"]);
+    let prefix = format!("chain net-{}-", net.name);
+    let chain = table
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with(&prefix))
+        .map(|l| l["chain ".len()..].trim_end_matches(" {").to_string())
+        .unwrap_or_else(|| panic!("no {prefix}… in {table}"));
+    for flushed in [chain.as_str(), "postrouting"] {
+        net.host
+            .exec("nft", &["flush", "chain", "inet", "ferry", flushed]);
+        let e = check(&net, &pod, &conf, &r).err_json();
+        assert_eq!(e["code"], 110, "{flushed}: {e}");
+        assert!(e["msg"].as_str().unwrap().contains(flushed), "{e}");
+        // Put it back the way ferry does: remove the table, ADD again.
+        net.host.exec("nft", &["delete", "table", "inet", "ferry"]);
+        let again = TestPod::new();
+        add(&net, &again, &conf);
+        check(&net, &pod, &conf, &r).ok_empty();
+        del(&net, &again, &conf);
+    }
+    del(&net, &pod, &conf);
+}
+
+/// `promiscMode` turned on for a network whose bridge already exists
+/// reaches the bridge (the reference sets it on every ADD; ferry applied it
+/// only when creating the bridge).
+#[test]
+fn promisc_mode_reaches_an_existing_bridge() {
+    if !require_root() {
+        return;
+    }
+    let net = BridgeNet::new(false);
+    let conf = net.conf(VERSION);
+    let first = TestPod::new();
+    add(&net, &first, &conf);
+    assert!(!net.host.link(&net.bridge).expect("bridge").promisc);
+    let mut promisc = conf.clone();
+    promisc["promiscMode"] = json!(true);
+    let second = TestPod::new();
+    add(&net, &second, &promisc);
+    assert!(net.host.link(&net.bridge).expect("bridge").promisc);
+    del(&net, &second, &promisc);
+    del(&net, &first, &conf);
+}

@@ -287,18 +287,28 @@ async fn attach(
             },
             &owner,
         )
-        .await
-        .map_err(|e| match e.errno() {
-            Some(libc::EEXIST) => CniError::new(
+        .await;
+    let host_veth = match host_veth {
+        Ok(l) => l,
+        Err(e) if e.errno() == Some(libc::EEXIST) => {
+            // The host name, taken since the lookup above (another ADD of a
+            // pod with the same name), or the pod's interface.
+            if let Ok(Some(l)) = host.link_by_name(&host_name).await
+                && !owner.owns(&l)
+            {
+                return Err(name_taken(&l, &owner));
+            }
+            return Err(CniError::new(
                 ErrorCode::Internal,
                 format!(
                     "interface {} already exists in {}",
                     args.ifname,
                     pod_ns.path().display()
                 ),
-            ),
-            _ => to_cni(e),
-        })?;
+            ));
+        }
+        Err(e) => return Err(to_cni(e)),
+    };
     progress.host_veth = Some(host_veth.index);
     setup_port_vlans(&host, host_veth.index, bc).await?;
 

@@ -252,12 +252,34 @@ pub fn problem(
             Some(_) => {}
         }
     }
-    if !nft::chain_exists(NftFamily::Inet, TABLE, &chain)? {
+    // The chain ends in a masquerade (not flushed by hand), and the base
+    // chain looks the pod's family up in its map.
+    let rules = nft::chain_rules(NftFamily::Inet, TABLE, &chain)?;
+    if rules.is_empty() {
         return Ok(Some(format!(
-            "masquerade chain {chain} missing from table inet ferry"
+            "masquerade chain {chain} missing (or empty) in table inet ferry"
         )));
     }
+    if !rules.iter().any(|r| contains(r, b"masq\0")) {
+        return Ok(Some(format!(
+            "chain {chain} of table inet ferry has no masquerade rule"
+        )));
+    }
+    let base = nft::chain_rules(NftFamily::Inet, TABLE, "postrouting")?;
+    for net in canonical(subnets) {
+        let map = map_of(&net);
+        let name = format!("{map}\0");
+        if !base.iter().any(|r| contains(r, name.as_bytes())) {
+            return Ok(Some(format!(
+                "chain postrouting of table inet ferry does not look up map {map}"
+            )));
+        }
+    }
     Ok(None)
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[cfg(test)]

@@ -17,6 +17,8 @@ pub struct Link {
     pub is_up: bool,
     /// IFF_LOWER_UP: the carrier is there.
     pub lower_up: bool,
+    /// IFF_PROMISC.
+    pub promisc: bool,
     pub oper_state: OperState,
     /// The bridge (or bond) this link is enslaved to.
     pub controller: Option<u32>,
@@ -143,6 +145,7 @@ impl Link {
             mac: Vec::new(),
             is_up: flags.contains(LinkFlags::Up),
             lower_up: flags.contains(LinkFlags::LowerUp),
+            promisc: flags.contains(LinkFlags::Promisc),
             oper_state: OperState::Unknown,
             controller: None,
             kind: None,
@@ -321,6 +324,7 @@ mod tests {
             mac: owner.mac().to_vec(),
             is_up: true,
             lower_up: true,
+            promisc: false,
             oper_state: OperState::Up,
             controller: None,
             kind: Some("ifb".into()),

@@ -68,12 +68,15 @@ impl NsHandle {
                 std::io::Error::from_raw_os_error(libc::EEXIST),
             ));
         }
-        // A changed network MTU must reach a bridge created before the change.
-        if link.mtu != spec.mtu || !link.is_up {
-            let msg = LinkUnspec::new_with_index(link.index)
-                .mtu(spec.mtu)
-                .up()
-                .build();
+        // A changed network MTU (or promiscMode turned on, which the
+        // reference applies to an existing bridge too) must reach a bridge
+        // created before the change.
+        if link.mtu != spec.mtu || !link.is_up || (spec.promisc && !link.promisc) {
+            let mut msg = LinkUnspec::new_with_index(link.index).mtu(spec.mtu).up();
+            if spec.promisc {
+                msg = msg.promiscuous(true);
+            }
+            let msg = msg.build();
             self.handle
                 .link()
                 .set(msg)
@@ -97,7 +100,11 @@ impl NsHandle {
     /// the same name ([`LinkOwner`]).
     pub async fn create_owned_veth(&self, pair: &VethPair<'_>, owner: &LinkOwner) -> Result<Link> {
         let link = self.create_veth_with(pair, Some(owner.mac())).await?;
-        self.set_alias(link.index, owner.alias()).await?;
+        if let Err(e) = self.set_alias(link.index, owner.alias()).await {
+            // The caller knows nothing of the pair yet: it goes here.
+            let _ = self.delete_link(link.index).await;
+            return Err(e);
+        }
         Ok(Link {
             alias: Some(owner.alias().to_string()),
             ..link
