@@ -688,3 +688,51 @@ fn promisc_mode_reaches_an_existing_bridge() {
     del(&net, &second, &promisc);
     del(&net, &first, &conf);
 }
+
+/// A chain that loses one of its subnets to another configuration but still
+/// serves the other (here: a v4-only configuration of a dual-stack network)
+/// is retired, not deleted: the dual-stack pod's IPv6 stays masqueraded, and
+/// the next dual-stack ADD rebuilds its configuration's chain and cleans up
+/// both the retired chain and the v4-only one.
+#[test]
+fn a_chain_still_serving_another_subnet_is_retired_not_deleted() {
+    if !require_root() {
+        return;
+    }
+    let net = BridgeNet::new(true);
+    let out = Outside::new(&net);
+    let dual = net.conf(VERSION);
+    let mut v4_only = dual.clone();
+    v4_only["ipam"]["ranges"] = json!([[{"subnet": net.subnet4}]]);
+    v4_only["ipam"]["routes"] = json!([{"dst": "0.0.0.0/0"}]);
+
+    let first = TestPod::new();
+    add(&net, &first, &dual);
+    let second = TestPod::new();
+    add(&net, &second, &v4_only);
+    let table = net.host.exec("nft", &["list", "table", "inet", "ferry"]);
+    assert!(table.contains("chain net-retired-"), "{table}");
+    assert_eq!(source_seen(&first.ns, &out.ns, out.out_v6), out.host_v6);
+    assert_eq!(source_seen(&first.ns, &out.ns, out.out_v4), out.host_v4);
+    assert_eq!(source_seen(&second.ns, &out.ns, out.out_v4), out.host_v4);
+
+    let third = TestPod::new();
+    let r3 = add(&net, &third, &dual);
+    check(&net, &third, &dual, &r3).ok_empty();
+    let table = net.host.exec("nft", &["list", "table", "inet", "ferry"]);
+    let chains: Vec<&str> = table
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("chain net-"))
+        .collect();
+    assert_eq!(
+        chains.len(),
+        1,
+        "only the dual-stack chain is left: {table}"
+    );
+    assert_eq!(source_seen(&first.ns, &out.ns, out.out_v6), out.host_v6);
+    assert_eq!(source_seen(&second.ns, &out.ns, out.out_v4), out.host_v4);
+    del(&net, &third, &dual);
+    del(&net, &second, &v4_only);
+    del(&net, &first, &dual);
+}
