@@ -736,3 +736,31 @@ fn a_chain_still_serving_another_subnet_is_retired_not_deleted() {
     del(&net, &second, &v4_only);
     del(&net, &first, &dual);
 }
+
+/// `ipMasq` turned off for a network that had it: the next ADD takes the
+/// subnet out of the masquerade (before, the element stayed and every pod of
+/// the subnet kept leaving with the node's address).
+#[test]
+fn masquerade_turned_off_is_applied() {
+    if !require_root() {
+        return;
+    }
+    let mut net = BridgeNet::new(true);
+    let out = Outside::new(&net);
+    out.route_back_to(&net);
+    let on = net.conf(VERSION);
+    let first = TestPod::new();
+    add(&net, &first, &on);
+    assert_eq!(source_seen(&first.ns, &out.ns, out.out_v4), out.host_v4);
+
+    net.ip_masq = false;
+    let off = net.conf(VERSION);
+    let second = TestPod::new();
+    let ips = addresses(&add(&net, &second, &off));
+    assert_eq!(source_seen(&second.ns, &out.ns, out.out_v4), ips[0]);
+    assert_eq!(source_seen(&second.ns, &out.ns, out.out_v6), ips[1]);
+    let table = net.host.exec("nft", &["list", "table", "inet", "ferry"]);
+    assert!(!table.contains("chain net-"), "{table}");
+    del(&net, &second, &off);
+    del(&net, &first, &on);
+}

@@ -438,12 +438,14 @@ async fn configure(
         enable_forwarding(families)?;
     }
 
+    let subnets: Vec<IpNetwork> = ips
+        .iter()
+        .map(|(a, _)| IpNetwork::new(a.network(), a.prefix()).expect("same prefix"))
+        .collect();
     if bc.ip_masq {
-        let subnets: Vec<IpNetwork> = ips
-            .iter()
-            .map(|(a, _)| IpNetwork::new(a.network(), a.prefix()).expect("same prefix"))
-            .collect();
         masq::ensure(&bc.network, &subnets, &bc.ip_masq_exclude).map_err(to_cni)?;
+    } else {
+        masq::ensure_absent(&subnets).map_err(to_cni)?;
     }
 
     // A bridge whose MAC was set (ours is pinned at creation) keeps it; one

@@ -144,16 +144,35 @@ pub fn script(
     // Subnets whose element points at another chain (an older configuration,
     // a renamed network): that element goes, and so does the other chain
     // once nothing jumps to it.
-    let mut moved_from: Vec<&str> = Vec::new();
+    let (deletions, moved_from) = release(&subnets, current, Some(chain));
+    s.push_str(&deletions);
     for net in &subnets {
+        s.push_str(&format!(
+            "add element inet ferry {} {{ {net} : jump {chain} }}\n",
+            map_of(net)
+        ));
+    }
+    s.push_str(&retire(&moved_from, &subnets, current, retired_suffix));
+    s
+}
+
+/// The deletions of the elements of `subnets` that jump anywhere but to
+/// `keep`, and the chains they jumped to.
+fn release<'a>(
+    subnets: &[IpNetwork],
+    current: &'a [(&str, nft::MapElement)],
+    keep: Option<&str>,
+) -> (String, Vec<&'a str>) {
+    let mut s = String::new();
+    let mut moved_from: Vec<&str> = Vec::new();
+    for net in subnets {
         let map = map_of(net);
         let key = key_of(net);
         let old = current
             .iter()
-            .find(|(m, e)| *m == map && e.key == key && e.chain.is_some());
-        if let Some((_, e)) = old {
-            let old_chain = e.chain.as_deref().expect("checked");
-            if old_chain == chain {
+            .find_map(|(m, e)| (*m == map && e.key == key).then_some(e.chain.as_deref()?));
+        if let Some(old_chain) = old {
+            if Some(old_chain) == keep {
                 continue;
             }
             s.push_str(&format!("delete element inet ferry {map} {{ {net} }}\n"));
@@ -162,15 +181,22 @@ pub fn script(
             }
         }
     }
-    for net in &subnets {
-        s.push_str(&format!(
-            "add element inet ferry {} {{ {net} : jump {chain} }}\n",
-            map_of(net)
-        ));
-    }
+    (s, moved_from)
+}
+
+/// After the elements of `subnets` left the chains `moved_from`: each is
+/// deleted when nothing else jumps to it, else renamed out of every
+/// configuration's name (it keeps serving the other subnets).
+fn retire(
+    moved_from: &[&str],
+    subnets: &[IpNetwork],
+    current: &[(&str, nft::MapElement)],
+    retired_suffix: &str,
+) -> String {
+    let mut s = String::new();
     for old in moved_from {
         let still_used = current.iter().any(|(m, e)| {
-            e.chain.as_deref() == Some(old)
+            e.chain.as_deref() == Some(*old)
                 && !subnets
                     .iter()
                     .any(|n| map_of(n) == *m && key_of(n) == e.key)
@@ -180,8 +206,6 @@ pub fn script(
                 "flush chain inet ferry {old}\ndelete chain inet ferry {old}\n"
             ));
         } else if !old.starts_with(RETIRED_PREFIX) {
-            // Other subnets still jump to it: it keeps working for them,
-            // under a name no configuration looks up.
             s.push_str(&format!(
                 "rename chain inet ferry {old} {RETIRED_PREFIX}{:016x}{retired_suffix}\n",
                 fnv([old.to_string()])
@@ -189,6 +213,56 @@ pub fn script(
         }
     }
     s
+}
+
+/// A suffix that makes a retired chain's name unique to this process.
+fn retired_suffix() -> String {
+    format!(
+        "-{:x}-{:x}",
+        std::process::id(),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0)
+    )
+}
+
+/// Applies the transaction `make` builds from the current map elements;
+/// another ADD may change them between the read and the transaction (which
+/// then fails as a whole): read again, up to three times.
+fn apply_with_retries(
+    make: impl Fn(&[(&'static str, nft::MapElement)]) -> Option<String>,
+) -> ferry_netops::Result<()> {
+    let mut attempt = 0;
+    loop {
+        let current = current_elements()?;
+        let Some(script) = make(&current) else {
+            return Ok(());
+        };
+        match nft::apply_script(&script) {
+            Ok(()) => return Ok(()),
+            Err(_) if attempt < 2 => attempt += 1,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// ADD without `ipMasq`: the pod's subnets must not be masqueraded, also
+/// when an earlier configuration of this node did (`ipMasq` turned off, a
+/// network renamed). One lookup when ferry masquerades nothing on the node.
+pub fn ensure_absent(subnets: &[IpNetwork]) -> ferry_netops::Result<()> {
+    if !nft::chain_exists(NftFamily::Inet, TABLE, "postrouting")? {
+        return Ok(());
+    }
+    let subnets = canonical(subnets);
+    let suffix = retired_suffix();
+    apply_with_retries(|current| {
+        let (deletions, moved_from) = release(&subnets, current, None);
+        if deletions.is_empty() {
+            return None;
+        }
+        Some(deletions + &retire(&moved_from, &subnets, current, &suffix))
+    })
 }
 
 /// Makes sure `network` masquerades `subnets` except towards `exclude`:
@@ -202,25 +276,8 @@ pub fn ensure(
     if nft::chain_exists(NftFamily::Inet, TABLE, &chain)? {
         return Ok(());
     }
-    // Another ADD may change the elements between the read and the
-    // transaction (the transaction then fails as a whole): read again.
-    let suffix = format!(
-        "-{:x}-{:x}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0)
-    );
-    let mut attempt = 0;
-    loop {
-        let current = current_elements()?;
-        match nft::apply_script(&script(&chain, subnets, exclude, &current, &suffix)) {
-            Ok(()) => return Ok(()),
-            Err(_) if attempt < 2 => attempt += 1,
-            Err(e) => return Err(e),
-        }
-    }
+    let suffix = retired_suffix();
+    apply_with_retries(|current| Some(script(&chain, subnets, exclude, current, &suffix)))
 }
 
 /// CHECK: what is wrong with the masquerade of `subnets` (each subnet's
