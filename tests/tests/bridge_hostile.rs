@@ -764,3 +764,46 @@ fn masquerade_turned_off_is_applied() {
     del(&net, &second, &off);
     del(&net, &first, &on);
 }
+
+/// An ADD stopped between creating the veth pair and setting the host end's
+/// alias leaves a veth without an alias but with the owner's MAC: DEL
+/// removes it, and a retried ADD replaces it.
+#[test]
+fn veth_left_by_an_interrupted_add_is_recognised_by_its_mac() {
+    if !require_root() {
+        return;
+    }
+    let net = BridgeNet::new(false);
+    let conf = net.conf(VERSION);
+    for then_add in [false, true] {
+        let pod = TestPod::new();
+        let name = host_veth_name(&pod.id, "eth0");
+        let mac = owner_mac(["ferry-bridge", &net.name, "eth0", &pod.id]);
+        net.host.exec(
+            "ip",
+            &[
+                "link",
+                "add",
+                &name,
+                "address",
+                &mac,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                "eth0",
+                "netns",
+                &pod.path(),
+            ],
+        );
+        if then_add {
+            let r = add(&net, &pod, &conf);
+            check(&net, &pod, &conf, &r).ok_empty();
+            let l = net.host.link(&name).expect("the new veth");
+            assert!(l.alias.is_some(), "{l:?}");
+        }
+        del(&net, &pod, &conf);
+        assert!(net.host.link(&name).is_none(), "DEL removed the veth");
+        assert!(pod.ns.link("eth0").is_none());
+    }
+}
