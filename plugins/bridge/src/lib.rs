@@ -17,7 +17,7 @@
 //! taken by another attachment fails with code [`NAME_TAKEN`] and undoes
 //! itself. It never picks another name: DEL must find the veth by name
 //! without the netns, and a collision of real (random, 64-hex-digit) IDs is
-//! about one in 10^7 for 1000 pods on a node, so a clear, rare failure is
+//! about one in 35 million for 1000 pods on a node, so a clear, rare failure is
 //! better than a search on every DEL.
 
 pub mod config;
