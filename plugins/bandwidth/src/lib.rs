@@ -10,15 +10,21 @@
 //!
 //! The host veth is the veth among prevResult's interfaces without a
 //! sandbox. The ifb's name is derived from (network, container ID, ifname),
-//! so DEL deletes it with one request and without the pod's namespace;
-//! the veth's own qdiscs go away with the veth. Without any bandwidth
-//! setting ADD only passes prevResult on, without touching the kernel.
+//! so DEL finds it without the pod's namespace; the veth's own qdiscs go
+//! away with the veth. The name is a 48-bit hash that two pods can share, so
+//! the ifb's alias records its owner ([`ifb_owner`]): ADD never shapes
+//! through, and DEL never deletes, an ifb with another owner (ADD fails with
+//! code [`errors::NAME_TAKEN`] instead and undoes itself). Without any
+//! bandwidth setting ADD only passes prevResult on, without touching the
+//! kernel.
 
 pub mod config;
 
 use config::Shaping;
 use ferry_cni::{CmdArgs, CniError, CniResult, NetConf, Plugin};
-use ferry_netops::{Link, NetopsError, NsHandle, Tbf, block_on, join, join_all, join3, to_cni};
+use ferry_netops::{
+    Link, LinkOwner, NetopsError, NsHandle, Tbf, block_on, join, join_all, join3, to_cni,
+};
 
 pub struct Bandwidth;
 
@@ -31,6 +37,9 @@ pub mod errors {
     pub const NO_HOST_VETH: u32 = 100;
     /// CHECK: the shaping in the kernel is not what the configuration says.
     pub const CHECK_MISMATCH: u32 = 101;
+    /// ADD: the ifb's name belongs to a link of another attachment (or to a
+    /// link ferry did not make).
+    pub const NAME_TAKEN: u32 = 102;
 
     pub fn invalid(msg: impl Into<String>) -> CniError {
         CniError::new(ErrorCode::InvalidConfig, msg)
@@ -50,6 +59,10 @@ pub mod errors {
 
     pub fn mismatch(msg: impl Into<String>) -> CniError {
         CniError::new(ErrorCode::Plugin(CHECK_MISMATCH), msg)
+    }
+
+    pub fn name_taken(msg: impl Into<String>) -> CniError {
+        CniError::new(ErrorCode::Plugin(NAME_TAKEN), msg)
     }
 }
 
@@ -71,6 +84,41 @@ pub fn ifb_name(network: &str, container_id: &str, ifname: &str) -> String {
     format!("bwp{:012x}", h & 0xffff_ffff_ffff)
 }
 
+/// The owner recorded in the ifb's alias.
+pub fn ifb_owner(network: &str, container_id: &str, ifname: &str) -> LinkOwner {
+    LinkOwner::new("ferry-bandwidth", network, container_id, ifname)
+}
+
+/// The ifb of one attachment: its name and its owner.
+struct Ifb {
+    name: String,
+    owner: LinkOwner,
+}
+
+impl Ifb {
+    fn of(conf: &NetConf, args: &CmdArgs) -> Ifb {
+        Ifb {
+            name: ifb_name(&conf.name, &args.container_id, &args.ifname),
+            owner: ifb_owner(&conf.name, &args.container_id, &args.ifname),
+        }
+    }
+
+    /// The ifb, if there is one of that name and it is this attachment's;
+    /// `Err` names the link that holds the name otherwise.
+    async fn lookup(&self, h: &NsHandle) -> Result<Result<Option<Link>, String>, NetopsError> {
+        Ok(match h.link_by_name(&self.name).await? {
+            Some(l) if self.owner.owns(&l) => Ok(Some(l)),
+            Some(l) => Err(format!(
+                "ifb name {} is taken by {}, not this attachment's ({})",
+                self.name,
+                LinkOwner::describe_other(&l),
+                self.owner.alias()
+            )),
+            None => Ok(None),
+        })
+    }
+}
+
 impl Plugin for Bandwidth {
     fn add(&self, args: &CmdArgs, conf: &NetConf) -> Result<CniResult, CniError> {
         let shaping = Shaping::load(conf)?;
@@ -83,18 +131,18 @@ impl Plugin for Bandwidth {
             // The hot path: nothing to shape, nothing to touch.
             return Ok(prev);
         };
-        let ifb = ifb_name(&conf.name, &args.container_id, &args.ifname);
+        let ifb = Ifb::of(conf, args);
         block_on(async {
             let h = NsHandle::host()?;
-            let veth = match host_veth(&h, &prev).await? {
+            let veth = match host_veth(&h, &prev, conf, args).await? {
                 Ok(v) => v,
                 Err(e) => return Ok(Err(e)),
             };
             let outcome = shape(&h, &veth, &ifb, &shaping).await;
-            if outcome.is_err() {
+            if !matches!(outcome, Ok(Ok(()))) {
                 undo(&h, &veth, &ifb, &shaping).await;
             }
-            outcome.map(Ok)
+            outcome
         })
         .map_err(to_cni)??;
         Ok(prev)
@@ -102,11 +150,21 @@ impl Plugin for Bandwidth {
 
     fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         // Always, whatever the configuration says now: an ifb left behind
-        // would outlive the pod. The veth's qdiscs go with the veth.
-        let ifb = ifb_name(&conf.name, &args.container_id, &args.ifname);
-        block_on(async { NsHandle::host()?.delete_link_by_name(&ifb).await })
-            .map(drop)
-            .map_err(to_cni)
+        // would outlive the pod. The veth's qdiscs go with the veth. An ifb
+        // of that name with another owner is another pod's: left alone.
+        let ifb = Ifb::of(conf, args);
+        block_on(async {
+            let h = NsHandle::host()?;
+            match ifb.lookup(&h).await? {
+                Ok(Some(l)) => h.delete_link(l.index).await.map(drop),
+                Ok(None) => Ok(()),
+                Err(other) => {
+                    eprintln!("ferry-bandwidth: DEL: {other}; left alone");
+                    Ok(())
+                }
+            }
+        })
+        .map_err(to_cni)
     }
 
     fn check(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
@@ -117,10 +175,10 @@ impl Plugin for Bandwidth {
             return Err(errors::not_chained());
         };
         let prev = CniResult::from_json(prev)?;
-        let ifb = ifb_name(&conf.name, &args.container_id, &args.ifname);
+        let ifb = Ifb::of(conf, args);
         block_on(async {
             let h = NsHandle::host()?;
-            let veth = match host_veth(&h, &prev).await? {
+            let veth = match host_veth(&h, &prev, conf, args).await? {
                 Ok(v) => v,
                 Err(e) => return Ok(Err(e)),
             };
@@ -131,8 +189,15 @@ impl Plugin for Bandwidth {
 }
 
 /// The pod's host veth: among prevResult's interfaces without a sandbox
-/// (ferry-bridge lists the bridge there too), the one that is a veth.
-async fn host_veth(h: &NsHandle, prev: &CniResult) -> Result<Result<Link, CniError>, NetopsError> {
+/// (ferry-bridge lists the bridge there too), the one that is a veth. One
+/// that ferry-bridge made for another attachment (its owner alias says so;
+/// a stale or wrong prevResult) is refused, never shaped.
+async fn host_veth(
+    h: &NsHandle,
+    prev: &CniResult,
+    conf: &NetConf,
+    args: &CmdArgs,
+) -> Result<Result<Link, CniError>, NetopsError> {
     let names: Vec<&str> = prev
         .interfaces
         .iter()
@@ -149,7 +214,22 @@ async fn host_veth(h: &NsHandle, prev: &CniResult) -> Result<Result<Link, CniErr
         }
     }
     Ok(match veths.len() {
-        1 => Ok(veths.remove(0)),
+        1 => {
+            let veth = veths.remove(0);
+            // ferry-bridge's `veth_owner`.
+            let bridge_owner =
+                LinkOwner::new("ferry-bridge", &conf.name, &args.container_id, &args.ifname);
+            match &veth.alias {
+                Some(a) if a.starts_with("ferry-bridge:") && !bridge_owner.owns(&veth) => {
+                    Err(errors::no_host_veth(format!(
+                        "host veth {} belongs to another attachment, not {:?}",
+                        LinkOwner::describe_other(&veth),
+                        bridge_owner.alias()
+                    )))
+                }
+                _ => Ok(veth),
+            }
+        }
         0 => Err(errors::no_host_veth(format!(
             "no host veth among prevResult's host interfaces {names:?}"
         ))),
@@ -159,9 +239,15 @@ async fn host_veth(h: &NsHandle, prev: &CniResult) -> Result<Result<Link, CniErr
     })
 }
 
-/// Programs the shaping: three round trips for both directions (the
-/// requests of one step go out together on the one socket).
-async fn shape(h: &NsHandle, veth: &Link, ifb: &str, s: &Shaping) -> Result<(), NetopsError> {
+/// Programs the shaping: four round trips for both directions (the
+/// requests of one step go out together on the one socket). The inner
+/// `Err`: the ifb's name is another attachment's.
+async fn shape(
+    h: &NsHandle,
+    veth: &Link,
+    ifb: &Ifb,
+    s: &Shaping,
+) -> Result<Result<(), CniError>, NetopsError> {
     let ingress = async {
         match &s.ingress {
             Some(t) => h.set_root_tbf(veth.index, t).await,
@@ -169,7 +255,7 @@ async fn shape(h: &NsHandle, veth: &Link, ifb: &str, s: &Shaping) -> Result<(), 
         }
     };
     let Some(egress) = &s.egress else {
-        return ingress.await;
+        return ingress.await.map(Ok);
     };
     let ingress_qdisc = async {
         match h.add_ingress_qdisc(veth.index).await {
@@ -181,25 +267,44 @@ async fn shape(h: &NsHandle, veth: &Link, ifb: &str, s: &Shaping) -> Result<(), 
             other => other,
         }
     };
-    let (r1, r2, r3) = join3(ingress, ingress_qdisc, h.create_ifb(ifb, veth.mtu)).await;
+    let (r1, r2, r3) = join3(
+        ingress,
+        ingress_qdisc,
+        h.ensure_owned_ifb(&ifb.name, veth.mtu, &ifb.owner),
+    )
+    .await;
     r1?;
     r2?;
-    r3?;
-    let ifb_link = h.require_link(ifb).await?;
+    let ifb_link = match r3? {
+        Ok(l) => l,
+        // Not this attachment's (nor left by an interrupted ADD of it):
+        // never reused.
+        Err(other) => {
+            return Ok(Err(errors::name_taken(format!(
+                "ifb name {} is taken by {}; this attachment is {:?}: refusing to delete or reuse it",
+                ifb.name,
+                LinkOwner::describe_other(&other),
+                ifb.owner.alias()
+            ))));
+        }
+    };
     let (r1, r2) = join(
         h.set_root_tbf(ifb_link.index, egress),
         h.redirect_ingress(veth.index, ifb_link.index),
     )
     .await;
     r1?;
-    r2
+    r2.map(Ok)
 }
 
-/// Best effort after a failed ADD: what [`shape`] may have created.
-async fn undo(h: &NsHandle, veth: &Link, ifb: &str, s: &Shaping) {
+/// Best effort after a failed ADD: what [`shape`] may have created (the
+/// ifb only when it is this attachment's).
+async fn undo(h: &NsHandle, veth: &Link, ifb: &Ifb, s: &Shaping) {
     if s.egress.is_some() {
         let _ = h.delete_ingress_qdisc(veth.index).await;
-        let _ = h.delete_link_by_name(ifb).await;
+        if let Ok(Ok(Some(l))) = ifb.lookup(h).await {
+            let _ = h.delete_link(l.index).await;
+        }
     }
     if s.ingress.is_some() {
         let _ = h.delete_root_qdisc(veth.index).await;
@@ -210,7 +315,7 @@ async fn undo(h: &NsHandle, veth: &Link, ifb: &str, s: &Shaping) {
 async fn check(
     h: &NsHandle,
     veth: &Link,
-    ifb: &str,
+    ifb: &Ifb,
     s: &Shaping,
 ) -> Result<Result<(), CniError>, NetopsError> {
     if let Some(want) = &s.ingress {
@@ -220,12 +325,17 @@ async fn check(
         }
     }
     if let Some(want) = &s.egress {
-        let Some(ifb_link) = h.link_by_name(ifb).await? else {
-            return Ok(Err(errors::mismatch(format!(
-                "ifb {ifb} for {}'s egress shaping not found",
-                veth.name
-            ))));
+        let ifb_link = match ifb.lookup(h).await? {
+            Ok(Some(l)) => l,
+            Ok(None) => {
+                return Ok(Err(errors::mismatch(format!(
+                    "ifb {} for {}'s egress shaping not found",
+                    ifb.name, veth.name
+                ))));
+            }
+            Err(other) => return Ok(Err(errors::mismatch(other))),
         };
+        let ifb = ifb.name.as_str();
         let (root, ingress, redirects) = join3(
             h.root_qdisc(ifb_link.index),
             h.ingress_qdisc(veth.index),

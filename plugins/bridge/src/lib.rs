@@ -9,7 +9,16 @@
 //! before the error is returned.
 //!
 //! The host veth's name is derived from (container ID, ifname), so DEL finds
-//! it without the pod's namespace, and a retried ADD finds its leftover.
+//! it without the pod's namespace, and a retried ADD finds its leftover. The
+//! name is a hash and two pods can share it: the veth's alias records its
+//! owner ([`veth_owner`]; without an alias, an ADD stopped before setting it,
+//! the owner's MAC given at creation says it), and ADD, CHECK and DEL act
+//! only on a veth that is their attachment's. ADD of a pod whose name is
+//! taken by another attachment fails with code [`NAME_TAKEN`] and undoes
+//! itself. It never picks another name: DEL must find the veth by name
+//! without the netns, and a collision of real (random, 64-hex-digit) IDs is
+//! about one in 35 million for 1000 pods on a node, so a clear, rare failure is
+//! better than a search on every DEL.
 
 pub mod config;
 pub mod masq;
@@ -21,16 +30,27 @@ use ferry_cni::{
     CmdArgs, CniError, CniResult, Command, ErrorCode, Interface, NetConf, Plugin, Route,
 };
 use ferry_netops::{
-    BridgeSpec, Link, NetNs, NetopsError, NsHandle, PortVlan, RouteSpec, Runtime, VethPair,
-    block_on, in_netns, join, join_all, join3, sysctl, to_cni,
+    BridgeSpec, Link, LinkOwner, NetNs, NetopsError, NsHandle, PortVlan, RouteSpec, Runtime,
+    VethPair, block_on, in_netns, join, join_all, join3, sysctl, to_cni,
 };
 use ipnetwork::IpNetwork;
 use std::net::IpAddr;
 
 pub struct Bridge;
 
+/// ADD: the host veth's name belongs to a link of another attachment (or to
+/// a link ferry did not make).
+pub const NAME_TAKEN: u32 = 113;
+
+/// The owner recorded in a pod's host veth's alias.
+pub fn veth_owner(network: &str, container_id: &str, ifname: &str) -> LinkOwner {
+    LinkOwner::new("ferry-bridge", network, container_id, ifname)
+}
+
 /// Host-side veth name: "veth" + 11 hex digits of a hash of (container ID,
-/// ifname). 44 bits: a collision needs millions of pods on one node.
+/// ifname). 44 bits: rare by chance, but a colliding pair of IDs is found
+/// by brute force in seconds, so the name alone never proves ownership
+/// ([`veth_owner`]).
 pub fn host_veth_name(container_id: &str, ifname: &str) -> String {
     // FNV-1a: stable across releases and platforms, unlike std's hasher.
     let mut h: u64 = 0xcbf29ce484222325;
@@ -52,6 +72,19 @@ pub fn bridge_mac(bridge: &str) -> [u8; 6] {
 
 fn plugin_error(code: u32, msg: impl Into<String>) -> CniError {
     CniError::new(ErrorCode::Plugin(code), msg)
+}
+
+/// ADD found the host veth's name on a link that is not this attachment's.
+fn name_taken(link: &Link, owner: &LinkOwner) -> CniError {
+    plugin_error(
+        NAME_TAKEN,
+        format!(
+            "host interface name {} is taken by {}; this attachment is {:?}: refusing to delete or reuse it",
+            link.name,
+            LinkOwner::describe_other(link),
+            owner.alias()
+        ),
+    )
 }
 
 /// What a failed ADD has to undo.
@@ -84,33 +117,49 @@ impl Plugin for Bridge {
         // The IPAM plugin is a process of its own: it releases the address
         // while this thread removes the link (the two do not depend on each
         // other, and the address is released whatever happens to the link).
+        let host_name = host_veth_name(&args.container_id, &args.ifname);
+        let owner = veth_owner(&bc.network, &args.container_id, &args.ifname);
         let (link_result, spoof_result, ipam_result) = std::thread::scope(|s| {
             let ipam = s.spawn(|| exec_ipam(Command::Del, args, conf).map(|_| ()));
             // The link first: with the namespace gone it is gone too;
             // otherwise deleting the host end removes the pod end with it.
+            // A link of that name with another owner is another pod's (or
+            // not ferry's): left alone, and so is the macspoofchk state
+            // keyed by its name.
             let link_result = block_on(async {
                 let host = NsHandle::host()?;
-                if let Some(l) = host
-                    .link_by_name(&host_veth_name(&args.container_id, &args.ifname))
-                    .await?
-                {
-                    host.delete_link(l.index).await?;
+                match host.link_by_name(&host_name).await? {
+                    Some(l) if owner.owns(&l) => {
+                        host.delete_link(l.index).await?;
+                        Ok(true)
+                    }
+                    Some(l) => {
+                        eprintln!(
+                            "ferry-bridge: DEL: {} is not this attachment's ({}), left alone",
+                            LinkOwner::describe_other(&l),
+                            owner.alias()
+                        );
+                        Ok(false)
+                    }
+                    None => Ok(true),
                 }
-                Ok(())
             })
             .map_err(to_cni);
             // Whether or not this config asks for macspoofchk (it may have
             // been turned off since the ADD): one netlink lookup when there
             // is none. Without the option, a failure (no nf_tables on this
             // node) is only logged.
-            let spoof_result =
-                match spoofchk::remove(&host_veth_name(&args.container_id, &args.ifname)) {
+            let spoof_result = match &link_result {
+                Ok(false) => Ok(()),
+                _ => match spoofchk::remove(&host_name) {
                     Err(e) if !bc.macspoofchk => {
                         eprintln!("ferry-bridge: DEL: macspoofchk cleanup skipped: {e}");
                         Ok(())
                     }
                     r => r.map_err(to_cni),
-                };
+                },
+            };
+            let link_result = link_result.map(drop);
             let ipam_result = join_thread(ipam);
             (link_result, spoof_result, ipam_result)
         });
@@ -133,14 +182,13 @@ impl Plugin for Bridge {
             .map_err(to_cni)
             .and_then(|r| r)?;
         exec_ipam(Command::Check, args, conf)?;
-        if bc.ip_masq && !masq::present(&bc.network).map_err(to_cni)? {
-            return Err(plugin_error(
-                110,
-                format!(
-                    "masquerade chain {} missing from table inet ferry",
-                    masq::chain_name(&bc.network)
-                ),
-            ));
+        if bc.ip_masq {
+            let subnets: Vec<IpNetwork> = prev.ips.iter().map(|ip| ip.address).collect();
+            if let Some(p) =
+                masq::problem(&bc.network, &subnets, &bc.ip_masq_exclude).map_err(to_cni)?
+            {
+                return Err(plugin_error(110, p));
+            }
         }
         Ok(())
     }
@@ -222,32 +270,51 @@ async fn attach(
         ensure_vlan_filtering(&host, &br).await?;
     }
     // A leftover of an earlier, interrupted ADD of the same pod would make
-    // the create fail with EEXIST: remove it first.
+    // the create fail with EEXIST: remove it first. Only if it is this
+    // attachment's: the name is a hash, and a link of another pod (or one
+    // ferry did not make) that has it is never deleted or reused.
     let host_name = host_veth_name(&args.container_id, &args.ifname);
+    let owner = veth_owner(&bc.network, &args.container_id, &args.ifname);
     if let Some(old) = host.link_by_name(&host_name).await.map_err(to_cni)? {
+        if !owner.owns(&old) {
+            return Err(name_taken(&old, &owner));
+        }
         host.delete_link(old.index).await.map_err(to_cni)?;
     }
     let host_veth = host
-        .create_veth(&VethPair {
-            host_name: &host_name,
-            pod_name: &args.ifname,
-            pod_ns,
-            mtu: bc.mtu,
-            pod_mac: bc.mac,
-            controller: br.index,
-        })
-        .await
-        .map_err(|e| match e.errno() {
-            Some(libc::EEXIST) => CniError::new(
+        .create_owned_veth(
+            &VethPair {
+                host_name: &host_name,
+                pod_name: &args.ifname,
+                pod_ns,
+                mtu: bc.mtu,
+                pod_mac: bc.mac,
+                controller: br.index,
+            },
+            &owner,
+        )
+        .await;
+    let host_veth = match host_veth {
+        Ok(l) => l,
+        Err(e) if e.errno() == Some(libc::EEXIST) => {
+            // The host name, taken since the lookup above (another ADD of a
+            // pod with the same name), or the pod's interface.
+            if let Ok(Some(l)) = host.link_by_name(&host_name).await
+                && !owner.owns(&l)
+            {
+                return Err(name_taken(&l, &owner));
+            }
+            return Err(CniError::new(
                 ErrorCode::Internal,
                 format!(
                     "interface {} already exists in {}",
                     args.ifname,
                     pod_ns.path().display()
                 ),
-            ),
-            _ => to_cni(e),
-        })?;
+            ));
+        }
+        Err(e) => return Err(to_cni(e)),
+    };
     progress.host_veth = Some(host_veth.index);
     setup_port_vlans(&host, host_veth.index, bc).await?;
 
@@ -377,12 +444,14 @@ async fn configure(
         enable_forwarding(families)?;
     }
 
+    let subnets: Vec<IpNetwork> = ips
+        .iter()
+        .map(|(a, _)| IpNetwork::new(a.network(), a.prefix()).expect("same prefix"))
+        .collect();
     if bc.ip_masq {
-        let subnets: Vec<IpNetwork> = ips
-            .iter()
-            .map(|(a, _)| IpNetwork::new(a.network(), a.prefix()).expect("same prefix"))
-            .collect();
         masq::ensure(&bc.network, &subnets, &bc.ip_masq_exclude).map_err(to_cni)?;
+    } else {
+        masq::ensure_absent(&subnets).map_err(to_cni)?;
     }
 
     // A bridge whose MAC was set (ours is pinned at creation) keeps it; one
@@ -570,9 +639,23 @@ async fn ensure_vlan_gateway(host: &NsHandle, br: u32, bc: &BridgeConf) -> Resul
         false
     };
     // An interface of that name made by someone else (a VLAN device on the
-    // bridge, say) is used as it is, like the reference does.
+    // bridge, say) is used as it is, like the reference does. Its port's
+    // name is a hash like a pod's host veth: a port carrying another owner
+    // (a pod's veth that drew the same name) is refused, never changed.
+    let owner = LinkOwner::new(
+        "ferry-bridge-vlan-gateway",
+        &bc.bridge,
+        &bc.vlan.to_string(),
+        "gateway",
+    );
     if let Some(port) = host.link_by_name(&port_name).await.map_err(to_cni)? {
+        if port.alias.is_some() && !owner.owns(&port) {
+            return Err(name_taken(&port, &owner));
+        }
         if created {
+            host.set_alias(port.index, owner.alias())
+                .await
+                .map_err(to_cni)?;
             setup_port_vlans(host, port.index, bc).await?;
         } else {
             host.add_port_vlans(port.index, &wanted_vlans(bc))
@@ -679,6 +762,14 @@ async fn check(
         .await
         .map_err(to_cni)?
         .ok_or_else(|| fail(format!("host veth {host_name} missing")))?;
+    let owner = veth_owner(&bc.network, &args.container_id, &args.ifname);
+    if !owner.owns(&veth) {
+        return Err(fail(format!(
+            "host veth {} is not this attachment's ({})",
+            LinkOwner::describe_other(&veth),
+            owner.alias()
+        )));
+    }
     if veth.controller != Some(br.index) {
         return Err(fail(format!(
             "host veth {host_name} is not attached to bridge {}",

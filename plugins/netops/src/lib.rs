@@ -36,7 +36,7 @@ pub use error::{NetopsError, to_cni};
 /// handles of different namespaces they proceed side by side.
 pub use futures::future::{join, join_all, join3};
 pub use handle::{NsHandle, Runtime, block_on};
-pub use link::{Link, OperState};
+pub use link::{Link, LinkOwner, OperState};
 pub use monitor::{KernelEvent, Monitor};
 pub use neigh::{FdbEntry, IpNeighbour, NeighState, Neighbour, Neighbour6};
 pub use netns::{NetNs, in_netns};

@@ -1,9 +1,9 @@
 //! The links of a pod network: the node bridge and the veth pair per pod.
 
 use crate::link::is_errno;
-use crate::{Link, NetNs, NetopsError, NsHandle, Result};
+use crate::{Link, LinkOwner, NetNs, NetopsError, NsHandle, Result};
 use rtnetlink::packet_route::link::{InfoData, InfoVeth};
-use rtnetlink::{LinkBridge, LinkBridgePort, LinkUnspec, LinkVeth};
+use rtnetlink::{LinkBridge, LinkBridgePort, LinkIfb, LinkUnspec, LinkVeth};
 use std::os::fd::{AsFd, AsRawFd};
 
 /// What a bridge should look like.
@@ -68,12 +68,15 @@ impl NsHandle {
                 std::io::Error::from_raw_os_error(libc::EEXIST),
             ));
         }
-        // A changed network MTU must reach a bridge created before the change.
-        if link.mtu != spec.mtu || !link.is_up {
-            let msg = LinkUnspec::new_with_index(link.index)
-                .mtu(spec.mtu)
-                .up()
-                .build();
+        // A changed network MTU (or promiscMode turned on, which the
+        // reference applies to an existing bridge too) must reach a bridge
+        // created before the change.
+        if link.mtu != spec.mtu || !link.is_up || (spec.promisc && !link.promisc) {
+            let mut msg = LinkUnspec::new_with_index(link.index).mtu(spec.mtu).up();
+            if spec.promisc {
+                msg = msg.promiscuous(true);
+            }
+            let msg = msg.build();
             self.handle
                 .link()
                 .set(msg)
@@ -88,18 +91,80 @@ impl NsHandle {
     /// born inside the pod namespace (never visible on the host). Returns the
     /// host end.
     pub async fn create_veth(&self, pair: &VethPair<'_>) -> Result<Link> {
+        self.create_veth_with(pair, None).await
+    }
+
+    /// [`create_veth`](Self::create_veth) for a host end named after a pod:
+    /// it is born with `owner`'s MAC, then gets `owner`'s alias, so that
+    /// whatever happens afterwards it can be told from another pod's link of
+    /// the same name ([`LinkOwner`]).
+    pub async fn create_owned_veth(&self, pair: &VethPair<'_>, owner: &LinkOwner) -> Result<Link> {
+        let link = self.create_veth_with(pair, Some(owner.mac())).await?;
+        if let Err(e) = self.set_alias(link.index, owner.alias()).await {
+            // The caller knows nothing of the pair yet: it goes here.
+            let _ = self.delete_link(link.index).await;
+            return Err(e);
+        }
+        Ok(Link {
+            alias: Some(owner.alias().to_string()),
+            ..link
+        })
+    }
+
+    /// An ifb named after a pod (up, `mtu`), `owner`'s: created with the
+    /// owner's MAC and alias, or the one of that name left by an earlier,
+    /// interrupted ADD of the same owner. `Ok(Err(link))`: a link of that
+    /// name belongs to somebody else; it is left as it is.
+    pub async fn ensure_owned_ifb(
+        &self,
+        name: &str,
+        mtu: u32,
+        owner: &LinkOwner,
+    ) -> Result<std::result::Result<Link, Link>> {
+        let msg = LinkIfb::new(name)
+            .mtu(mtu)
+            .address(owner.mac().to_vec())
+            .up()
+            .build();
+        match self.handle.link().add(msg).execute().await {
+            Ok(()) => {}
+            // Left by an earlier ADD, or somebody else's: decided below.
+            Err(e) if is_errno(&e, libc::EEXIST) => {}
+            Err(e) => return Err(self.err("create ifb", name, e)),
+        }
+        let link = self.require_link(name).await?;
+        if !owner.owns(&link) {
+            return Ok(Err(link));
+        }
+        if link.alias.is_none() {
+            self.set_alias(link.index, owner.alias()).await?;
+        }
+        Ok(Ok(Link {
+            alias: Some(owner.alias().to_string()),
+            ..link
+        }))
+    }
+
+    async fn create_veth_with(
+        &self,
+        pair: &VethPair<'_>,
+        host_mac: Option<[u8; 6]>,
+    ) -> Result<Link> {
         let mut peer = LinkUnspec::new_with_name(pair.pod_name)
             .setns_by_fd(pair.pod_ns.as_fd().as_raw_fd())
             .mtu(pair.mtu);
         if let Some(mac) = pair.pod_mac {
             peer = peer.address(mac.to_vec());
         }
-        let msg = LinkVeth::new(pair.host_name, pair.pod_name)
+        let mut host = LinkVeth::new(pair.host_name, pair.pod_name)
             .set_info_data(InfoData::Veth(InfoVeth::Peer(peer.build())))
             .mtu(pair.mtu)
             .controller(pair.controller)
-            .up()
-            .build();
+            .up();
+        if let Some(mac) = host_mac {
+            host = host.address(mac.to_vec());
+        }
+        let msg = host.build();
         self.add_link(
             msg,
             "create veth pair",
