@@ -98,14 +98,19 @@ fn errno_io(e: Errno) -> std::io::Error {
     std::io::Error::from_raw_os_error(e as i32)
 }
 
+/// The file type bits of `st` (`S_IFREG`, `S_IFDIR`, …).
+fn kind_of(st: &FileStat) -> SFlag {
+    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT
+}
+
 fn is_regular(st: &FileStat) -> bool {
-    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT == SFlag::S_IFREG
+    kind_of(st) == SFlag::S_IFREG
 }
 
 /// What a name in a store directory turned out to be, when it is not a
 /// regular file ferry may read.
 fn not_regular(st: &FileStat) -> &'static str {
-    match SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT {
+    match kind_of(st) {
         SFlag::S_IFDIR => "a directory",
         SFlag::S_IFIFO => "a FIFO",
         SFlag::S_IFLNK => "a symbolic link",
@@ -427,10 +432,19 @@ impl Store {
     pub fn scan(&self) -> Result<Vec<IpAddr>> {
         let mut out = Vec::new();
         for (name, kind) in list(&self.dir)? {
-            if let Ok(ip) = name.parse::<IpAddr>()
-                && ip.to_string() == name
-                && kind != Some(Type::Directory)
-            {
+            let Ok(ip) = name.parse::<IpAddr>() else {
+                continue;
+            };
+            if ip.to_string() != name {
+                continue;
+            }
+            let is_dir = match kind {
+                Some(t) => t == Type::Directory,
+                // The filesystem did not say (DT_UNKNOWN): ask, not following.
+                None => fstatat(&self.dir.fd, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                    .is_ok_and(|st| kind_of(&st) == SFlag::S_IFDIR),
+            };
+            if !is_dir {
                 out.push(ip);
             }
         }

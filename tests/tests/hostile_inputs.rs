@@ -9,9 +9,8 @@
 //! the tests create (victims included), removed on drop.
 
 use ferry_tests::{
-    BridgeNet, PluginOutput, TestDir, TestNetns, bin, container_id, plugin_command,
-    require_root, reservations, run_plugin, run_plugin_in, spawn_plugin, unique_index,
-    wait_plugin,
+    BridgeNet, PluginOutput, TestDir, TestNetns, bin, container_id, plugin_command, require_root,
+    reservations, run_plugin, run_plugin_in, spawn_plugin, unique_index, wait_plugin,
 };
 use serde_json::{Value, json};
 use std::fs;
@@ -155,7 +154,11 @@ struct Victim {
 impl Victim {
     fn new() -> Victim {
         let dir = TestDir::new("victim");
-        for (name, text) in [("a", "precious a\n"), ("b", "precious b\n"), ("c", "c9\r\neth0")] {
+        for (name, text) in [
+            ("a", "precious a\n"),
+            ("b", "precious b\n"),
+            ("c", "c9\r\neth0"),
+        ] {
             fs::write(dir.path().join(name), text).unwrap();
         }
         Victim { dir }
@@ -174,9 +177,21 @@ impl Victim {
             .collect();
         names.sort();
         assert_eq!(names, ["a", "b", "c"], "{what}: victim directory changed");
-        assert_eq!(fs::read_to_string(self.file("a")).unwrap(), "precious a\n", "{what}");
-        assert_eq!(fs::read_to_string(self.file("b")).unwrap(), "precious b\n", "{what}");
-        assert_eq!(fs::read_to_string(self.file("c")).unwrap(), "c9\r\neth0", "{what}");
+        assert_eq!(
+            fs::read_to_string(self.file("a")).unwrap(),
+            "precious a\n",
+            "{what}"
+        );
+        assert_eq!(
+            fs::read_to_string(self.file("b")).unwrap(),
+            "precious b\n",
+            "{what}"
+        );
+        assert_eq!(
+            fs::read_to_string(self.file("c")).unwrap(),
+            "c9\r\neth0",
+            "{what}"
+        );
     }
 }
 
@@ -208,7 +223,11 @@ fn own_netns_is_refused_and_node_lo_stays_up() {
     let by_fd = node.path_str();
     // The node's namespace by its /proc/<test pid>/fd path, and as the
     // plugin sees itself.
-    for path in [by_fd.as_str(), "/proc/self/ns/net", "/proc/thread-self/ns/net"] {
+    for path in [
+        by_fd.as_str(),
+        "/proc/self/ns/net",
+        "/proc/thread-self/ns/net",
+    ] {
         for cmd in ["ADD", "CHECK", "DEL"] {
             let out = run_plugin_in(
                 &node,
@@ -223,7 +242,10 @@ fn own_netns_is_refused_and_node_lo_stays_up() {
                 e["msg"].as_str().unwrap().contains("own network namespace"),
                 "{e}"
             );
-            assert!(node.ip_link_is_up("lo"), "{cmd} {path} took the node's lo down");
+            assert!(
+                node.ip_link_is_up("lo"),
+                "{cmd} {path} took the node's lo down"
+            );
         }
     }
     // DEL without a netns still works.
@@ -258,7 +280,18 @@ fn own_netns_is_refused_and_node_default_route_stays() {
     for l in [up_a.as_str(), up_b.as_str(), "lo"] {
         host.exec("ip", &["link", "set", l, "up"]);
     }
-    host.exec("ip", &["route", "add", "default", "via", "198.18.77.2", "dev", &up_a]);
+    host.exec(
+        "ip",
+        &[
+            "route",
+            "add",
+            "default",
+            "via",
+            "198.18.77.2",
+            "dev",
+            &up_a,
+        ],
+    );
     let before = host.ip_json(&["route", "show", "default"]);
     assert_eq!(before[0]["gateway"], "198.18.77.2", "{before}");
 
@@ -348,7 +381,13 @@ fn fifo_as_netns_is_refused_without_hanging() {
         );
         let e = out.err_json();
         assert_eq!(e["code"], 8, "{cmd}: {out:?}");
-        assert!(e["msg"].as_str().unwrap().contains("not a network namespace"), "{e}");
+        assert!(
+            e["msg"]
+                .as_str()
+                .unwrap()
+                .contains("not a network namespace"),
+            "{e}"
+        );
     }
     if !require_root() {
         return;
@@ -369,7 +408,10 @@ fn fifo_as_netns_is_refused_without_hanging() {
 #[test]
 fn fifos_in_the_ipam_store_do_not_hang_it() {
     let s = IpamStore::new();
-    assert_eq!(IpamStore::addresses(&s.call("ADD", "c0", None)), ["10.250.0.2/24"]);
+    assert_eq!(
+        IpamStore::addresses(&s.call("ADD", "c0", None)),
+        ["10.250.0.2/24"]
+    );
     let store = s.store();
     mkfifo(&store.join("10.250.0.9"));
     mkfifo(&store.join("10.250.0.3"));
@@ -378,7 +420,10 @@ fn fifos_in_the_ipam_store_do_not_hang_it() {
     mkfifo(&store.join(".ferry/owners/c1:eth0"));
 
     // The next free address skips the FIFO at .3 (its name is taken).
-    assert_eq!(IpamStore::addresses(&s.call("ADD", "c1", None)), ["10.250.0.4/24"]);
+    assert_eq!(
+        IpamStore::addresses(&s.call("ADD", "c1", None)),
+        ["10.250.0.4/24"]
+    );
     s.call("CHECK", "c1", None).ok_empty();
     // A FIFO is no record: asking for its address reclaims the name.
     assert_eq!(
@@ -410,7 +455,13 @@ fn fifo_as_resolv_conf_does_not_hang_ipam() {
         let out = s.call_bin(&bin("ferry-ipam"), "ADD", "c0", "eth0", None, &conf);
         let e = out.err_json();
         assert_eq!(e["code"], 5, "{}: {out:?}", path.display());
-        assert!(e["details"].as_str().unwrap_or("").contains("not a regular file"), "{e}");
+        assert!(
+            e["details"]
+                .as_str()
+                .unwrap_or("")
+                .contains("not a regular file"),
+            "{e}"
+        );
     }
     assert!(s.address_names().is_empty());
 }
@@ -447,7 +498,10 @@ fn symlinked_store_files_are_not_written_through() {
     replace_with_symlink(&store.join("last_reserved_ip.0"), &victim.file("b"));
     replace_with_symlink(&store.join(".ferry/owners/c1:eth0"), &victim.file("c"));
     replace_with_symlink(&store.join(".ferry/owners/c0:eth0"), &victim.file("c"));
-    assert_eq!(IpamStore::addresses(&s.call("ADD", "c1", None)), ["10.250.0.3/24"]);
+    assert_eq!(
+        IpamStore::addresses(&s.call("ADD", "c1", None)),
+        ["10.250.0.3/24"]
+    );
     victim.assert_untouched("ADD");
     s.call("CHECK", "c0", None).ok_empty();
     s.call("DEL", "c0", None).ok_empty();
@@ -470,7 +524,10 @@ fn symlinked_record_is_not_followed() {
     fs::write(&secret, "secretholder").unwrap();
     symlink(&secret, s.store().join("10.250.0.7")).unwrap();
     let out = s.call("ADD", "c1", Some("IP=10.250.0.7"));
-    assert!(!out.stdout.contains("secretholder"), "read through the link: {out:?}");
+    assert!(
+        !out.stdout.contains("secretholder"),
+        "read through the link: {out:?}"
+    );
     assert_eq!(IpamStore::addresses(&out), ["10.250.0.7/24"]);
     assert_eq!(fs::read_to_string(&secret).unwrap(), "secretholder");
     s.call("DEL", "c1", None).ok_empty();
@@ -546,7 +603,15 @@ fn store_directories_are_not_group_or_world_writable() {
 #[test]
 fn control_characters_in_ifname_are_refused() {
     let bad = [
-        "e\x01", "eth0\x7f", "\x1b[31m", "eth\u{85}", "eth\u{a0}", "e\n", "e\t1", "e/1", "e:1",
+        "e\x01",
+        "eth0\x7f",
+        "\x1b[31m",
+        "eth\u{85}",
+        "eth\u{a0}",
+        "e\n",
+        "e\t1",
+        "e/1",
+        "e:1",
     ];
     let s = IpamStore::new();
     for ifname in bad {
@@ -555,7 +620,10 @@ fn control_characters_in_ifname_are_refused() {
         let out = run_plugin(
             &bin("ferry-loopback"),
             "ADD",
-            &[("CNI_NETNS", Some("/nonexistent")), ("CNI_IFNAME", Some(ifname))],
+            &[
+                ("CNI_NETNS", Some("/nonexistent")),
+                ("CNI_IFNAME", Some(ifname)),
+            ],
             &lo_conf(),
         );
         assert_eq!(out.err_json()["code"], 4, "loopback {ifname:?}: {out:?}");
@@ -567,7 +635,13 @@ fn control_characters_in_ifname_are_refused() {
     let net = BridgeNet::new(false);
     let pod = TestNetns::new();
     for ifname in bad {
-        let out = net.call("ADD", &container_id(), Some(&pod.path_str()), ifname, &net.conf("1.1.0"));
+        let out = net.call(
+            "ADD",
+            &container_id(),
+            Some(&pod.path_str()),
+            ifname,
+            &net.conf("1.1.0"),
+        );
         assert_eq!(out.err_json()["code"], 4, "bridge {ifname:?}: {out:?}");
     }
     assert!(net.reservations().is_empty(), "nothing reserved");
@@ -594,16 +668,29 @@ fn long_container_ids_work_in_ipam() {
         let s = IpamStore::new();
         let id = long_id(len);
         let other = long_id(len - 1);
-        assert_eq!(IpamStore::addresses(&s.call("ADD", &id, None)), ["10.250.0.2/24"]);
+        assert_eq!(
+            IpamStore::addresses(&s.call("ADD", &id, None)),
+            ["10.250.0.2/24"]
+        );
         s.call("CHECK", &id, None).ok_empty();
         // Idempotent: the same address again, nothing new.
-        assert_eq!(IpamStore::addresses(&s.call("ADD", &id, None)), ["10.250.0.2/24"]);
-        assert_eq!(IpamStore::addresses(&s.call("ADD", &other, None)), ["10.250.0.3/24"]);
+        assert_eq!(
+            IpamStore::addresses(&s.call("ADD", &id, None)),
+            ["10.250.0.2/24"]
+        );
+        assert_eq!(
+            IpamStore::addresses(&s.call("ADD", &other, None)),
+            ["10.250.0.3/24"]
+        );
         let out = s.call("CHECK", &long_id(len + 1), None);
         assert_eq!(out.err_json()["code"], 3, "{len}: {out:?}");
         s.gc(&[(id.as_str(), "eth0")]).ok_empty();
         s.call("CHECK", &id, None).ok_empty();
-        assert_eq!(s.address_names(), ["10.250.0.2"], "{len}: GC released the other");
+        assert_eq!(
+            s.address_names(),
+            ["10.250.0.2"],
+            "{len}: GC released the other"
+        );
         s.call("DEL", &id, None).ok_empty();
         assert!(s.address_names().is_empty(), "{len}: DEL released it");
         assert_eq!(s.call("CHECK", &id, None).err_json()["code"], 3);
@@ -635,7 +722,10 @@ fn long_container_id_reserved_by_host_local_is_honoured() {
     let out = s.call_bin(host_local, "ADD", &id, "eth0", None, &conf);
     assert_eq!(IpamStore::addresses(&out), ["10.250.0.2/24"]);
     s.call("CHECK", &id, None).ok_empty();
-    assert_eq!(IpamStore::addresses(&s.call("ADD", "c1", None)), ["10.250.0.3/24"]);
+    assert_eq!(
+        IpamStore::addresses(&s.call("ADD", "c1", None)),
+        ["10.250.0.3/24"]
+    );
     s.call("DEL", &id, None).ok_empty();
     assert_eq!(s.address_names(), ["10.250.0.3"]);
 }

@@ -121,12 +121,12 @@ fn refuse_callers_own(ns: &NetNs) -> Result<(), CniError> {
     Ok(())
 }
 
-/// Whether `::1` exists in `ns`: IPv6 can be disabled per namespace, or the
-/// whole `net/ipv6` tree absent when the kernel runs with `ipv6.disable=1`.
 /// `lo`'s index in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
 
-/// Whether IPv6 is on for `lo` in the calling thread's namespace.
+/// Whether IPv6 is on for `lo` in the calling thread's namespace (whether
+/// `::1` exists): IPv6 can be disabled per namespace, or the whole
+/// `net/ipv6` tree absent when the kernel runs with `ipv6.disable=1`.
 fn ipv6_enabled_here() -> io::Result<bool> {
     match sysctl::read("net/ipv6/conf/lo/disable_ipv6") {
         Ok(v) => Ok(v == "0"),
