@@ -67,6 +67,10 @@ const INDEX_MAGIC: &str = "ferry-ipam-index v1";
 const DIR_MODE: u32 = 0o755;
 /// Files: host-local's mode.
 const FILE_MODE: u32 = 0o644;
+/// The lock: flock(2) needs only an open fd, so a lock file anyone can open
+/// lets anyone hold it forever and stall every ADD. host-local makes it
+/// 0644 and still opens it as root, so 0600 keeps both working.
+const LOCK_MODE: u32 = 0o600;
 /// The longest file name (NAME_MAX).
 const MAX_NAME: usize = 255;
 
@@ -310,7 +314,7 @@ impl Store {
                 | OFlag::O_NONBLOCK
                 | OFlag::O_NOCTTY
                 | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(FILE_MODE),
+            Mode::from_bits_truncate(LOCK_MODE),
         )
         .map_err(|e| match e {
             Errno::ELOOP => IpamError::UnsafeStore {
@@ -325,6 +329,10 @@ impl Store {
                 path: lock_path,
                 why: format!("is {}", not_regular(&st)),
             });
+        }
+        if st.st_mode & 0o077 != 0 && st.st_uid == nix::unistd::geteuid().as_raw() {
+            fchmod(&fd, Mode::from_bits_truncate(LOCK_MODE))
+                .map_err(|e| IpamError::io("chmod", &lock_path, errno_io(e)))?;
         }
         let lock = Flock::lock(File::from(fd), FlockArg::LockExclusive)
             .map_err(|(_, e)| IpamError::io("flock", &lock_path, errno_io(e)))?;

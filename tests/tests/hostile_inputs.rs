@@ -556,7 +556,8 @@ fn symlinked_store_directory_is_refused() {
 }
 
 /// Store directories are created writable by their owner only, whatever the
-/// caller's umask.
+/// caller's umask, and the lock file is the owner's alone (anyone who can
+/// open it can flock it and stall every ADD).
 #[test]
 fn store_directories_are_not_group_or_world_writable() {
     let s = IpamStore::new();
@@ -594,8 +595,25 @@ fn store_directories_are_not_group_or_world_writable() {
             m.permissions().mode()
         );
     }
+    let lock = fs::symlink_metadata(store.join("lock")).unwrap();
+    assert_eq!(
+        lock.permissions().mode() & 0o077,
+        0,
+        "lock is {:o}",
+        lock.permissions().mode()
+    );
+    // An existing lock open to others (host-local makes it 0644) is closed.
+    fs::set_permissions(store.join("lock"), fs::Permissions::from_mode(0o666)).unwrap();
+    // Any verb opens and locks the store (c0 holds nothing: CHECK fails).
+    let _ = s.call("CHECK", "c0", None);
+    let lock = fs::symlink_metadata(store.join("lock")).unwrap();
+    assert_eq!(
+        lock.permissions().mode() & 0o077,
+        0,
+        "lock is {:o}",
+        lock.permissions().mode()
+    );
 }
-
 // ---------------------------------------------------------------- item 14
 
 /// Interface names the kernel's rule (or any reader) refuses: code 4 before
