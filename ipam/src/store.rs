@@ -301,9 +301,6 @@ impl Store {
         let Some(dir) = open_dir_at(&data, network, create, false)? else {
             return Ok(None);
         };
-        let meta = open_dir_at(&dir, ".ferry", true, true)?.expect("created");
-        let tmp = open_dir_at(&meta, "tmp", true, true)?.expect("created");
-        let owners = open_dir_at(&meta, "owners", true, true)?.expect("created");
         let lock_path = dir.path_of("lock");
         let fd = openat(
             &dir.fd,
@@ -336,6 +333,10 @@ impl Store {
         }
         let lock = Flock::lock(File::from(fd), FlockArg::LockExclusive)
             .map_err(|(_, e)| IpamError::io("flock", &lock_path, errno_io(e)))?;
+        // Under the lock: repairing a cache directory races with nobody.
+        let meta = open_dir_at(&dir, ".ferry", true, true)?.expect("created");
+        let tmp = open_dir_at(&meta, "tmp", true, true)?.expect("created");
+        let owners = open_dir_at(&meta, "owners", true, true)?.expect("created");
         let mut store = Store {
             dir,
             meta,
