@@ -5,6 +5,7 @@
 //! | invalid `ipam` section, malformed requested IP | 7 (invalid configuration) |
 //! | CHECK: the container holds no reservation | 3 (unknown container) |
 //! | store I/O failure | 5 (I/O failure) |
+//! | store path that is a symlink, not a directory, or owned by another user | 5 (I/O failure) |
 //! | a range set has no free address, even after reclaiming stale reservations | 50 (cannot service ADD; same code STATUS reports) |
 //! | requested IP outside every range set / the gateway / two in one set | 100 |
 //! | requested IP held by another container | 101 |
@@ -34,6 +35,10 @@ pub enum IpamError {
     },
     #[error("{owner} holds no address in range set {set}")]
     NotHeld { owner: String, set: usize },
+    /// Something in the store that ferry refuses to use: a symlink or a
+    /// file where a directory belongs, a directory owned by another user.
+    #[error("ipam store: {}: {why}", path.display())]
+    UnsafeStore { path: PathBuf, why: String },
     #[error("ipam store: {op} {}: {source}", path.display())]
     Io {
         op: &'static str,
@@ -61,7 +66,7 @@ impl From<IpamError> for CniError {
             IpamError::RequestedIpTaken { .. } => ErrorCode::Plugin(CODE_REQUESTED_IP_TAKEN),
             IpamError::Exhausted { .. } => ErrorCode::CannotServiceAdd,
             IpamError::NotHeld { .. } => ErrorCode::UnknownContainer,
-            IpamError::Io { .. } => ErrorCode::Io,
+            IpamError::Io { .. } | IpamError::UnsafeStore { .. } => ErrorCode::Io,
         };
         let msg = match &e {
             IpamError::Io { op, path, .. } => format!("ipam store: {op} {}", path.display()),

@@ -55,8 +55,25 @@ fn read_dns(cfg: &IpamConfig) -> Result<Dns, IpamError> {
     }
 }
 
+/// Reads `resolvConf`: followed if it is a symlink (it is the operator's
+/// path, and /etc/resolv.conf often is one), but opened without blocking and
+/// read only when it is a regular file (a FIFO would hang ADD, a device
+/// could be read forever).
 fn fs_read(p: &Path) -> Result<String, IpamError> {
-    std::fs::read_to_string(p).map_err(|e| IpamError::io("read resolvConf", p, e))
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |e| IpamError::io("read resolvConf", p, e);
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(p)
+        .map_err(err)?;
+    if !f.metadata().map_err(err)?.file_type().is_file() {
+        return Err(err(std::io::Error::other("not a regular file")));
+    }
+    let mut text = String::new();
+    f.read_to_string(&mut text).map_err(err)?;
+    Ok(text)
 }
 
 impl Ipam {

@@ -9,6 +9,7 @@
 //! instead. Readers accept all three forms, plus host-local's oldest
 //! (`<containerID>` alone, which matches any ifname).
 
+use ferry_cni::args::is_valid_ifname;
 use serde::{Deserialize, Serialize};
 use std::path::Path;
 
@@ -75,22 +76,20 @@ pub enum Record {
         owner: Owner,
         meta: Option<Meta>,
     },
+    /// Shaped like host-local's record (`<containerID>\r\n<ifname>`, a valid
+    /// container ID) but with an interface name that breaks ferry's one rule
+    /// (`ferry_cni::args::ifname_problem`; e.g. a control character, which
+    /// libcni lets through). ferry refuses such names before reserving, so
+    /// this was written by someone else for an attachment ferry cannot name:
+    /// held, never provably stale, released only by GC.
+    Unnamed,
     /// Empty, torn, unreadable or not a record at all: provably stale.
     Garbage,
 }
 
+/// The spec's container-ID rule, the same the skeleton applies.
 fn plausible_id(id: &str) -> bool {
-    let mut c = id.chars();
-    matches!(c.next(), Some(x) if x.is_ascii_alphanumeric())
-        && c.all(|x| x.is_ascii_alphanumeric() || matches!(x, '_' | '.' | '-'))
-}
-
-fn plausible_ifname(i: &str) -> bool {
-    !i.is_empty()
-        && i.len() <= 15
-        && !i
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+    ferry_cni::args::is_valid_container_id(id)
 }
 
 impl Record {
@@ -102,19 +101,22 @@ impl Record {
         let text = text.trim();
         if text.starts_with('{') {
             return match serde_json::from_str::<JsonRecord>(text) {
-                Ok(r) if plausible_id(&r.container_id) && plausible_ifname(&r.ifname) => {
+                Ok(r) if plausible_id(&r.container_id) && is_valid_ifname(&r.ifname) => {
                     Record::Held {
                         owner: Owner::new(&r.container_id, &r.ifname),
                         meta: Some(r.meta),
                     }
                 }
+                // Written by a ferry that did not yet refuse such names.
+                Ok(r) if plausible_id(&r.container_id) && !r.ifname.is_empty() => Record::Unnamed,
                 _ => Record::Garbage,
             };
         }
         let owner = match text.split_once("\r\n") {
-            Some((id, ifname)) if plausible_id(id) && plausible_ifname(ifname) => {
+            Some((id, ifname)) if plausible_id(id) && is_valid_ifname(ifname) => {
                 Owner::new(id, ifname)
             }
+            Some((id, _)) if plausible_id(id) => return Record::Unnamed,
             None if plausible_id(text) => Owner {
                 id: text.to_string(),
                 ifname: None,
@@ -131,7 +133,7 @@ impl Record {
     pub fn stale_reason(&self, boot_id: Option<&str>) -> Option<String> {
         match self {
             Record::Garbage => Some("unreadable record".into()),
-            Record::Held { meta: None, .. } => None,
+            Record::Held { meta: None, .. } | Record::Unnamed => None,
             Record::Held { meta: Some(m), .. } => {
                 if let Some(b) = boot_id
                     && !m.boot_id.is_empty()
@@ -150,7 +152,7 @@ impl Record {
     pub fn owner(&self) -> Option<&Owner> {
         match self {
             Record::Held { owner, .. } => Some(owner),
-            Record::Garbage => None,
+            Record::Unnamed | Record::Garbage => None,
         }
     }
 }
@@ -247,7 +249,18 @@ mod tests {
                     meta: None,
                 },
             ),
-            (b"c1\r\neth0\r\nmore", None, Record::Garbage),
+            // A valid ID with a name ferry refuses (libcni takes control
+            // characters): someone else's attachment, not garbage.
+            (b"c1\r\neth0\r\nmore", None, Record::Unnamed),
+            (b"c1\r\ne\x01", None, Record::Unnamed),
+            (b"c1\r\n\x1b[31m", None, Record::Unnamed),
+            (b"c1\r\nabcdefghijklmnop", None, Record::Unnamed),
+            (b"c1\r\neth/0", None, Record::Unnamed),
+            (
+                br#"{"containerID":"c1","ifname":"e\u0001"}"#,
+                None,
+                Record::Unnamed,
+            ),
             (b"../etc\r\neth0", None, Record::Garbage),
             (b"a b c", None, Record::Garbage),
         ];
@@ -277,6 +290,7 @@ mod tests {
             (held("/", "other-boot"), Some("boot other-boot")),
             (held("/nonexistent/netns/x", BOOT), Some("no longer exists")),
             (Record::Garbage, Some("unreadable")),
+            (Record::Unnamed, None),
             (
                 Record::Held {
                     owner: Owner::new("c", "eth0"),

@@ -22,21 +22,39 @@
 //! double allocation: a reservation is made by `link(2)`ing a complete temp
 //! file to the address's name, which fails if the name exists.
 //!
+//! An attachment whose owner-cache name would not fit in one file name
+//! (NAME_MAX, 255 bytes: container IDs have no length limit) has no owner
+//! cache: its addresses are found by reading the records, as host-local does.
+//!
 //! Crash safety: every file appears complete or not at all (temp + link or
 //! rename); a crash between steps leaves the directory stamp different from
 //! the cache's, so the next invocation rebuilds.
+//!
+//! Hostile contents: every name in the store is opened relative to its
+//! directory's fd (`openat`, `linkat`, `renameat`, `unlinkat`), never
+//! following a symlink, and without blocking (`O_NONBLOCK`: a FIFO named like
+//! a record must not hang an invocation that holds the lock); only regular
+//! files are read. The store's directories must be real directories owned by
+//! the plugin's user and are kept writable by that user only (created 0755,
+//! group/other write removed if found). A symlink or file where one of
+//! ferry's own cache directories (`.ferry`, `.ferry/tmp`, `.ferry/owners`)
+//! belongs is removed (the name only, never what it points to) and the
+//! directory made again; anywhere else it is refused with an error.
 
 use crate::config::{Range, RangeSet};
 use crate::error::IpamError;
 use crate::key::{Key, RunSet, from_key, key};
 use crate::record::{JsonRecord, Meta, Owner, Record};
-use nix::fcntl::{Flock, FlockArg};
+use nix::dir::{Dir, Type};
+use nix::errno::Errno;
+use nix::fcntl::{AtFlags, Flock, FlockArg, OFlag, openat, renameat};
+use nix::sys::stat::{FileStat, Mode, SFlag, fchmod, fstat, fstatat, mkdirat};
+use nix::unistd::{UnlinkatFlags, linkat, unlinkat};
 use std::collections::{BTreeMap, HashSet};
-use std::fs::{self, File, OpenOptions};
-use std::io::{ErrorKind, Write};
+use std::fs::{self, File};
+use std::io::{Read, Write};
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -45,6 +63,16 @@ const LAST_RESERVED: &str = "last_reserved_ip.";
 const INDEX_END: &str = "end";
 const XATTR: &std::ffi::CStr = c"user.ferry";
 const INDEX_MAGIC: &str = "ferry-ipam-index v1";
+/// Directories: writable by their owner only.
+const DIR_MODE: u32 = 0o755;
+/// Files: host-local's mode.
+const FILE_MODE: u32 = 0o644;
+/// The lock: flock(2) needs only an open fd, so a lock file anyone can open
+/// lets anyone hold it forever and stall every ADD. host-local makes it
+/// 0644 and still opens it as root, so 0600 keeps both working.
+const LOCK_MODE: u32 = 0o600;
+/// The longest file name (NAME_MAX).
+const MAX_NAME: usize = 255;
 
 type Result<T> = std::result::Result<T, IpamError>;
 
@@ -56,10 +84,173 @@ pub fn current_boot_id() -> Option<String> {
         .filter(|s| !s.is_empty())
 }
 
+/// A directory of the store, held open: every name in it is reached through
+/// this fd, so nothing can re-point the path in between.
+struct DirFd {
+    fd: OwnedFd,
+    /// For messages only.
+    path: PathBuf,
+}
+
+impl DirFd {
+    fn path_of(&self, name: &str) -> PathBuf {
+        self.path.join(name)
+    }
+}
+
+fn errno_io(e: Errno) -> std::io::Error {
+    std::io::Error::from_raw_os_error(e as i32)
+}
+
+/// The file type bits of `st` (`S_IFREG`, `S_IFDIR`, …).
+fn kind_of(st: &FileStat) -> SFlag {
+    SFlag::from_bits_truncate(st.st_mode) & SFlag::S_IFMT
+}
+
+fn is_regular(st: &FileStat) -> bool {
+    kind_of(st) == SFlag::S_IFREG
+}
+
+/// What a name in a store directory turned out to be, when it is not a
+/// regular file ferry may read.
+fn not_regular(st: &FileStat) -> &'static str {
+    match kind_of(st) {
+        SFlag::S_IFDIR => "a directory",
+        SFlag::S_IFIFO => "a FIFO",
+        SFlag::S_IFLNK => "a symbolic link",
+        SFlag::S_IFSOCK => "a socket",
+        SFlag::S_IFCHR | SFlag::S_IFBLK => "a device",
+        _ => "not a regular file",
+    }
+}
+
+/// Opens `name` in `dir` for reading: `None` when it does not exist; an
+/// error when it is a symlink (never followed) or anything but a regular
+/// file (a FIFO is opened without blocking, then refused).
+fn open_regular(dir: &DirFd, name: &str) -> std::io::Result<Option<File>> {
+    let flags = OFlag::O_RDONLY
+        | OFlag::O_NOFOLLOW
+        | OFlag::O_NONBLOCK
+        | OFlag::O_NOCTTY
+        | OFlag::O_CLOEXEC;
+    let fd = match openat(&dir.fd, name, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) => return Ok(None),
+        Err(Errno::ELOOP) => return Err(std::io::Error::other("is a symbolic link")),
+        Err(e) => return Err(errno_io(e)),
+    };
+    let st = fstat(&fd).map_err(errno_io)?;
+    if !is_regular(&st) {
+        return Err(std::io::Error::other(format!("is {}", not_regular(&st))));
+    }
+    Ok(Some(File::from(fd)))
+}
+
+/// The content of the regular file `name` in `dir`, if there is one.
+fn read_text(dir: &DirFd, name: &str) -> Option<String> {
+    let mut f = open_regular(dir, name).ok()??;
+    let mut text = String::new();
+    f.read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// Whether `name` exists in `dir` (whatever it is; links not followed).
+fn exists_at(dir: &DirFd, name: &str) -> bool {
+    fstatat(&dir.fd, name, AtFlags::AT_SYMLINK_NOFOLLOW).is_ok()
+}
+
+/// Removes the name `name` from `dir` (a symlink itself, never its target).
+fn unlink_at(dir: &DirFd, name: &str) -> std::io::Result<()> {
+    match unlinkat(&dir.fd, name, UnlinkatFlags::NoRemoveDir) {
+        Ok(()) | Err(Errno::ENOENT) => Ok(()),
+        Err(e) => Err(errno_io(e)),
+    }
+}
+
+/// The names in `dir` (no `.`/`..`) with their type when the filesystem
+/// says it (`None`: unknown).
+fn list(dir: &DirFd) -> Result<Vec<(String, Option<Type>)>> {
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    // A fresh open of "." (not a dup): a directory stream of its own offset.
+    let mut d = Dir::openat(&dir.fd, ".", flags, Mode::empty())
+        .map_err(|e| IpamError::io("read directory", &dir.path, errno_io(e)))?;
+    let mut out = Vec::new();
+    for e in d.iter() {
+        let e = e.map_err(|e| IpamError::io("read directory", &dir.path, errno_io(e)))?;
+        let Ok(name) = e.file_name().to_str() else {
+            continue;
+        };
+        if name == "." || name == ".." {
+            continue;
+        }
+        out.push((name.to_string(), e.file_type()));
+    }
+    Ok(out)
+}
+
+/// Opens the directory `name` in `parent` without following a symlink,
+/// creating it (0755) when `create`; `None` when it is missing and not
+/// created. `own_cache`: the name is one of ferry's cache directories, where
+/// a symlink or file is removed and the directory made again instead of
+/// being refused. The directory must be owned by the plugin's user; group or
+/// other write permission is removed.
+fn open_dir_at(parent: &DirFd, name: &str, create: bool, own_cache: bool) -> Result<Option<DirFd>> {
+    let path = parent.path_of(name);
+    let mkdir = || match mkdirat(&parent.fd, name, Mode::from_bits_truncate(DIR_MODE)) {
+        Ok(()) | Err(Errno::EEXIST) => Ok(()),
+        Err(e) => Err(IpamError::io("create directory", &path, errno_io(e))),
+    };
+    if create {
+        mkdir()?;
+    }
+    let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let fd = match openat(&parent.fd, name, flags, Mode::empty()) {
+        Ok(fd) => fd,
+        Err(Errno::ENOENT) if !create => return Ok(None),
+        Err(Errno::ELOOP | Errno::ENOTDIR) if own_cache => {
+            // Not ferry's: remove the name (a symlink's target is untouched).
+            eprintln!(
+                "ferry-ipam: {} is not a directory (symlink or file): removing it",
+                path.display()
+            );
+            unlink_at(parent, name).map_err(|e| IpamError::io("remove", &path, e))?;
+            mkdir()?;
+            openat(&parent.fd, name, flags, Mode::empty())
+                .map_err(|e| IpamError::io("open directory", &path, errno_io(e)))?
+        }
+        Err(Errno::ELOOP | Errno::ENOTDIR) => {
+            return Err(IpamError::UnsafeStore {
+                path,
+                why: "not a directory (a symlink or a file; symlinks are never followed)".into(),
+            });
+        }
+        Err(e) => return Err(IpamError::io("open directory", &path, errno_io(e))),
+    };
+    let st = fstat(&fd).map_err(|e| IpamError::io("stat", &path, errno_io(e)))?;
+    let me = nix::unistd::geteuid().as_raw();
+    if st.st_uid != me {
+        return Err(IpamError::UnsafeStore {
+            path,
+            why: format!(
+                "owned by uid {}, not by the plugin's user (uid {me})",
+                st.st_uid
+            ),
+        });
+    }
+    let mode = st.st_mode & 0o7777;
+    if mode & 0o022 != 0 {
+        fchmod(&fd, Mode::from_bits_truncate(mode & !0o022))
+            .map_err(|e| IpamError::io("chmod go-w", &path, errno_io(e)))?;
+    }
+    Ok(Some(DirFd { fd, path }))
+}
+
 /// The network directory, locked for the lifetime of the value.
 pub struct Store {
-    dir: PathBuf,
-    meta_dir: PathBuf,
+    dir: DirFd,
+    meta: DirFd,
+    tmp: DirFd,
+    owners: DirFd,
     _lock: Flock<File>,
     boot_id: Option<String>,
     index: RunSet,
@@ -69,10 +260,6 @@ pub struct Store {
     dirty: bool,
     /// fsync records before linking them (off: see README / report).
     pub fsync: bool,
-}
-
-fn io<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> IpamError + 'a {
-    move |e| IpamError::io(op, path, e)
 }
 
 impl Store {
@@ -89,27 +276,72 @@ impl Store {
 
     fn open_inner(data_dir: &Path, network: &str, create: bool) -> Result<Option<Store>> {
         ferry_cni::args::validate_network_name(network).map_err(|e| IpamError::Config(e.msg))?;
-        let dir = data_dir.join(network);
-        if !create && !dir.is_dir() {
+        // The data dir is the operator's (it may sit behind a symlink such as
+        // /var/run); only what is below it is the store.
+        if create {
+            use std::os::unix::fs::DirBuilderExt;
+            fs::DirBuilder::new()
+                .recursive(true)
+                .mode(DIR_MODE)
+                .create(data_dir)
+                .map_err(|e| IpamError::io("create directory", data_dir, e))?;
+        }
+        let data = match nix::fcntl::open(
+            data_dir,
+            OFlag::O_RDONLY | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => DirFd {
+                fd,
+                path: data_dir.to_path_buf(),
+            },
+            Err(Errno::ENOENT) if !create => return Ok(None),
+            Err(e) => return Err(IpamError::io("open directory", data_dir, errno_io(e))),
+        };
+        let Some(dir) = open_dir_at(&data, network, create, false)? else {
             return Ok(None);
+        };
+        let lock_path = dir.path_of("lock");
+        let fd = openat(
+            &dir.fd,
+            "lock",
+            OFlag::O_WRONLY
+                | OFlag::O_CREAT
+                | OFlag::O_NOFOLLOW
+                | OFlag::O_NONBLOCK
+                | OFlag::O_NOCTTY
+                | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(LOCK_MODE),
+        )
+        .map_err(|e| match e {
+            Errno::ELOOP => IpamError::UnsafeStore {
+                path: lock_path.clone(),
+                why: "is a symbolic link".into(),
+            },
+            e => IpamError::io("open", &lock_path, errno_io(e)),
+        })?;
+        let st = fstat(&fd).map_err(|e| IpamError::io("stat", &lock_path, errno_io(e)))?;
+        if !is_regular(&st) {
+            return Err(IpamError::UnsafeStore {
+                path: lock_path,
+                why: format!("is {}", not_regular(&st)),
+            });
         }
-        let meta_dir = dir.join(".ferry");
-        for d in [&dir, &meta_dir.join("tmp"), &meta_dir.join("owners")] {
-            fs::create_dir_all(d).map_err(io("create directory", d))?;
+        if st.st_mode & 0o077 != 0 && st.st_uid == nix::unistd::geteuid().as_raw() {
+            fchmod(&fd, Mode::from_bits_truncate(LOCK_MODE))
+                .map_err(|e| IpamError::io("chmod", &lock_path, errno_io(e)))?;
         }
-        let lock_path = dir.join("lock");
-        let f = OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .mode(0o644)
-            .open(&lock_path)
-            .map_err(io("open", &lock_path))?;
-        let lock = Flock::lock(f, FlockArg::LockExclusive)
-            .map_err(|(_, e)| IpamError::io("flock", &lock_path, e.into()))?;
+        let lock = Flock::lock(File::from(fd), FlockArg::LockExclusive)
+            .map_err(|(_, e)| IpamError::io("flock", &lock_path, errno_io(e)))?;
+        // Under the lock: repairing a cache directory races with nobody.
+        let meta = open_dir_at(&dir, ".ferry", true, true)?.expect("created");
+        let tmp = open_dir_at(&meta, "tmp", true, true)?.expect("created");
+        let owners = open_dir_at(&meta, "owners", true, true)?.expect("created");
         let mut store = Store {
             dir,
-            meta_dir,
+            meta,
+            tmp,
+            owners,
             _lock: lock,
             boot_id: current_boot_id(),
             index: RunSet::default(),
@@ -124,7 +356,7 @@ impl Store {
     }
 
     pub fn dir(&self) -> &Path {
-        &self.dir
+        &self.dir.path
     }
 
     pub fn boot_id(&self) -> Option<&str> {
@@ -149,7 +381,7 @@ impl Store {
         text.push_str(INDEX_END);
         text.push('\n');
         if self
-            .write_in_place(&self.meta_dir.join("index"), text.as_bytes())
+            .write_in_place(&self.meta, "index", text.as_bytes())
             .is_ok()
         {
             self.dirty = false;
@@ -157,20 +389,17 @@ impl Store {
     }
 
     fn stamp(&self) -> Result<String> {
-        let m = fs::metadata(&self.dir).map_err(io("stat", &self.dir))?;
+        let m =
+            fstat(&self.dir.fd).map_err(|e| IpamError::io("stat", &self.dir.path, errno_io(e)))?;
         Ok(format!(
             "{} {}.{:09} {}.{:09}",
-            m.ino(),
-            m.mtime(),
-            m.mtime_nsec(),
-            m.ctime(),
-            m.ctime_nsec()
+            m.st_ino, m.st_mtime, m.st_mtime_nsec, m.st_ctime, m.st_ctime_nsec
         ))
     }
 
     /// Loads the index if its stamp still matches the directory.
     fn load_index(&mut self) -> Result<bool> {
-        let Ok(text) = fs::read_to_string(self.meta_dir.join("index")) else {
+        let Some(text) = read_text(&self.meta, "index") else {
             return Ok(false);
         };
         let mut lines = text.lines();
@@ -205,17 +434,26 @@ impl Store {
         }
     }
 
-    /// Every per-address file: names that are an address in canonical form.
+    /// Every name in the store that is an address in canonical form, except
+    /// directories: the name is taken whatever it is (a FIFO or a symlink
+    /// there blocks `link(2)` as a record does), and reading it tells
+    /// whether it is a record.
     pub fn scan(&self) -> Result<Vec<IpAddr>> {
         let mut out = Vec::new();
-        for e in fs::read_dir(&self.dir).map_err(io("read directory", &self.dir))? {
-            let e = e.map_err(io("read directory", &self.dir))?;
-            let name = e.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if let Ok(ip) = name.parse::<IpAddr>()
-                && ip.to_string() == name
-                && e.file_type().is_ok_and(|t| t.is_file())
-            {
+        for (name, kind) in list(&self.dir)? {
+            let Ok(ip) = name.parse::<IpAddr>() else {
+                continue;
+            };
+            if ip.to_string() != name {
+                continue;
+            }
+            let is_dir = match kind {
+                Some(t) => t == Type::Directory,
+                // The filesystem did not say (DT_UNKNOWN): ask, not following.
+                None => fstatat(&self.dir.fd, name.as_str(), AtFlags::AT_SYMLINK_NOFOLLOW)
+                    .is_ok_and(|st| kind_of(&st) == SFlag::S_IFDIR),
+            };
+            if !is_dir {
                 out.push(ip);
             }
         }
@@ -228,32 +466,29 @@ impl Store {
         let mut owners: BTreeMap<String, Vec<IpAddr>> = BTreeMap::new();
         for ip in self.scan()? {
             index.insert(key(ip));
-            if let Some(Record::Held { owner, .. }) = self.read_record(ip) {
-                owners.entry(owner_file(&owner)).or_default().push(ip);
+            if let Some(Record::Held { owner, .. }) = self.read_record(ip)
+                && let Some(name) = owner_file(&owner)
+            {
+                owners.entry(name).or_default().push(ip);
             }
         }
-        let odir = self.meta_dir.join("owners");
-        for e in fs::read_dir(&odir).map_err(io("read directory", &odir))? {
-            let e = e.map_err(io("read directory", &odir))?;
-            let name = e.file_name().to_string_lossy().into_owned();
+        for (name, _) in list(&self.owners)? {
             if !owners.contains_key(&name) {
-                let _ = fs::remove_file(e.path());
+                let _ = unlink_at(&self.owners, &name);
             }
         }
         for (name, mut ips) in owners {
             ips.sort();
             let text = owner_text(&ips);
-            let path = odir.join(&name);
-            if fs::read_to_string(&path).ok().as_deref() != Some(text.as_str()) {
-                self.write_atomic(&path, text.as_bytes())?;
+            if read_text(&self.owners, &name).as_deref() != Some(text.as_str()) {
+                self.write_atomic(&self.owners, &name, text.as_bytes())?;
             }
         }
-        // Nobody else writes while we hold the lock: leftovers are from crashes.
-        let tmp = self.meta_dir.join("tmp");
-        if let Ok(rd) = fs::read_dir(&tmp) {
-            for e in rd.flatten() {
-                let _ = fs::remove_file(e.path());
-            }
+        // Nobody else writes while we hold the lock: leftovers are from
+        // crashes. Only names in the tmp directory itself go (never through
+        // a link: the directory was opened without following one).
+        for (name, _) in list(&self.tmp)? {
+            let _ = unlink_at(&self.tmp, &name);
         }
         self.index = index;
         self.fresh = true;
@@ -261,36 +496,43 @@ impl Store {
         Ok(())
     }
 
-    fn tmp_path(&self) -> PathBuf {
+    fn tmp_name() -> String {
         static N: AtomicU64 = AtomicU64::new(0);
-        self.meta_dir.join("tmp").join(format!(
+        format!(
             "{}.{}",
             std::process::id(),
             N.fetch_add(1, Ordering::Relaxed)
-        ))
+        )
     }
 
-    fn new_tmp(&self) -> Result<(PathBuf, File)> {
-        let p = self.tmp_path();
-        let f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o644)
-            .open(&p)
-            .map_err(io("create", &p))?;
-        Ok((p, f))
+    /// A new, empty temp file in `.ferry/tmp`: its name and the open file.
+    fn new_tmp(&self) -> Result<(String, File)> {
+        let name = Self::tmp_name();
+        let fd = openat(
+            &self.tmp.fd,
+            name.as_str(),
+            OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::from_bits_truncate(FILE_MODE),
+        )
+        .map_err(|e| IpamError::io("create", self.tmp.path_of(&name), errno_io(e)))?;
+        Ok((name, File::from(fd)))
     }
 
-    /// Writes `path` atomically: a temp file renamed over it.
-    fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<()> {
+    /// Writes `name` in `dir` atomically: a temp file renamed over it
+    /// (`rename(2)` replaces the name, whatever it was, a symlink included,
+    /// and never writes through it).
+    fn write_atomic(&self, dir: &DirFd, name: &str, bytes: &[u8]) -> Result<()> {
         let (tmp, mut f) = self.new_tmp()?;
         let res = f
             .write_all(bytes)
             .and_then(|_| if self.fsync { f.sync_data() } else { Ok(()) })
-            .map_err(io("write", &tmp))
-            .and_then(|_| fs::rename(&tmp, path).map_err(io("rename", path)));
+            .map_err(|e| IpamError::io("write", self.tmp.path_of(&tmp), e))
+            .and_then(|_| {
+                renameat(&self.tmp.fd, tmp.as_str(), &dir.fd, name)
+                    .map_err(|e| IpamError::io("rename", dir.path_of(name), errno_io(e)))
+            });
         if res.is_err() {
-            let _ = fs::remove_file(&tmp);
+            let _ = unlink_at(&self.tmp, &tmp);
         }
         res
     }
@@ -300,35 +542,48 @@ impl Store {
     /// it (auto_da_alloc), ~0.3 ms per file on every ADD. Readers validate:
     /// the index needs its end marker and stamp, a torn last_reserved_ip is
     /// only a different starting point for the round robin.
-    fn write_in_place(&self, path: &Path, bytes: &[u8]) -> Result<()> {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o644)
-            .open(path)
-            .map_err(io("open", path))?;
+    ///
+    /// Only a plain file of ours is written in place: a symlink, a FIFO, a
+    /// hard link to some other file (link count > 1) or anything else is
+    /// replaced by an atomic write instead, never written through.
+    fn write_in_place(&self, dir: &DirFd, name: &str, bytes: &[u8]) -> Result<()> {
+        let flags = OFlag::O_WRONLY
+            | OFlag::O_CREAT
+            | OFlag::O_NOFOLLOW
+            | OFlag::O_NONBLOCK
+            | OFlag::O_NOCTTY
+            | OFlag::O_CLOEXEC;
+        let plain = openat(&dir.fd, name, flags, Mode::from_bits_truncate(FILE_MODE))
+            .ok()
+            .filter(|fd| {
+                fstat(fd).is_ok_and(|st| {
+                    is_regular(&st)
+                        && st.st_nlink == 1
+                        && st.st_uid == nix::unistd::geteuid().as_raw()
+                })
+            });
+        let Some(fd) = plain else {
+            return self.write_atomic(dir, name, bytes);
+        };
+        let mut f = File::from(fd);
         f.write_all(bytes)
             .and_then(|_| f.set_len(bytes.len() as u64))
-            .map_err(io("write", path))
+            .map_err(|e| IpamError::io("write", dir.path_of(name), e))
     }
 
-    fn ip_path(&self, ip: IpAddr) -> PathBuf {
-        self.dir.join(ip.to_string())
-    }
-
-    /// The record of `ip`; `None` when no file holds it.
+    /// The record of `ip`; `None` when no file holds it. Anything there that
+    /// is not a readable regular file (a symlink, a FIFO, …) is `Garbage`.
     pub fn read_record(&self, ip: IpAddr) -> Option<Record> {
-        let path = self.ip_path(ip);
-        let f = match File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == ErrorKind::NotFound => return None,
+        let name = ip.to_string();
+        let mut f = match open_regular(&self.dir, &name) {
+            Ok(None) => return None,
+            Ok(Some(f)) => f,
             Err(_) => return Some(Record::Garbage),
         };
-        let content = match std::io::read_to_string(&f) {
-            Ok(c) => c.into_bytes(),
-            Err(_) => return Some(Record::Garbage),
-        };
+        let mut content = Vec::new();
+        if f.read_to_end(&mut content).is_err() {
+            return Some(Record::Garbage);
+        }
         let x = get_xattr(&f);
         Some(Record::parse(&content, x.as_deref()))
     }
@@ -349,29 +604,35 @@ impl Store {
                 })
                 .expect("record serializes")
             };
-            f.write_all(content.as_bytes()).map_err(io("write", &tmp))?;
+            f.write_all(content.as_bytes())
+                .map_err(|e| IpamError::io("write", self.tmp.path_of(&tmp), e))?;
             if self.fsync {
-                f.sync_data().map_err(io("fsync", &tmp))?;
+                f.sync_data()
+                    .map_err(|e| IpamError::io("fsync", self.tmp.path_of(&tmp), e))?;
             }
-            let dst = self.ip_path(ip);
-            match fs::hard_link(&tmp, &dst) {
+            let dst = ip.to_string();
+            // linkat without AT_SYMLINK_FOLLOW: fails on any existing name.
+            match linkat(
+                &self.tmp.fd,
+                tmp.as_str(),
+                &self.dir.fd,
+                dst.as_str(),
+                AtFlags::empty(),
+            ) {
                 Ok(()) => Ok(true),
-                Err(e) if e.kind() == ErrorKind::AlreadyExists => Ok(false),
-                Err(e) => Err(IpamError::io("link", dst, e)),
+                Err(Errno::EEXIST) => Ok(false),
+                Err(e) => Err(IpamError::io("link", self.dir.path_of(&dst), errno_io(e))),
             }
         })();
-        let _ = fs::remove_file(&tmp);
+        let _ = unlink_at(&self.tmp, &tmp);
         res
     }
 
     /// Removes the reservation file of `ip`.
     fn remove_record(&mut self, ip: IpAddr) -> Result<()> {
-        let p = self.ip_path(ip);
-        match fs::remove_file(&p) {
-            Ok(()) => {}
-            Err(e) if e.kind() == ErrorKind::NotFound => {}
-            Err(e) => return Err(IpamError::io("remove", p, e)),
-        }
+        let name = ip.to_string();
+        unlink_at(&self.dir, &name)
+            .map_err(|e| IpamError::io("remove", self.dir.path_of(&name), e))?;
         self.index.remove(key(ip));
         self.dirty = true;
         Ok(())
@@ -379,10 +640,16 @@ impl Store {
 
     /// The addresses (id, ifname) holds, verified against their records.
     pub fn held_by(&self, id: &str, ifname: &str) -> Vec<IpAddr> {
+        let exact = owner_file_name(id, Some(ifname));
+        let legacy = owner_file_name(id, None);
+        let (Some(exact), Some(legacy)) = (exact, legacy) else {
+            // No owner cache for this attachment (a name too long for one):
+            // the records themselves say.
+            return self.held_by_scan(id, ifname);
+        };
         let mut out = Vec::new();
-        let odir = self.meta_dir.join("owners");
-        for name in [format!("{id}:{ifname}"), format!("{id}:")] {
-            let Ok(text) = fs::read_to_string(odir.join(name)) else {
+        for name in [exact, legacy] {
+            let Some(text) = read_text(&self.owners, &name) else {
                 continue;
             };
             for ip in text.lines().filter_map(|l| l.parse::<IpAddr>().ok()) {
@@ -397,20 +664,38 @@ impl Store {
         out
     }
 
+    /// [`held_by`](Self::held_by) by reading every record.
+    fn held_by_scan(&self, id: &str, ifname: &str) -> Vec<IpAddr> {
+        let Ok(all) = self.scan() else {
+            return vec![];
+        };
+        let mut out: Vec<IpAddr> = all
+            .into_iter()
+            .filter(|ip| {
+                matches!(self.read_record(*ip),
+                    Some(Record::Held { owner, .. }) if owner.matches(id, ifname))
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
     fn write_owner(&mut self, owner: &Owner, ips: &[IpAddr]) -> Result<()> {
-        let path = self.meta_dir.join("owners").join(owner_file(owner));
+        let Some(name) = owner_file(owner) else {
+            // Too long for a file name: this owner is found by a scan.
+            return Ok(());
+        };
         if ips.is_empty() {
-            let _ = fs::remove_file(&path);
+            let _ = unlink_at(&self.owners, &name);
             return Ok(());
         }
         let mut ips = ips.to_vec();
         ips.sort();
-        self.write_atomic(&path, owner_text(&ips).as_bytes())
+        self.write_atomic(&self.owners, &name, owner_text(&ips).as_bytes())
     }
 
     fn last_reserved(&self, set: usize) -> Option<IpAddr> {
-        fs::read_to_string(self.dir.join(format!("{LAST_RESERVED}{set}")))
-            .ok()?
+        read_text(&self.dir, &format!("{LAST_RESERVED}{set}"))?
             .trim()
             .parse()
             .ok()
@@ -418,10 +703,9 @@ impl Store {
 
     fn set_last_reserved(&mut self, set: usize, ip: IpAddr) -> Result<()> {
         self.dirty = true;
-        let path = self.dir.join(format!("{LAST_RESERVED}{set}"));
-        self.write_in_place(&path, ip.to_string().as_bytes())
+        let name = format!("{LAST_RESERVED}{set}");
+        self.write_in_place(&self.dir, &name, ip.to_string().as_bytes())
     }
-
     /// Reserves one address per range set for (id, ifname), in set order.
     /// Idempotent: what the attachment already holds is returned again.
     pub fn allocate(
@@ -645,16 +929,17 @@ impl Store {
         for &ip in &ips {
             self.remove_record(ip)?;
         }
-        let odir = self.meta_dir.join("owners");
-        let exact = odir.join(format!("{id}:{ifname}"));
-        if exact.exists() {
+        if let Some(exact) = owner_file_name(id, Some(ifname))
+            && exists_at(&self.owners, &exact)
+        {
             self.dirty = true;
-            let _ = fs::remove_file(exact);
+            let _ = unlink_at(&self.owners, &exact);
         }
         // host-local's id-only records match any ifname: the whole file went.
-        let legacy = odir.join(format!("{id}:"));
-        if legacy.exists() {
-            let left: Vec<IpAddr> = fs::read_to_string(&legacy)
+        if let Some(legacy) = owner_file_name(id, None)
+            && exists_at(&self.owners, &legacy)
+        {
+            let left: Vec<IpAddr> = read_text(&self.owners, &legacy)
                 .unwrap_or_default()
                 .lines()
                 .filter_map(|l| l.parse().ok())
@@ -685,7 +970,7 @@ impl Store {
                     Some(i) => valid.contains(&(owner.id.as_str(), i.as_str())),
                     None => ids.contains(owner.id.as_str()),
                 },
-                Some(Record::Garbage) => false,
+                Some(Record::Unnamed | Record::Garbage) => false,
             };
             if !keep {
                 self.remove_record(ip)?;
@@ -738,8 +1023,21 @@ impl Drop for Store {
     }
 }
 
-fn owner_file(o: &Owner) -> String {
-    format!("{}:{}", o.id, o.ifname.as_deref().unwrap_or(""))
+/// The owner cache's file name of (id, ifname) (`<id>:` for host-local's
+/// id-only records); `None` when it would not fit in one file name, or when
+/// the names break the spec's rules (then no path is ever made of them).
+fn owner_file_name(id: &str, ifname: Option<&str>) -> Option<String> {
+    if !ferry_cni::args::is_valid_container_id(id)
+        || ifname.is_some_and(|i| !ferry_cni::args::is_valid_ifname(i))
+    {
+        return None;
+    }
+    let name = format!("{id}:{}", ifname.unwrap_or(""));
+    (name.len() <= MAX_NAME).then_some(name)
+}
+
+fn owner_file(o: &Owner) -> Option<String> {
+    owner_file_name(&o.id, o.ifname.as_deref())
 }
 
 fn owner_text(ips: &[IpAddr]) -> String {

@@ -642,7 +642,7 @@ fn config_refusals() {
         let out = run_plugin(
             &bin("ferry-portmap"),
             "ADD",
-            &[("CNI_NETNS", Some("/proc/self/ns/net"))],
+            &[("CNI_NETNS", Some("/run/netns/ferry-test-unused"))],
             &conf.to_string(),
         );
         let e = out.err_json();

@@ -80,44 +80,66 @@ impl CniArgs {
 /// Linux IFNAMSIZ less the terminating NUL.
 pub const MAX_IFNAME_LEN: usize = 15;
 
-/// An interface name the kernel accepts and that is safe in /proc/sys paths.
-pub fn validate_ifname(name: &str) -> Result<(), CniError> {
-    let bad = |why: &str| {
-        Err(CniError::invalid_env(format!(
-            "invalid interface name {name:?}: {why}"
-        )))
-    };
+/// Why `name` is not an interface name ferry accepts, or `None` when it is.
+///
+/// The ONE interface-name rule of ferry, used wherever a name is read or
+/// written (CNI_IFNAME, names in configs, the IPAM store's records): the
+/// kernel's `dev_valid_name` (1 to 15 bytes, not `.` or `..`, no `/`, `:` or
+/// whitespace, where the kernel's `isspace` also counts the byte 0xA0), and
+/// no control characters, which the kernel would take but which break every
+/// reader of the name afterwards (records, logs, `/proc/sys` paths).
+pub fn ifname_problem(name: &str) -> Option<&'static str> {
     if name.is_empty() {
-        return bad("empty");
+        Some("empty")
+    } else if name.len() > MAX_IFNAME_LEN {
+        Some("longer than 15 bytes")
+    } else if name == "." || name == ".." {
+        Some("reserved name")
+    } else if name.contains(['/', ':']) {
+        Some("contains '/' or ':'")
+    } else if name.chars().any(char::is_whitespace) || name.bytes().any(|b| b == 0xa0) {
+        Some("contains whitespace")
+    } else if name.chars().any(char::is_control) {
+        Some("contains a control character")
+    } else {
+        None
     }
-    if name.len() > MAX_IFNAME_LEN {
-        return bad("longer than 15 bytes");
-    }
-    if name == "." || name == ".." {
-        return bad("reserved name");
-    }
-    if name
-        .chars()
-        .any(|c| c == '/' || c == ':' || c == '\0' || c.is_whitespace())
-    {
-        return bad("contains '/', ':', NUL or whitespace");
-    }
-    Ok(())
 }
 
-/// A container ID as runtimes generate them (libcni's rule): starts with an
-/// alphanumeric, then alphanumerics, `_`, `.`, `-`. This also makes it safe
-/// as a file name.
+/// Whether `name` passes [`ifname_problem`]'s rule.
+pub fn is_valid_ifname(name: &str) -> bool {
+    ifname_problem(name).is_none()
+}
+
+/// An interface name the kernel accepts and that is safe in /proc/sys paths
+/// and store records (see [`ifname_problem`]); code 4 otherwise.
+pub fn validate_ifname(name: &str) -> Result<(), CniError> {
+    match ifname_problem(name) {
+        None => Ok(()),
+        Some(why) => Err(CniError::invalid_env(format!(
+            "invalid interface name {name:?}: {why}"
+        ))),
+    }
+}
+
+/// A container ID as the spec defines it: starts with an alphanumeric, then
+/// alphanumerics, `_`, `.`, `-`. This also makes it safe in file contents and
+/// names. The spec sets no length limit, and neither does ferry.
 pub fn validate_container_id(id: &str) -> Result<(), CniError> {
     if id.is_empty() {
         return Err(CniError::invalid_env("empty CNI_CONTAINERID"));
     }
-    if !is_safe_name(id) {
+    if !is_valid_container_id(id) {
         return Err(CniError::invalid_env(format!(
             "invalid CNI_CONTAINERID {id:?}: must match [a-zA-Z0-9][a-zA-Z0-9_.-]*"
         )));
     }
     Ok(())
+}
+
+/// Whether `id` is a container ID by the spec's rule (see [`validate_container_id`]).
+pub fn is_valid_container_id(id: &str) -> bool {
+    is_safe_name(id)
 }
 
 /// A network name: it becomes a directory name (IPAM data dir, nft chain).
@@ -228,6 +250,23 @@ mod tests {
             ("eth\t0", false),
             ("eth:0", false),
             ("net.1", true),
+            // Control characters: the kernel takes them, every reader chokes.
+            ("e\x01", false),
+            ("\x01", false),
+            ("eth0\x7f", false),
+            ("eth\u{85}", false),
+            ("eth\n", false),
+            ("eth\r", false),
+            ("eth\0", false),
+            // The kernel's isspace() includes the byte 0xA0 (U+00A0 and any
+            // UTF-8 sequence containing it, e.g. 'à' = C3 A0).
+            ("eth\u{a0}", false),
+            ("eth\u{e0}", false),
+            ("eth\u{2003}", false),
+            ("ethé", true),
+            // 15 bytes, not 15 characters.
+            ("ééééééé1", true),
+            ("éééééééé", false),
         ];
         for (name, ok) in cases {
             let r = validate_ifname(name);
@@ -253,9 +292,14 @@ mod tests {
             ("a/b", false),
             ("a b", false),
             ("ä", false),
+            ("a\x01", false),
         ];
         for (id, ok) in cases {
             assert_eq!(validate_container_id(id).is_ok(), ok, "{id:?}");
+        }
+        // The spec sets no length limit.
+        for len in [300, 4000, 100_000] {
+            validate_container_id(&"a".repeat(len)).unwrap();
         }
     }
 

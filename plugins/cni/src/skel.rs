@@ -10,7 +10,7 @@ use crate::error::{CniError, ErrorCode};
 use crate::result::CniResult;
 use crate::version::{SpecVersion, VersionInfo};
 use std::io::{Read, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Command {
@@ -215,11 +215,17 @@ fn dispatch(
         validate_container_id(&container_id)?;
         validate_ifname(&ifname)?;
     }
+    let netns = get("CNI_NETNS").map(PathBuf::from);
+    if let Some(path) = &netns
+        && matches!(command, Command::Add | Command::Del | Command::Check)
+    {
+        refuse_own_netns(path)?;
+    }
     let raw_args = get("CNI_ARGS").unwrap_or_default();
     let args = CmdArgs {
         command,
         container_id,
-        netns: get("CNI_NETNS").map(PathBuf::from),
+        netns,
         ifname,
         args: CniArgs::parse(&raw_args)?,
         raw_args,
@@ -242,6 +248,32 @@ fn dispatch(
         Command::Status => plugin.status(&args, &conf).map(|_| None),
         Command::Version => unreachable!("handled above"),
     }
+}
+
+/// Refuses a CNI_NETNS that is the plugin's own network namespace (the node's,
+/// when the runtime runs plugins there): loopback would take the node's `lo`
+/// down on DEL, bridge would replace the node's default route. Checked here,
+/// once, for every plugin and verb, whether the plugin enters the namespace
+/// or not.
+///
+/// `stat(2)`, not `open(2)`: it never blocks (a FIFO) and never runs a
+/// device's open. A path that cannot be stat'ed is left to the plugin (DEL of
+/// a namespace that is gone succeeds; ADD reports it as code 8).
+fn refuse_own_netns(path: &Path) -> Result<(), CniError> {
+    use std::os::unix::fs::MetadataExt;
+    const OWN: &str = "/proc/self/ns/net";
+    let Ok(target) = std::fs::metadata(path) else {
+        return Ok(());
+    };
+    let own =
+        std::fs::metadata(OWN).map_err(|e| CniError::io(format!("stat {OWN}")).with_details(e))?;
+    if (target.dev(), target.ino()) == (own.dev(), own.ino()) {
+        return Err(CniError::invalid_env(format!(
+            "CNI_NETNS {} is the plugin's own network namespace, not a container's",
+            path.display()
+        )));
+    }
+    Ok(())
 }
 
 /// The process entry point of a plugin binary: real environment, stdin and
@@ -474,6 +506,13 @@ mod tests {
                 "interface name",
             ),
             (
+                "control character in ifname",
+                vec![("CNI_IFNAME", Some("e\x01"))],
+                CONF,
+                4,
+                "control character",
+            ),
+            (
                 "long ifname",
                 vec![("CNI_IFNAME", Some("abcdefghijklmnop"))],
                 CONF,
@@ -546,6 +585,29 @@ mod tests {
             assert!(text.contains(needle), "{name}: {text:?} lacks {needle:?}");
             assert!(p.calls.borrow().is_empty(), "{name}: plugin must not run");
         }
+    }
+
+    #[test]
+    fn own_netns_is_refused() {
+        for path in ["/proc/self/ns/net", "/proc/thread-self/ns/net"] {
+            for cmd in ["ADD", "CHECK", "DEL"] {
+                let mut env = full_env(cmd);
+                env.insert("CNI_NETNS".into(), path.into());
+                let p = Recorder::default();
+                let (code, out) = invoke(&p, &env, CONF);
+                assert_eq!(code, 1, "{cmd} {path}");
+                let e = error_of(&out);
+                assert_eq!(e["code"], 4, "{cmd} {path}: {out}");
+                assert!(e["msg"].as_str().unwrap().contains("own network namespace"));
+                assert!(p.calls.borrow().is_empty(), "{cmd}: plugin must not run");
+            }
+        }
+        // Another namespace, a path that is gone, or none at all: the plugin runs.
+        let mut env = full_env("DEL");
+        env.insert("CNI_NETNS".into(), "/proc/self/ns/uts".into());
+        assert_eq!(invoke(&Recorder::default(), &env, CONF).0, 0);
+        env.insert("CNI_NETNS".into(), "".into());
+        assert_eq!(invoke(&Recorder::default(), &env, CONF).0, 0);
     }
 
     #[test]

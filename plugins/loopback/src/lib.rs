@@ -88,6 +88,7 @@ impl Plugin for Loopback {
             Err(NetopsError::NetnsNotFound { .. }) => return Ok(()),
             Err(e) => return Err(to_cni(e)),
         };
+        refuse_callers_own(&ns)?;
         block_on(async {
             let h = NsHandle::new(&ns)?;
             match h.link_by_name("lo").await? {
@@ -102,15 +103,30 @@ impl Plugin for Loopback {
 /// CNI_NETNS for ADD and CHECK (the skeleton has already made sure it is set).
 fn open_netns(args: &CmdArgs) -> Result<NetNs, CniError> {
     let path = args.netns.as_deref().unwrap_or(Path::new(""));
-    NetNs::open(path).map_err(to_cni)
+    let ns = NetNs::open(path).map_err(to_cni)?;
+    refuse_callers_own(&ns)?;
+    Ok(ns)
 }
 
-/// Whether `::1` exists in `ns`: IPv6 can be disabled per namespace, or the
-/// whole `net/ipv6` tree absent when the kernel runs with `ipv6.disable=1`.
+/// The skeleton already refused the plugin's own namespace by path; this is
+/// the same check on the namespace actually opened (the path could have been
+/// re-pointed in between), because taking `lo` down there is the node's `lo`.
+fn refuse_callers_own(ns: &NetNs) -> Result<(), CniError> {
+    if ns.is_callers_own().map_err(to_cni)? {
+        return Err(CniError::invalid_env(format!(
+            "CNI_NETNS {} is the plugin's own network namespace, not a container's",
+            ns.path().display()
+        )));
+    }
+    Ok(())
+}
+
 /// `lo`'s index in every network namespace.
 const LOOPBACK_IFINDEX: u32 = 1;
 
-/// Whether IPv6 is on for `lo` in the calling thread's namespace.
+/// Whether IPv6 is on for `lo` in the calling thread's namespace (whether
+/// `::1` exists): IPv6 can be disabled per namespace, or the whole
+/// `net/ipv6` tree absent when the kernel runs with `ipv6.disable=1`.
 fn ipv6_enabled_here() -> io::Result<bool> {
     match sysctl::read("net/ipv6/conf/lo/disable_ipv6") {
         Ok(v) => Ok(v == "0"),

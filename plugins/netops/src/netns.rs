@@ -9,9 +9,10 @@
 use crate::{NetopsError, Result};
 use nix::sched::{CloneFlags, setns, unshare};
 use nix::sys::statfs::{NSFS_MAGIC, fstatfs};
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// An open network namespace. Dropping it closes the fd; the namespace itself
@@ -25,26 +26,46 @@ pub struct NetNs {
 impl NetNs {
     /// Opens a namespace by path (CNI_NETNS, `/run/netns/x`, `/proc/<pid>/ns/net`).
     /// A missing path is [`NetopsError::NetnsNotFound`] (DEL treats it as "already
-    /// gone"); a path that is not an nsfs file is [`NetopsError::NotANetns`].
+    /// gone"); a path that is not a network namespace (a regular file, a FIFO,
+    /// a device, another kind of namespace) is [`NetopsError::NotANetns`].
+    ///
+    /// Never blocks and never opens anything but a namespace: the path is
+    /// first opened `O_PATH` (no open(2) of a FIFO, which would wait for a
+    /// writer, or of a device, whose driver would run), checked to be an nsfs
+    /// file, and only then reopened for real through `/proc/self/fd`, which
+    /// names that same inode.
     pub fn open(path: impl AsRef<Path>) -> Result<NetNs> {
         let path = path.as_ref().to_path_buf();
-        let file = match File::open(&path) {
+        let open_err = |source: io::Error| NetopsError::OpenNetns {
+            path: path.clone(),
+            source,
+        };
+        let handle = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH)
+            .open(&path)
+        {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(NetopsError::NetnsNotFound { path });
             }
-            Err(source) => return Err(NetopsError::OpenNetns { path, source }),
+            Err(e) => return Err(open_err(e)),
         };
-        match fstatfs(&file) {
+        // nsfs inodes are regular files on a filesystem of their own.
+        let meta = handle.metadata().map_err(open_err)?;
+        if !meta.file_type().is_file() {
+            return Err(NetopsError::NotANetns { path });
+        }
+        match fstatfs(&handle) {
             Ok(st) if st.filesystem_type() == NSFS_MAGIC => {}
             Ok(_) => return Err(NetopsError::NotANetns { path }),
-            Err(e) => {
-                return Err(NetopsError::OpenNetns {
-                    path,
-                    source: e.into(),
-                });
-            }
+            Err(e) => return Err(open_err(e.into())),
         }
+        let file = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(format!("/proc/self/fd/{}", handle.as_raw_fd()))
+            .map_err(open_err)?;
         // nsfs also holds mount, pid, user… namespaces: ask which one it is.
         // SAFETY: NS_GET_NSTYPE takes no argument and only reads the fd.
         let nstype = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
@@ -52,6 +73,21 @@ impl NetNs {
             return Err(NetopsError::NotANetns { path });
         }
         Ok(NetNs { file, path })
+    }
+
+    /// Whether this is the network namespace of the calling process (its main
+    /// thread: `/proc/self/ns/net`), i.e. the node's for a plugin the runtime
+    /// started there. The CNI skeleton refuses such a CNI_NETNS for every
+    /// plugin; this is the same check for code that opens a namespace itself.
+    pub fn is_callers_own(&self) -> Result<bool> {
+        let own = std::fs::metadata("/proc/self/ns/net")
+            .map_err(|e| NetopsError::io("stat /proc/self/ns/net", "<own>", e))?;
+        let this = self
+            .file
+            .metadata()
+            .map_err(|e| NetopsError::io("fstat", &self.path.to_string_lossy(), e))?;
+        use std::os::unix::fs::MetadataExt;
+        Ok((this.dev(), this.ino()) == (own.dev(), own.ino()))
     }
 
     /// The namespace of the calling *thread* (`/proc/self/ns/net` would be the

@@ -159,16 +159,98 @@ fn sysctl_reads_inside_the_namespace() {
     if !root() {
         return;
     }
-    let ns = NetNs::new_anonymous().unwrap();
-    in_netns(&ns, || sysctl::write("net/ipv4/ip_forward", "1")).unwrap();
-    let inside = in_netns(&ns, || sysctl::read("net/ipv4/ip_forward")).unwrap();
-    assert_eq!(inside, "1");
-    // A fresh namespace has its own value.
+    // No assumption about any namespace's starting value (a new namespace may
+    // inherit the host's, which may be 0 or 1): set one namespace to the
+    // opposite of another's and see that only the one written changed.
+    let flip = |v: &str| if v == "1" { "0" } else { "1" };
+    let host_before = sysctl::read("net/ipv4/ip_forward").unwrap();
     let other = NetNs::new_anonymous().unwrap();
+    let other_value = in_netns(&other, || sysctl::read("net/ipv4/ip_forward")).unwrap();
+    let ns = NetNs::new_anonymous().unwrap();
+    let want = flip(&other_value);
+    in_netns(&ns, || sysctl::write("net/ipv4/ip_forward", want)).unwrap();
+    let inside = in_netns(&ns, || sysctl::read("net/ipv4/ip_forward")).unwrap();
+    assert_eq!(inside, want);
     assert_eq!(
         in_netns(&other, || sysctl::read("net/ipv4/ip_forward")).unwrap(),
-        "0"
+        other_value,
+        "another namespace keeps its own value"
     );
+    assert_eq!(
+        sysctl::read("net/ipv4/ip_forward").unwrap(),
+        host_before,
+        "the test's own namespace is untouched"
+    );
+}
+
+#[test]
+fn sysctl_keys_stay_under_proc_sys() {
+    for bad in [
+        "/etc/hostname",
+        "../../etc/hostname",
+        "net/ipv4/../../../etc/hostname",
+        "net/ipv6/conf//accept_ra",
+        "net/ipv6/conf/./accept_ra",
+        "",
+    ] {
+        let e = sysctl::read(bad).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{bad:?}");
+        let e = sysctl::write(bad, "1").unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput, "{bad:?}");
+    }
+}
+
+/// Runs `f` on a thread and fails the test if it does not finish in 10 s
+/// (a blocking open must fail the test, not hang it).
+fn bounded<T: Send + 'static>(what: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(std::time::Duration::from_secs(10))
+        .unwrap_or_else(|_| panic!("{what} did not return within 10 s"))
+}
+
+#[test]
+fn open_fifo_is_not_a_netns_and_does_not_block() {
+    let path = std::env::temp_dir().join(format!("ferry-netops-fifo-{}", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    /// Removes the FIFO also when the test fails.
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _remove = Remove(path.clone());
+    let p = path.clone();
+    let res = bounded("NetNs::open(FIFO)", move || NetNs::open(&p).map(|_| ()));
+    assert!(matches!(res, Err(NetopsError::NotANetns { .. })), "{res:?}");
+}
+
+#[test]
+fn open_device_or_directory_is_not_a_netns() {
+    for path in ["/dev/null", "/dev/zero", "/", "/proc/self/ns"] {
+        let p = path.to_string();
+        let res = bounded(path, move || NetNs::open(&p).map(|_| ()));
+        assert!(
+            matches!(res, Err(NetopsError::NotANetns { .. })),
+            "{path}: {res:?}"
+        );
+    }
+}
+
+#[test]
+fn callers_own_namespace_is_recognised() {
+    let own = NetNs::open("/proc/self/ns/net").unwrap();
+    assert!(own.is_callers_own().unwrap());
+    if !root() {
+        return;
+    }
+    let other = NetNs::new_anonymous().unwrap();
+    assert!(!other.is_callers_own().unwrap());
+    assert!(!NetNs::open(other.path()).unwrap().is_callers_own().unwrap());
 }
 
 #[test]
