@@ -519,11 +519,9 @@ fn long_container_ids_work_through_every_command() {
     long_container_ids("host-local", "1.0.0");
 }
 
-/// The same on ferry-ipam: its store's part of item 15 (ENAMETOOLONG for a
-/// file named after the container ID) belongs to the IPAM change, merged
-/// separately; run it with `--ignored` once that is in.
+/// The same on ferry-ipam, with GC (its store once failed with ENAMETOOLONG
+/// for a file named after the container ID).
 #[test]
-#[ignore = "needs ferry-ipam's item-15 fix (file names from long container IDs)"]
 fn long_container_ids_work_through_every_command_on_ferry_ipam() {
     if !require_root() {
         return;

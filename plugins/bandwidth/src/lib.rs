@@ -202,6 +202,9 @@ async fn host_veth(
         .interfaces
         .iter()
         .filter(|i| i.sandbox.is_empty())
+        // prevResult is another plugin's output: a name the kernel could not
+        // have given a link names none.
+        .filter(|i| ferry_cni::args::is_valid_ifname(&i.name))
         .map(|i| i.name.as_str())
         .collect();
     let links = join_all(names.iter().map(|n| h.link_by_name(n))).await;

@@ -103,7 +103,7 @@ impl Plugin for Bridge {
             .netns
             .clone()
             .expect("the skeleton requires CNI_NETNS for ADD");
-        let pod_ns = NetNs::open(&netns_path).map_err(to_cni)?;
+        let pod_ns = open_pod_netns(&netns_path)?;
         let mut progress = Progress::default();
         let outcome = add(&pod_ns, args, conf, &bc, &mut progress);
         if let Err(e) = &outcome {
@@ -177,7 +177,7 @@ impl Plugin for Bridge {
             .netns
             .clone()
             .expect("the skeleton requires CNI_NETNS for CHECK");
-        let pod_ns = NetNs::open(&netns_path).map_err(to_cni)?;
+        let pod_ns = open_pod_netns(&netns_path)?;
         block_on(async { Ok(check(&pod_ns, args, &bc, &prev).await) })
             .map_err(to_cni)
             .and_then(|r| r)?;
@@ -847,6 +847,20 @@ fn describe_vlans(vlans: &[PortVlan]) -> String {
         })
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The pod's namespace, refused when it is this process's own (the node's):
+/// the skeleton checked the path, this checks what was opened, in case the
+/// path was pointed elsewhere in between.
+fn open_pod_netns(path: &std::path::Path) -> Result<NetNs, CniError> {
+    let ns = NetNs::open(path).map_err(to_cni)?;
+    if ns.is_callers_own().map_err(to_cni)? {
+        return Err(CniError::invalid_env(format!(
+            "CNI_NETNS {} is the plugin's own network namespace, not a pod's",
+            path.display()
+        )));
+    }
+    Ok(ns)
 }
 
 #[cfg(test)]
