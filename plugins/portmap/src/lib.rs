@@ -24,7 +24,8 @@ use ferry_cni::{CmdArgs, CniError, CniResult, ErrorCode, NetConf, Plugin};
 use ferry_netops::nft::{self, NftFamily, SetElement};
 use ferry_netops::to_cni;
 use rules::{PodAddrs, TABLE};
-use std::net::IpAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
 
 /// Plugin-specific error codes (≥ 100).
 pub mod codes {
@@ -71,10 +72,17 @@ pub fn pod_addrs(result: &CniResult, ifname: &str) -> PodAddrs {
     out
 }
 
+/// At most this many (distinct) portMappings per pod. Far more than a pod
+/// exposes, and it bounds what one ADD sends the kernel: at most 5 elements
+/// per mapping (DNAT per family, masquerade ranges), about 4 MB in one
+/// transaction, split over messages of 64 KiB.
+pub const MAX_MAPPINGS: usize = 4096;
+
 /// Locally generated traffic from 127.0.0.1 may only leave through an
-/// interface with `route_localnet` (else the kernel drops it as martian):
-/// set it on the interface the host routes the pod's IPv4 address through.
-fn enable_route_localnet(pod: std::net::Ipv4Addr) -> Result<(), CniError> {
+/// interface with `route_localnet` (else the kernel drops it as martian),
+/// and its answers only come back through one: the interface the host
+/// routes the pod's IPv4 address through.
+fn localnet_iface(pod: Ipv4Addr) -> Result<String, CniError> {
     let name = ferry_netops::block_on(async {
         let h = ferry_netops::NsHandle::host()?;
         let Some(route) = h.route_get(pod).await? else {
@@ -83,48 +91,92 @@ fn enable_route_localnet(pod: std::net::Ipv4Addr) -> Result<(), CniError> {
         Ok(h.link_by_index(route.oif).await?.map(|l| l.name))
     })
     .map_err(to_cni)?;
-    let Some(name) = name else {
-        return Err(CniError::new(
+    name.ok_or_else(|| {
+        CniError::new(
             ErrorCode::Internal,
             format!("no route to the pod address {pod} on the host"),
-        ));
-    };
-    let key = format!("net/ipv4/conf/{name}/route_localnet");
-    ferry_netops::sysctl::write(&key, "1")
-        .map_err(|e| CniError::new(ErrorCode::Internal, format!("set {key} = 1")).with_details(e))
+        )
+    })
 }
 
-/// The pod's elements in a dump: set name → its elements held by `tag`.
+fn route_localnet_key(iface: &str) -> String {
+    format!("net/ipv4/conf/{iface}/route_localnet")
+}
+
+/// Sets `route_localnet` of `iface` to `value`; an interface that is gone
+/// (ENOENT) needs nothing.
+fn set_route_localnet(iface: &str, value: &str) -> Result<(), CniError> {
+    // Names come back from a dump too: only a kernel interface name is a
+    // path component under /proc/sys.
+    if !valid_ifname(iface) {
+        return Err(CniError::new(
+            ErrorCode::Internal,
+            format!("not an interface name: {iface:?}"),
+        ));
+    }
+    let key = route_localnet_key(iface);
+    match ferry_netops::sysctl::write(&key, value) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => {
+            Err(CniError::new(ErrorCode::Internal, format!("set {key} = {value}")).with_details(e))
+        }
+    }
+}
+
+fn valid_ifname(name: &str) -> bool {
+    (1..16).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+}
+
+/// The pod's elements in a dump: set name → its elements.
 type Owned = Vec<(String, Vec<SetElement>)>;
 
-/// Every element of ferry-portmap's sets and maps held by the pod with tag
-/// `tag` (one dump of the table's sets, one per set).
-fn owned_elements(tag: &str) -> Result<Owned, CniError> {
+/// Every element of ferry-portmap's sets and maps whose comment is the
+/// pod's (one dump of the table's sets, one per set), and every element of
+/// the route_localnet set (whoever holds it).
+fn owned_elements(comment: &str) -> Result<(Owned, Vec<SetElement>), CniError> {
     let mut out = Vec::new();
+    let mut localnet = Vec::new();
     for set in nft::set_names(NftFamily::Inet, TABLE).map_err(to_cni)? {
         if !set.starts_with(rules::PREFIX) {
             continue;
         }
-        let mine: Vec<_> = nft::set_elements(NftFamily::Inet, TABLE, &set)
-            .map_err(to_cni)?
-            .into_iter()
-            .filter(|e| rules::owned_by(e, tag))
+        let all = nft::set_elements(NftFamily::Inet, TABLE, &set).map_err(to_cni)?;
+        let mine: Vec<_> = all
+            .iter()
+            .filter(|e| rules::owned_by(e, comment))
+            .cloned()
             .collect();
+        if set == rules::LOCALNET_SET {
+            localnet = all;
+        }
         if !mine.is_empty() {
             out.push((set, mine));
         }
     }
-    Ok(out)
+    Ok((out, localnet))
 }
 
-/// The batch adding `wanted` (exclusively: a key held by anyone fails it),
-/// after deleting `old` (the pod's elements from an earlier ADD).
-fn add_batch(wanted: &[rules::PodElement], old: &Owned) -> nft::Batch {
+/// The batch adding `wanted` (exclusively: a key held by anyone fails it)
+/// and `shared` (non-exclusively: route_localnet bookkeeping, where an equal
+/// key is no conflict), after deleting `old` (the pod's elements from an
+/// earlier ADD).
+fn add_batch(
+    wanted: &[rules::PodElement],
+    shared: &[(&str, SetElement)],
+    old: &Owned,
+) -> nft::Batch {
     let mut b = nft::Batch::new();
     for (set, elems) in old {
         b.del_elements(NftFamily::Inet, TABLE, set, elems);
     }
-    // One message per set, in the order of first use (DNAT maps first).
+    // One message per set (more for very long lists), in the order of first
+    // use (DNAT maps first).
     let mut sets: Vec<&str> = Vec::new();
     for e in wanted {
         if !sets.contains(&e.set.as_str()) {
@@ -139,11 +191,20 @@ fn add_batch(wanted: &[rules::PodElement], old: &Owned) -> nft::Batch {
             .collect();
         b.add_elements(NftFamily::Inet, TABLE, set, &elems, true);
     }
+    for (set, elem) in shared {
+        b.add_elements(
+            NftFamily::Inet,
+            TABLE,
+            set,
+            std::slice::from_ref(elem),
+            false,
+        );
+    }
     b
 }
 
 /// After a refused ADD: the DNAT keys another pod holds, with the holder.
-fn conflicts(wanted: &[rules::PodElement], tag: &str) -> Result<Vec<String>, CniError> {
+fn conflicts(wanted: &[rules::PodElement], comment: &str) -> Result<Vec<String>, CniError> {
     let mut out = Vec::new();
     for map in rules::DNAT_MAPS {
         let mine: Vec<_> = wanted.iter().filter(|e| e.set == map).collect();
@@ -151,10 +212,11 @@ fn conflicts(wanted: &[rules::PodElement], tag: &str) -> Result<Vec<String>, Cni
             continue;
         }
         let dump = nft::set_elements(NftFamily::Inet, TABLE, map).map_err(to_cni)?;
+        let by_key: HashMap<&[u8], &SetElement> =
+            dump.iter().map(|d| (d.key.as_slice(), d)).collect();
         for e in mine {
-            if let Some(other) = dump
-                .iter()
-                .find(|d| d.key == e.elem.key && !rules::owned_by(d, tag))
+            if let Some(other) = by_key.get(e.elem.key.as_slice())
+                && !rules::owned_by(other, comment)
             {
                 let holder = other
                     .comment
@@ -169,6 +231,42 @@ fn conflicts(wanted: &[rules::PodElement], tag: &str) -> Result<Vec<String>, Cni
     Ok(out)
 }
 
+/// After the pod's DEL batch: put `route_localnet` of `iface` back to 0
+/// (ferry switched it on, and the pod was its last user), then look again:
+/// an ADD that registered a user meanwhile gets it (and the record) back.
+/// An ADD writes 1 only after its element is in, so one of the two writes
+/// last with the right value.
+fn switch_localnet_off(iface: &str) -> Result<(), CniError> {
+    set_route_localnet(iface, "0")?;
+    let users = nft::set_elements(NftFamily::Inet, TABLE, rules::LOCALNET_SET)
+        .map_err(to_cni)?
+        .iter()
+        .filter_map(|e| rules::parse_localnet_key(&e.key))
+        .any(|(name, addr)| name == iface && !addr.is_unspecified());
+    if users {
+        let mut b = nft::Batch::new();
+        b.add_elements(
+            NftFamily::Inet,
+            TABLE,
+            rules::LOCALNET_SET,
+            &[switched_on(iface)],
+            false,
+        );
+        b.commit().map_err(to_cni)?;
+        set_route_localnet(iface, "1")?;
+    }
+    Ok(())
+}
+
+/// The record "ferry set route_localnet of `iface` to 1".
+fn switched_on(iface: &str) -> SetElement {
+    SetElement {
+        key: rules::localnet_key(iface, Ipv4Addr::UNSPECIFIED),
+        comment: Some(rules::LOCALNET_SWITCHED_ON.to_string()),
+        ..Default::default()
+    }
+}
+
 impl Plugin for Portmap {
     fn add(&self, args: &CmdArgs, conf: &NetConf) -> Result<CniResult, CniError> {
         let result = prev_result(conf)?;
@@ -176,20 +274,45 @@ impl Plugin for Portmap {
         if pm.mappings.is_empty() {
             return Ok(result);
         }
+        if pm.mappings.len() > MAX_MAPPINGS {
+            return Err(CniError::invalid_config(format!(
+                "runtimeConfig.portMappings has {} distinct entries; ferry-portmap accepts at \
+                 most {MAX_MAPPINGS} per pod",
+                pm.mappings.len()
+            )));
+        }
         let pod = pod_addrs(&result, &args.ifname);
-        let tag = rules::pod_tag(&conf.name, &args.container_id, &args.ifname);
-        let comment = rules::pod_comment(&tag, &args.container_id, &args.ifname);
+        let comment = rules::pod_comment(&conf.name, &args.container_id, &args.ifname);
         let wanted = rules::elements(&pm, &pod, &comment);
         if wanted.is_empty() {
             // No address of a family any mapping applies to.
             return Ok(result);
         }
+        // 127.0.0.1:hostPort from the host needs route_localnet towards the
+        // pod; the pod is recorded as its user, and ferry as the one that
+        // switched it on when it was off.
+        let mut shared = Vec::new();
+        let mut localnet = None;
         if (pm.snat || pm.masq_all)
             && let Some(v4) = pod.v4
             && let IpAddr::V4(ip) = v4.ip()
             && pm.mappings.iter().any(|m| m.applies_to(true))
         {
-            enable_route_localnet(ip)?;
+            let iface = localnet_iface(ip)?;
+            let on =
+                ferry_netops::sysctl::read(&route_localnet_key(&iface)).is_ok_and(|v| v == "1");
+            shared.push((
+                rules::LOCALNET_SET,
+                SetElement {
+                    key: rules::localnet_key(&iface, ip),
+                    comment: Some(comment.clone()),
+                    ..Default::default()
+                },
+            ));
+            if !on {
+                shared.push((rules::LOCALNET_SET, switched_on(&iface)));
+            }
+            localnet = Some(iface);
         }
         // The shared part, once: its last chain says all of it is there.
         if !nft::chain_exists(NftFamily::Inet, TABLE, &rules::base_marker(&pm)).map_err(to_cni)? {
@@ -199,8 +322,13 @@ impl Plugin for Portmap {
         let mut old = Vec::new();
         let mut last = None;
         for _ in 0..3 {
-            let e = match add_batch(&wanted, &old).commit() {
-                Ok(()) => return Ok(result),
+            let e = match add_batch(&wanted, &shared, &old).commit() {
+                Ok(()) => {
+                    if let Some(iface) = &localnet {
+                        set_route_localnet(iface, "1")?;
+                    }
+                    return Ok(result);
+                }
                 Err(e) => e,
             };
             // A key already held (EEXIST), a range overlapping another
@@ -209,7 +337,7 @@ impl Plugin for Portmap {
             if ![libc::EEXIST, libc::ENOTEMPTY, libc::ENOENT].contains(&e.errno().unwrap_or(0)) {
                 return Err(to_cni(e));
             }
-            let taken = conflicts(&wanted, &tag)?;
+            let taken = conflicts(&wanted, &comment)?;
             if !taken.is_empty() {
                 return Err(plugin_error(
                     codes::CONFLICT,
@@ -221,7 +349,7 @@ impl Plugin for Portmap {
             }
             // Only the pod's own elements are in the way (a repeated ADD):
             // replace them, in the same transaction.
-            old = owned_elements(&tag)?;
+            old = owned_elements(&comment)?.0;
             last = Some(e);
         }
         Err(to_cni(last.expect("the loop ran")))
@@ -229,11 +357,11 @@ impl Plugin for Portmap {
 
     fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         // Neither the mappings nor the address are needed: the pod's
-        // elements carry its tag, made of (network, container ID, ifname).
-        let tag = rules::pod_tag(&conf.name, &args.container_id, &args.ifname);
+        // elements carry its comment, made of (network, container ID, ifname).
+        let comment = rules::pod_comment(&conf.name, &args.container_id, &args.ifname);
         let mut last = None;
         for _ in 0..3 {
-            let owned = owned_elements(&tag)?;
+            let (owned, localnet) = owned_elements(&comment)?;
             if owned.is_empty() {
                 return Ok(());
             }
@@ -241,10 +369,44 @@ impl Plugin for Portmap {
             for (set, elems) in &owned {
                 b.del_elements(NftFamily::Inet, TABLE, set, elems);
             }
+            // The interfaces this pod was the last route_localnet user of,
+            // where ferry switched it on: the record goes in the same batch.
+            let mut off = Vec::new();
+            let parsed: Vec<_> = localnet
+                .iter()
+                .filter_map(|e| Some((rules::parse_localnet_key(&e.key)?, e)))
+                .collect();
+            let mine = owned
+                .iter()
+                .filter(|(set, _)| set == rules::LOCALNET_SET)
+                .flat_map(|(_, elems)| elems)
+                .filter_map(|e| rules::parse_localnet_key(&e.key));
+            for (iface, _) in mine {
+                let others = parsed.iter().any(|((name, addr), e)| {
+                    *name == iface && !addr.is_unspecified() && !rules::owned_by(e, &comment)
+                });
+                let record = parsed
+                    .iter()
+                    .find(|((name, addr), _)| *name == iface && addr.is_unspecified());
+                if !others && let Some((_, record)) = record {
+                    b.del_elements(
+                        NftFamily::Inet,
+                        TABLE,
+                        rules::LOCALNET_SET,
+                        std::slice::from_ref(*record),
+                    );
+                    off.push(iface);
+                }
+            }
             // A racing DEL may remove some of them between the dump and the
             // batch (ENOENT, nothing applied): look again.
             match b.commit() {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    for iface in off {
+                        switch_localnet_off(&iface)?;
+                    }
+                    return Ok(());
+                }
                 Err(e) if e.is_errno(libc::ENOENT) => last = Some(e),
                 Err(e) => return Err(to_cni(e)),
             }
@@ -256,8 +418,8 @@ impl Plugin for Portmap {
         let result = prev_result(conf)?;
         let pm = PortmapConf::load(conf)?;
         let pod = pod_addrs(&result, &args.ifname);
-        let tag = rules::pod_tag(&conf.name, &args.container_id, &args.ifname);
-        let wanted = rules::elements(&pm, &pod, &tag);
+        let comment = rules::pod_comment(&conf.name, &args.container_id, &args.ifname);
+        let wanted = rules::elements(&pm, &pod, &comment);
         if wanted.is_empty() {
             return Ok(());
         }
@@ -274,13 +436,14 @@ impl Plugin for Portmap {
         sets.dedup();
         for set in sets {
             let dump = nft::set_elements(NftFamily::Inet, TABLE, set).map_err(to_cni)?;
+            let by_key: HashMap<(&[u8], Option<&[u8]>), &SetElement> = dump
+                .iter()
+                .map(|d| ((d.key.as_slice(), d.key_end.as_deref()), d))
+                .collect();
             for e in wanted.iter().filter(|e| e.set == set) {
                 let key = rules::key_text(set, &e.elem.key);
-                let found = dump
-                    .iter()
-                    .find(|d| d.key == e.elem.key && d.key_end == e.elem.key_end);
-                match found {
-                    Some(d) if !rules::owned_by(d, &tag) => {
+                match by_key.get(&(e.elem.key.as_slice(), e.elem.key_end.as_deref())) {
+                    Some(d) if !rules::owned_by(d, &comment) => {
                         return Err(fail(format!(
                             "{key} in {set} of table inet {TABLE} ({}) belongs to {}, not to this container",
                             e.what,
