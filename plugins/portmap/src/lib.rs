@@ -2,12 +2,14 @@
 //!
 //! Chained after ferry-bridge (or any plugin whose result names the pod's
 //! addresses): for every `portMappings` entry of `runtimeConfig` it DNATs
-//! traffic to the host's addresses (all of them, or the given `hostIP`) and
-//! from the host itself (also `127.0.0.1`, with `route_localnet` on the
-//! interface towards the pod) to the pod, and masquerades what would
-//! otherwise come back the wrong way: the pod reaching its own hostPort
-//! (hairpin), its neighbours on the bridge, and localhost. The result is the
-//! previous result, unchanged.
+//! traffic to the host's addresses (all of them, or the given `hostIP` when
+//! the host owns it) and from the host itself (also `127.0.0.1`, with
+//! `route_localnet` on the interface towards the pod, a drop of 127.0.0.0/8
+//! arriving from anywhere else, and `route_localnet` put back by the DEL of
+//! its last user) to the pod, and masquerades what would otherwise come back
+//! the wrong way: the pod reaching its own hostPort (hairpin), its
+//! neighbours on the bridge, and localhost. The result is the previous
+//! result, unchanged.
 //!
 //! The per-pod state is set and map elements only, in ferry's nftables table
 //! ([`rules`]): added in one nf_tables netlink batch (no `nft` exec; the
