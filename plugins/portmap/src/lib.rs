@@ -165,12 +165,12 @@ fn owned_elements(comment: &str) -> Result<(Owned, Vec<SetElement>), CniError> {
 }
 
 /// The batch adding `wanted` (exclusively: a key held by anyone fails it)
-/// and `shared` (non-exclusively: route_localnet bookkeeping, where an equal
-/// key is no conflict), after deleting `old` (the pod's elements from an
-/// earlier ADD).
+/// and `localnet` (route_localnet bookkeeping: the pod's own entry
+/// exclusively, "switched on" records not, as several ADDs may add one),
+/// after deleting `old` (the pod's elements from an earlier ADD).
 fn add_batch(
     wanted: &[rules::PodElement],
-    shared: &[(&str, SetElement)],
+    localnet: &[(SetElement, bool)],
     old: &Owned,
 ) -> nft::Batch {
     let mut b = nft::Batch::new();
@@ -193,13 +193,13 @@ fn add_batch(
             .collect();
         b.add_elements(NftFamily::Inet, TABLE, set, &elems, true);
     }
-    for (set, elem) in shared {
+    for (elem, exclusive) in localnet {
         b.add_elements(
             NftFamily::Inet,
             TABLE,
-            set,
+            rules::LOCALNET_SET,
             std::slice::from_ref(elem),
-            false,
+            *exclusive,
         );
     }
     b
@@ -244,7 +244,7 @@ fn switch_localnet_off(iface: &str) -> Result<(), CniError> {
         .map_err(to_cni)?
         .iter()
         .filter_map(|e| rules::parse_localnet_key(&e.key))
-        .any(|(name, addr)| name == iface && !addr.is_unspecified());
+        .any(|(name, entry)| name == iface && entry != rules::LocalnetEntry::SwitchedOn);
     if users {
         let mut b = nft::Batch::new();
         b.add_elements(
@@ -263,7 +263,7 @@ fn switch_localnet_off(iface: &str) -> Result<(), CniError> {
 /// The record "ferry set route_localnet of `iface` to 1".
 fn switched_on(iface: &str) -> SetElement {
     SetElement {
-        key: rules::localnet_key(iface, Ipv4Addr::UNSPECIFIED),
+        key: rules::localnet_key(iface, &rules::LocalnetEntry::SwitchedOn),
         comment: Some(rules::LOCALNET_SWITCHED_ON.to_string()),
         ..Default::default()
     }
@@ -293,7 +293,7 @@ impl Plugin for Portmap {
         // 127.0.0.1:hostPort from the host needs route_localnet towards the
         // pod; the pod is recorded as its user, and ferry as the one that
         // switched it on when it was off.
-        let mut shared = Vec::new();
+        let mut localnet_elems = Vec::new();
         let mut localnet = None;
         if (pm.snat || pm.masq_all)
             && let Some(v4) = pod.v4
@@ -303,16 +303,16 @@ impl Plugin for Portmap {
             let iface = localnet_iface(ip)?;
             let on =
                 ferry_netops::sysctl::read(&route_localnet_key(&iface)).is_ok_and(|v| v == "1");
-            shared.push((
-                rules::LOCALNET_SET,
+            localnet_elems.push((
                 SetElement {
-                    key: rules::localnet_key(&iface, ip),
+                    key: rules::localnet_key(&iface, &rules::localnet_user(&comment)),
                     comment: Some(comment.clone()),
                     ..Default::default()
                 },
+                true,
             ));
             if !on {
-                shared.push((rules::LOCALNET_SET, switched_on(&iface)));
+                localnet_elems.push((switched_on(&iface), false));
             }
             localnet = Some(iface);
         }
@@ -324,7 +324,7 @@ impl Plugin for Portmap {
         let mut old = Vec::new();
         let mut last = None;
         for _ in 0..3 {
-            let e = match add_batch(&wanted, &shared, &old).commit() {
+            let e = match add_batch(&wanted, &localnet_elems, &old).commit() {
                 Ok(()) => {
                     if let Some(iface) = &localnet {
                         set_route_localnet(iface, "1")?;
@@ -333,7 +333,8 @@ impl Plugin for Portmap {
                 }
                 Err(e) => e,
             };
-            // A key already held (EEXIST), a range overlapping another
+            // A key already held (EEXIST; also the pod's own route_localnet
+            // entry on a repeated ADD), a range overlapping another
             // (ENOTEMPTY), or an element of ours gone meanwhile (ENOENT):
             // who holds what?
             if ![libc::EEXIST, libc::ENOTEMPTY, libc::ENOENT].contains(&e.errno().unwrap_or(0)) {
@@ -384,12 +385,13 @@ impl Plugin for Portmap {
                 .flat_map(|(_, elems)| elems)
                 .filter_map(|e| rules::parse_localnet_key(&e.key));
             for (iface, _) in mine {
-                let others = parsed.iter().any(|((name, addr), e)| {
-                    *name == iface && !addr.is_unspecified() && !rules::owned_by(e, &comment)
+                let on = rules::LocalnetEntry::SwitchedOn;
+                let others = parsed.iter().any(|((name, entry), e)| {
+                    *name == iface && *entry != on && !rules::owned_by(e, &comment)
                 });
                 let record = parsed
                     .iter()
-                    .find(|((name, addr), _)| *name == iface && addr.is_unspecified());
+                    .find(|((name, entry), _)| *name == iface && *entry == on);
                 if !others && let Some((_, record)) = record {
                     b.del_elements(
                         NftFamily::Inet,

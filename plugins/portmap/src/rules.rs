@@ -28,9 +28,10 @@
 //!   chain hostports-localnet { type filter hook prerouting priority dstnat + 1;
 //!     iifname != "lo" ip daddr 127.0.0.0/8 ct status dnat accept
 //!     iifname != "lo" ip daddr 127.0.0.0/8 drop }
-//!   # Who needs route_localnet where: (interface . pod address) per pod,
-//!   # (interface . 0.0.0.0) when ferry switched it on (and so puts it back).
-//!   set hostports-localnet { type ifname . ipv4_addr }
+//!   # Who needs route_localnet where: (interface . 128 bits of the SHA-256 of
+//!   # the pod's comment) per pod, (interface . ::) when ferry switched it on
+//!   # (and so puts it back).
+//!   set hostports-localnet { type ifname . ipv6_addr }
 //!
 //!   # Masquerade, per markMasqBit: the sources to masquerade for each key
 //!   # (127.0.0.0/8 and the pod's subnet, or everything with masqAll).
@@ -163,24 +164,50 @@ pub fn owned_by(e: &SetElement, comment: &str) -> bool {
     e.comment.as_deref() == Some(comment)
 }
 
-/// The key of a `hostports-localnet` element: the interface (an `ifname`,
-/// zero-padded to 16 bytes) and an IPv4 address (the pod's, or 0.0.0.0 for
-/// "switched on by ferry").
-pub fn localnet_key(ifname: &str, addr: Ipv4Addr) -> Vec<u8> {
+/// What a `hostports-localnet` element says about its interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalnetEntry {
+    /// A pod needs route_localnet there: 128 bits of the SHA-256 of its
+    /// comment, so every pod has a key of its own (an exclusive add never
+    /// meets another pod's element, and DEL removes exactly its own).
+    User([u8; 16]),
+    /// ferry-portmap switched route_localnet on (all zero).
+    SwitchedOn,
+}
+
+/// The key of a `hostports-localnet` element (`ifname . ipv6_addr`): the
+/// interface, zero-padded to 16 bytes, then the entry.
+pub fn localnet_key(ifname: &str, entry: &LocalnetEntry) -> Vec<u8> {
     let mut key = vec![0u8; 16];
     let name = ifname.as_bytes();
     let n = name.len().min(15);
     key[..n].copy_from_slice(&name[..n]);
-    key.extend_from_slice(&addr.octets());
+    match entry {
+        LocalnetEntry::User(id) => key.extend_from_slice(id),
+        LocalnetEntry::SwitchedOn => key.extend_from_slice(&[0; 16]),
+    }
     key
 }
 
-/// The interface and address of a `hostports-localnet` key.
-pub fn parse_localnet_key(key: &[u8]) -> Option<(String, Ipv4Addr)> {
-    let (name, addr) = (key.get(..16)?, key.get(16..20)?);
+/// The user entry of the pod with this comment.
+pub fn localnet_user(comment: &str) -> LocalnetEntry {
+    let digest = ring::digest::digest(&ring::digest::SHA256, comment.as_bytes());
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&digest.as_ref()[..16]);
+    LocalnetEntry::User(id)
+}
+
+/// The interface and entry of a `hostports-localnet` key.
+pub fn parse_localnet_key(key: &[u8]) -> Option<(String, LocalnetEntry)> {
+    let (name, rest) = (key.get(..16)?, key.get(16..32)?);
     let name = name.split(|b| *b == 0).next().unwrap_or_default();
-    let addr = <[u8; 4]>::try_from(addr).ok()?;
-    Some((String::from_utf8_lossy(name).into_owned(), addr.into()))
+    let id = <[u8; 16]>::try_from(rest).ok()?;
+    let entry = if id == [0; 16] {
+        LocalnetEntry::SwitchedOn
+    } else {
+        LocalnetEntry::User(id)
+    };
+    Some((String::from_utf8_lossy(name).into_owned(), entry))
 }
 
 /// The pod's addresses from prevResult: at most one per family, with its
@@ -376,7 +403,7 @@ pub fn base_script(conf: &PortmapConf) -> String {
          add chain inet {TABLE} {OUTPUT_CHAIN} {{ type nat hook output priority -100; policy accept; }}\n\
          flush chain inet {TABLE} {OUTPUT_CHAIN}\n\
          add rule inet {TABLE} {OUTPUT_CHAIN} fib daddr type local jump {DNAT_CHAIN}\n\
-         add set inet {TABLE} {LOCALNET_SET} {{ type ifname . ipv4_addr; }}\n\
+         add set inet {TABLE} {LOCALNET_SET} {{ type ifname . ipv6_addr; }}\n\
          add chain inet {TABLE} {LOCALNET_CHAIN} {{ type filter hook prerouting priority dstnat + 1; policy accept; }}\n\
          flush chain inet {TABLE} {LOCALNET_CHAIN}\n\
          add rule inet {TABLE} {LOCALNET_CHAIN} iifname != \"lo\" ip daddr 127.0.0.0/8 ct status dnat accept\n\
@@ -675,13 +702,21 @@ mod tests {
 
     #[test]
     fn localnet_keys() {
-        let k = localnet_key("cni0", "10.88.0.5".parse().unwrap());
-        assert_eq!(k.len(), 20);
+        let user = localnet_user("hp-00 n/c/eth0");
+        let k = localnet_key("cni0", &user);
+        assert_eq!(k.len(), 32);
         assert_eq!(&k[..5], b"cni0\0");
         assert_eq!(
             parse_localnet_key(&k),
-            Some(("cni0".to_string(), "10.88.0.5".parse().unwrap()))
+            Some(("cni0".to_string(), user.clone()))
         );
-        assert_eq!(parse_localnet_key(&k[..19]), None);
+        assert_ne!(user, localnet_user("hp-00 n/c/eth1"));
+        assert_ne!(user, LocalnetEntry::SwitchedOn);
+        let on = localnet_key("cni0", &LocalnetEntry::SwitchedOn);
+        assert_eq!(
+            parse_localnet_key(&on),
+            Some(("cni0".to_string(), LocalnetEntry::SwitchedOn))
+        );
+        assert_eq!(parse_localnet_key(&k[..31]), None);
     }
 }
