@@ -282,12 +282,19 @@ fn too_many_mappings_refused_cleanly() {
     let net = BridgeNet::new(false);
     let pod = TestPod::new();
     let prev = bridge_add(&net, &pod);
-    let conf = pm_conf(&net, many_mappings(1, 5000), Some(&prev));
+    // ferry_portmap::MAX_MAPPINGS + 1 (a duplicate does not count).
+    let mut mappings = many_mappings(1, 4097);
+    let dup = mappings[0].clone();
+    mappings.as_array_mut().unwrap().push(dup);
+    let conf = pm_conf(&net, mappings, Some(&prev));
     let add = portmap(&net, "ADD", &pod.id, Some(&pod.ns.path_str()), &conf);
     let e = add.err_json();
     assert_eq!(e["code"], 7, "{e}");
     assert!(e["msg"].as_str().unwrap().contains("portMappings"), "{e}");
+    assert!(e["msg"].as_str().unwrap().contains("4097"), "{e}");
     assert!(hostport_elements(&net.host).is_empty());
+    let e = portmap(&net, "CHECK", &pod.id, Some(&pod.ns.path_str()), &conf).err_json();
+    assert_eq!(e["code"], 7, "{e}");
     portmap(&net, "DEL", &pod.id, None, &conf).ok_empty();
     bridge_del(&net, &pod);
 }

@@ -80,6 +80,19 @@ pub fn pod_addrs(result: &CniResult, ifname: &str) -> PodAddrs {
 /// transaction, split over messages of 64 KiB.
 pub const MAX_MAPPINGS: usize = 4096;
 
+/// The configuration, with at most [`MAX_MAPPINGS`] mappings (code 7).
+fn load(conf: &NetConf) -> Result<PortmapConf, CniError> {
+    let pm = PortmapConf::load(conf)?;
+    if pm.mappings.len() > MAX_MAPPINGS {
+        return Err(CniError::invalid_config(format!(
+            "runtimeConfig.portMappings has {} distinct entries; ferry-portmap accepts at most \
+             {MAX_MAPPINGS} per pod",
+            pm.mappings.len()
+        )));
+    }
+    Ok(pm)
+}
+
 /// Locally generated traffic from 127.0.0.1 may only leave through an
 /// interface with `route_localnet` (else the kernel drops it as martian),
 /// and its answers only come back through one: the interface the host
@@ -272,16 +285,9 @@ fn switched_on(iface: &str) -> SetElement {
 impl Plugin for Portmap {
     fn add(&self, args: &CmdArgs, conf: &NetConf) -> Result<CniResult, CniError> {
         let result = prev_result(conf)?;
-        let pm = PortmapConf::load(conf)?;
+        let pm = load(conf)?;
         if pm.mappings.is_empty() {
             return Ok(result);
-        }
-        if pm.mappings.len() > MAX_MAPPINGS {
-            return Err(CniError::invalid_config(format!(
-                "runtimeConfig.portMappings has {} distinct entries; ferry-portmap accepts at \
-                 most {MAX_MAPPINGS} per pod",
-                pm.mappings.len()
-            )));
         }
         let pod = pod_addrs(&result, &args.ifname);
         let comment = rules::pod_comment(&conf.name, &args.container_id, &args.ifname);
@@ -420,7 +426,7 @@ impl Plugin for Portmap {
 
     fn check(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         let result = prev_result(conf)?;
-        let pm = PortmapConf::load(conf)?;
+        let pm = load(conf)?;
         let pod = pod_addrs(&result, &args.ifname);
         let comment = rules::pod_comment(&conf.name, &args.container_id, &args.ifname);
         let wanted = rules::elements(&pm, &pod, &comment);
