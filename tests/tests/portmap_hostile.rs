@@ -801,3 +801,68 @@ fn long_container_ids_work_and_stay_apart() {
     }
     assert!(hostport_elements(&net.host).is_empty());
 }
+
+/// The tag an older ferry-portmap (and this one) gives (network, container
+/// ID, ifname): "hp-" + FNV-1a 64 over the three, NUL-separated. Restated
+/// here on purpose: DEL finds the elements of pods added before an upgrade
+/// only if it never changes.
+fn legacy_tag(network: &str, id: &str, ifname: &str) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in network
+        .bytes()
+        .chain([0])
+        .chain(id.bytes())
+        .chain([0])
+        .chain(ifname.bytes())
+    {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("hp-{h:016x}")
+}
+
+/// After an upgrade: DEL removes the elements an older ferry-portmap wrote
+/// for the container (comment `hp-<tag> <container ID>/<ifname>`), and not
+/// those of a container whose old-style comment shares the tag.
+#[test]
+fn del_removes_elements_of_an_older_ferry_but_not_a_colliding_one() {
+    if !require_root() {
+        return;
+    }
+    let net = BridgeNet::new(false);
+    let a = TestPod::new();
+    let ra = bridge_add(&net, &a);
+    let ma = json!([{"hostPort": 7200, "containerPort": 80}]);
+    let conf = pm_conf(&net, ma, Some(&ra));
+    portmap(&net, "ADD", &a.id, Some(&a.ns.path_str()), &conf).ok_json();
+    let mine = hostport_elements(&net.host);
+    let old_id = format!("{}-old", a.id);
+    let tag = legacy_tag(&net.name, &old_id, "eth0");
+    for (port, comment) in [
+        (7201, format!("{tag} {old_id}/eth0")),
+        (7202, format!("{tag} {old_id}-colliding/eth0")),
+    ] {
+        net.host.exec(
+            "nft",
+            &[
+                "add",
+                "element",
+                "inet",
+                "ferry",
+                "hostports-v4",
+                &format!("{{ tcp . {port} comment \"{comment}\" : 10.99.0.9 . 80 }}"),
+            ],
+        );
+    }
+    let bare = json!({"cniVersion": "1.0.0", "name": net.name, "type": "ferry-portmap"});
+    portmap(&net, "DEL", &old_id, None, &bare).ok_empty();
+    let left = hostport_elements(&net.host);
+    assert!(!left.iter().any(|l| l.contains("7201")), "{left:#?}");
+    assert!(
+        left.iter().any(|l| l.contains("-colliding/eth0")),
+        "{left:#?}"
+    );
+    assert_eq!(left.len(), mine.len() + 1, "{left:#?}");
+    portmap(&net, "DEL", &a.id, None, &conf).ok_empty();
+    bridge_del(&net, &a);
+}

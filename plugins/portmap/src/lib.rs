@@ -154,7 +154,7 @@ type Owned = Vec<(String, Vec<SetElement>)>;
 /// Every element of ferry-portmap's sets and maps whose comment is the
 /// pod's (one dump of the table's sets, one per set), and every element of
 /// the route_localnet set (whoever holds it).
-fn owned_elements(comment: &str) -> Result<(Owned, Vec<SetElement>), CniError> {
+fn owned_elements(owner: &rules::Owner) -> Result<(Owned, Vec<SetElement>), CniError> {
     let mut out = Vec::new();
     let mut localnet = Vec::new();
     for set in nft::set_names(NftFamily::Inet, TABLE).map_err(to_cni)? {
@@ -162,11 +162,7 @@ fn owned_elements(comment: &str) -> Result<(Owned, Vec<SetElement>), CniError> {
             continue;
         }
         let all = nft::set_elements(NftFamily::Inet, TABLE, &set).map_err(to_cni)?;
-        let mine: Vec<_> = all
-            .iter()
-            .filter(|e| rules::owned_by(e, comment))
-            .cloned()
-            .collect();
+        let mine: Vec<_> = all.iter().filter(|e| owner.owns(e)).cloned().collect();
         if set == rules::LOCALNET_SET {
             localnet = all;
         }
@@ -219,7 +215,7 @@ fn add_batch(
 }
 
 /// After a refused ADD: the DNAT keys another pod holds, with the holder.
-fn conflicts(wanted: &[rules::PodElement], comment: &str) -> Result<Vec<String>, CniError> {
+fn conflicts(wanted: &[rules::PodElement], owner: &rules::Owner) -> Result<Vec<String>, CniError> {
     let mut out = Vec::new();
     for map in rules::DNAT_MAPS {
         let mine: Vec<_> = wanted.iter().filter(|e| e.set == map).collect();
@@ -231,7 +227,7 @@ fn conflicts(wanted: &[rules::PodElement], comment: &str) -> Result<Vec<String>,
             dump.iter().map(|d| (d.key.as_slice(), d)).collect();
         for e in mine {
             if let Some(other) = by_key.get(e.elem.key.as_slice())
-                && !rules::owned_by(other, comment)
+                && !owner.owns(other)
             {
                 let holder = other
                     .comment
@@ -290,8 +286,9 @@ impl Plugin for Portmap {
             return Ok(result);
         }
         let pod = pod_addrs(&result, &args.ifname);
-        let comment = rules::pod_comment(&conf.name, &args.container_id, &args.ifname);
-        let wanted = rules::elements(&pm, &pod, &comment);
+        let owner = rules::Owner::new(&conf.name, &args.container_id, &args.ifname);
+        let comment = &owner.comment;
+        let wanted = rules::elements(&pm, &pod, comment);
         if wanted.is_empty() {
             // No address of a family any mapping applies to.
             return Ok(result);
@@ -311,7 +308,7 @@ impl Plugin for Portmap {
                 ferry_netops::sysctl::read(&route_localnet_key(&iface)).is_ok_and(|v| v == "1");
             localnet_elems.push((
                 SetElement {
-                    key: rules::localnet_key(&iface, &rules::localnet_user(&comment)),
+                    key: rules::localnet_key(&iface, &rules::localnet_user(comment)),
                     comment: Some(comment.clone()),
                     ..Default::default()
                 },
@@ -346,7 +343,7 @@ impl Plugin for Portmap {
             if ![libc::EEXIST, libc::ENOTEMPTY, libc::ENOENT].contains(&e.errno().unwrap_or(0)) {
                 return Err(to_cni(e));
             }
-            let taken = conflicts(&wanted, &comment)?;
+            let taken = conflicts(&wanted, &owner)?;
             if !taken.is_empty() {
                 return Err(plugin_error(
                     codes::CONFLICT,
@@ -358,7 +355,7 @@ impl Plugin for Portmap {
             }
             // Only the pod's own elements are in the way (a repeated ADD):
             // replace them, in the same transaction.
-            old = owned_elements(&comment)?.0;
+            old = owned_elements(&owner)?.0;
             last = Some(e);
         }
         Err(to_cni(last.expect("the loop ran")))
@@ -367,10 +364,10 @@ impl Plugin for Portmap {
     fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         // Neither the mappings nor the address are needed: the pod's
         // elements carry its comment, made of (network, container ID, ifname).
-        let comment = rules::pod_comment(&conf.name, &args.container_id, &args.ifname);
+        let owner = rules::Owner::new(&conf.name, &args.container_id, &args.ifname);
         let mut last = None;
         for _ in 0..3 {
-            let (owned, localnet) = owned_elements(&comment)?;
+            let (owned, localnet) = owned_elements(&owner)?;
             if owned.is_empty() {
                 return Ok(());
             }
@@ -392,9 +389,9 @@ impl Plugin for Portmap {
                 .filter_map(|e| rules::parse_localnet_key(&e.key));
             for (iface, _) in mine {
                 let on = rules::LocalnetEntry::SwitchedOn;
-                let others = parsed.iter().any(|((name, entry), e)| {
-                    *name == iface && *entry != on && !rules::owned_by(e, &comment)
-                });
+                let others = parsed
+                    .iter()
+                    .any(|((name, entry), e)| *name == iface && *entry != on && !owner.owns(e));
                 let record = parsed
                     .iter()
                     .find(|((name, entry), _)| *name == iface && *entry == on);
@@ -428,8 +425,8 @@ impl Plugin for Portmap {
         let result = prev_result(conf)?;
         let pm = load(conf)?;
         let pod = pod_addrs(&result, &args.ifname);
-        let comment = rules::pod_comment(&conf.name, &args.container_id, &args.ifname);
-        let wanted = rules::elements(&pm, &pod, &comment);
+        let owner = rules::Owner::new(&conf.name, &args.container_id, &args.ifname);
+        let wanted = rules::elements(&pm, &pod, &owner.comment);
         if wanted.is_empty() {
             return Ok(());
         }
@@ -453,7 +450,7 @@ impl Plugin for Portmap {
             for e in wanted.iter().filter(|e| e.set == set) {
                 let key = rules::key_text(set, &e.elem.key);
                 match by_key.get(&(e.elem.key.as_slice(), e.elem.key_end.as_deref())) {
-                    Some(d) if !rules::owned_by(d, &comment) => {
+                    Some(d) if !owner.owns(d) => {
                         return Err(fail(format!(
                             "{key} in {set} of table inet {TABLE} ({}) belongs to {}, not to this container",
                             e.what,

@@ -164,6 +164,42 @@ pub fn owned_by(e: &SetElement, comment: &str) -> bool {
     e.comment.as_deref() == Some(comment)
 }
 
+/// The comment an older ferry-portmap (before issue 9) gave the pod's
+/// elements: the tag, then `<container ID>/<ifname>`, cut to nft's limit.
+pub fn legacy_comment(network: &str, container_id: &str, ifname: &str) -> String {
+    let tag = pod_tag(network, container_id, ifname);
+    let mut c = format!("{tag} {container_id}/{ifname}");
+    let mut end = c.len().min(MAX_COMMENT);
+    while !c.is_char_boundary(end) {
+        end -= 1;
+    }
+    c.truncate(end);
+    c
+}
+
+/// Whose elements are whose: the pod's comment (what ADD writes), and the
+/// one an older ferry-portmap wrote, so that DEL and CHECK after an upgrade
+/// still find (only) the pod's elements. Both are compared whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub comment: String,
+    legacy: String,
+}
+
+impl Owner {
+    pub fn new(network: &str, container_id: &str, ifname: &str) -> Owner {
+        Owner {
+            comment: pod_comment(network, container_id, ifname),
+            legacy: legacy_comment(network, container_id, ifname),
+        }
+    }
+
+    /// Whether `e` is this pod's element.
+    pub fn owns(&self, e: &SetElement) -> bool {
+        owned_by(e, &self.comment) || owned_by(e, &self.legacy)
+    }
+}
+
 /// What a `hostports-localnet` element says about its interface.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum LocalnetEntry {
@@ -698,6 +734,25 @@ mod tests {
             ring::digest::digest(&ring::digest::SHA256, format!("net\0{x}\0eth0").as_bytes());
         let hex: String = want.as_ref().iter().map(|b| format!("{b:02x}")).collect();
         assert!(cx.ends_with(&hex));
+    }
+
+    /// Elements an older ferry-portmap wrote are the pod's too (whole
+    /// comment), a colliding container's are not.
+    #[test]
+    fn legacy_comments() {
+        let owner = Owner::new("net", "c1", "eth0");
+        let tag = pod_tag("net", "c1", "eth0");
+        let el = |c: String| SetElement {
+            comment: Some(c),
+            ..Default::default()
+        };
+        assert!(owner.owns(&el(format!("{tag} c1/eth0"))));
+        assert!(owner.owns(&el(owner.comment.clone())));
+        assert!(!owner.owns(&el(format!("{tag} c2/eth0"))));
+        assert!(!owner.owns(&el(tag.clone())));
+        let long = "é".repeat(100);
+        let legacy = legacy_comment("net", &long, "eth0");
+        assert!(legacy.len() <= MAX_COMMENT && legacy.starts_with("hp-"));
     }
 
     #[test]
