@@ -807,8 +807,9 @@ fn size_socket(sock: &Socket, batch: usize, acks: usize) -> io::Result<()> {
         }
     };
     set(SOL_NETLINK, NETLINK_CAP_ACK, 1)?;
-    // The defaults (rmem/wmem_default, usually 208 KiB) hold the common case.
-    const DEFAULT: usize = 128 * 1024;
+    // The defaults (rmem/wmem_default, usually 208 KiB, but a node may have
+    // lowered them) hold the common case of a few elements without a call.
+    const DEFAULT: usize = 16 * 1024;
     let grow = |forced: libc::c_int, plain: libc::c_int, want: usize| -> io::Result<()> {
         if want <= DEFAULT {
             return Ok(());
