@@ -299,8 +299,14 @@ fn too_many_mappings_refused_cleanly() {
     portmap(&net, "DEL", &pod.id, None, &conf).ok_empty();
     bridge_del(&net, &pod);
     assert!(hostport_elements(&net.host).is_empty());
-    assert!(net.reservations().is_empty(), "the address is still reserved");
-    assert!(net.host.bridge_ports(&net.bridge).is_empty(), "a veth is left");
+    assert!(
+        net.reservations().is_empty(),
+        "the address is still reserved"
+    );
+    assert!(
+        net.host.bridge_ports(&net.bridge).is_empty(),
+        "a veth is left"
+    );
 }
 
 /// A hostIP the node does not own: another pod's (and the host's own)
