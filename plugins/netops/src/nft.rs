@@ -17,6 +17,7 @@
 use crate::{NetopsError, Result};
 use rtnetlink::sys::{Socket, SocketAddr};
 use std::io::{self, Write};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
@@ -41,22 +42,46 @@ pub enum NftFamily {
 
 /// Whether chain `chain` of table `table` exists in the caller's namespace.
 pub fn chain_exists(family: NftFamily, table: &str, chain: &str) -> Result<bool> {
-    let mut attrs = Vec::new();
-    push_str_attr(&mut attrs, NFTA_CHAIN_TABLE, table);
-    push_str_attr(&mut attrs, NFTA_CHAIN_NAME, chain);
     let what = format!("nft chain {table}/{chain}");
+    let mut attrs = Vec::new();
+    push_str_attr(&mut attrs, NFTA_CHAIN_TABLE, table).map_err(|e| e.into_netops(&what))?;
+    push_str_attr(&mut attrs, NFTA_CHAIN_NAME, chain).map_err(|e| e.into_netops(&what))?;
     exists(NFT_MSG_GETCHAIN, family, &attrs, &what)
 }
 
-fn push_str_attr(buf: &mut Vec<u8>, kind: u16, s: &str) {
-    let len = 4 + s.len() + 1;
-    buf.extend_from_slice(&(len as u16).to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(s.as_bytes());
-    buf.push(0);
-    while buf.len() % 4 != 0 {
-        buf.push(0);
+/// A netlink attribute's length is a u16 (header included), a message's a
+/// u32: whatever does not fit is refused here, before anything is sent,
+/// instead of being written with a wrapped length the kernel would misread.
+#[derive(Debug, thiserror::Error)]
+#[error("{what} of {len} bytes does not fit in a netlink {field} (at most {max} bytes)")]
+pub struct TooLong {
+    /// What was being encoded (`attribute 3`, `message`, `comment`).
+    pub what: String,
+    /// `attribute` or `message`.
+    pub field: &'static str,
+    pub len: usize,
+    pub max: usize,
+}
+
+impl TooLong {
+    fn into_netops(self, context: &str) -> NetopsError {
+        NetopsError::io(
+            format!("encode {context}"),
+            "host",
+            io::Error::new(io::ErrorKind::InvalidInput, self),
+        )
     }
+}
+
+/// The largest attribute payload: the length field is a u16 that counts
+/// the 4-byte header too.
+pub const MAX_ATTR_PAYLOAD: usize = u16::MAX as usize - 4;
+
+fn push_str_attr(buf: &mut Vec<u8>, kind: u16, s: &str) -> std::result::Result<(), TooLong> {
+    let mut value = Vec::with_capacity(s.len() + 1);
+    value.extend_from_slice(s.as_bytes());
+    value.push(0);
+    push_attr(buf, kind, &value)
 }
 
 /// Applies an nft script as one atomic transaction (`nft -f -`): all of it
@@ -127,22 +152,26 @@ const NLM_F_DUMP: u16 = 0x300;
 /// (raw key bytes, e.g. an `ifname` key zero-padded to 16 bytes). A missing
 /// table or set is `false`.
 pub fn set_has_key(family: NftFamily, table: &str, set: &str, key: &[u8]) -> Result<bool> {
-    let elem = element_attr(
-        &SetElement {
-            key: key.to_vec(),
-            ..Default::default()
-        },
-        false,
-    );
-    let mut attrs = Vec::new();
-    push_str_attr(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, table);
-    push_str_attr(&mut attrs, NFTA_SET_ELEM_LIST_SET, set);
-    push_attr(
-        &mut attrs,
-        NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED,
-        &elem,
-    );
     let what = format!("element of nft set {table}/{set}");
+    let attrs = (|| {
+        let elem = element_attr(
+            &SetElement {
+                key: key.to_vec(),
+                ..Default::default()
+            },
+            false,
+        )?;
+        let mut attrs = Vec::new();
+        push_str_attr(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, table)?;
+        push_str_attr(&mut attrs, NFTA_SET_ELEM_LIST_SET, set)?;
+        push_attr(
+            &mut attrs,
+            NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED,
+            &elem,
+        )?;
+        Ok::<_, TooLong>(attrs)
+    })()
+    .map_err(|e| e.into_netops(&what))?;
     exists(NFT_MSG_GETSETELEM, family, &attrs, &what)
 }
 
@@ -150,21 +179,29 @@ pub fn set_has_key(family: NftFamily, table: &str, set: &str, key: &[u8]) -> Res
 /// (attributes included), in chain order. A missing table or chain gives
 /// no rules.
 pub fn chain_rules(family: NftFamily, table: &str, chain: &str) -> Result<Vec<Vec<u8>>> {
-    let mut attrs = Vec::new();
-    push_str_attr(&mut attrs, NFTA_RULE_TABLE, table);
-    push_str_attr(&mut attrs, NFTA_RULE_CHAIN, chain);
     let what = format!("rules of nft chain {table}/{chain}");
+    let mut attrs = Vec::new();
+    push_str_attr(&mut attrs, NFTA_RULE_TABLE, table).map_err(|e| e.into_netops(&what))?;
+    push_str_attr(&mut attrs, NFTA_RULE_CHAIN, chain).map_err(|e| e.into_netops(&what))?;
     dump(NFT_MSG_GETRULE, family, &attrs, &what)
 }
 
-fn push_attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) {
-    let len = 4 + data.len();
-    buf.extend_from_slice(&(len as u16).to_ne_bytes());
+/// Appends one attribute (header, payload, padding to 4 bytes); a payload
+/// longer than [`MAX_ATTR_PAYLOAD`] is refused, with nothing appended.
+fn push_attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) -> std::result::Result<(), TooLong> {
+    let len = u16::try_from(4 + data.len()).map_err(|_| TooLong {
+        what: format!("attribute {}", kind & 0x3fff),
+        field: "attribute",
+        len: data.len(),
+        max: MAX_ATTR_PAYLOAD,
+    })?;
+    buf.extend_from_slice(&len.to_ne_bytes());
     buf.extend_from_slice(&kind.to_ne_bytes());
     buf.extend_from_slice(data);
     while buf.len() % 4 != 0 {
         buf.push(0);
     }
+    Ok(())
 }
 
 /// Whether a GET request finds anything (one answer or more; ENOENT is
@@ -200,7 +237,8 @@ fn query(
         family as u8,
         0,
         attrs,
-    );
+    )
+    .map_err(|e| e.into_netops(what))?;
     sock.send(&msg, 0).map_err(|e| fail("query", e))?;
 
     let mut out = Vec::new();
@@ -378,9 +416,9 @@ pub fn set_elements(family: NftFamily, table: &str, set: &str) -> Result<Vec<Set
 /// The names of the sets and maps of `table` (one netlink dump). A missing
 /// table has none.
 pub fn set_names(family: NftFamily, table: &str) -> Result<Vec<String>> {
-    let mut attrs = Vec::new();
-    push_str_attr(&mut attrs, NFTA_SET_TABLE, table);
     let what = format!("sets of nft table {table}");
+    let mut attrs = Vec::new();
+    push_str_attr(&mut attrs, NFTA_SET_TABLE, table).map_err(|e| e.into_netops(&what))?;
     let answers = dump(NFT_MSG_GETSET, family, &attrs, &what)?;
     Ok(answers
         .iter()
@@ -395,10 +433,10 @@ pub fn set_names(family: NftFamily, table: &str) -> Result<Vec<String>> {
 /// NFTA_LIST_ELEM attributes of a GETSETELEM dump); `noun` ("set" or "map")
 /// names it in errors.
 fn element_attrs(family: NftFamily, table: &str, noun: &str, set: &str) -> Result<Vec<Vec<u8>>> {
-    let mut attrs = Vec::new();
-    push_str_attr(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, table);
-    push_str_attr(&mut attrs, NFTA_SET_ELEM_LIST_SET, set);
     let what = format!("elements of nft {noun} {table}/{set}");
+    let mut attrs = Vec::new();
+    push_str_attr(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, table).map_err(|e| e.into_netops(&what))?;
+    push_str_attr(&mut attrs, NFTA_SET_ELEM_LIST_SET, set).map_err(|e| e.into_netops(&what))?;
     let answers = dump(NFT_MSG_GETSETELEM, family, &attrs, &what)?;
     let mut out = Vec::new();
     for body in &answers {
@@ -445,17 +483,22 @@ fn comment_from_userdata(mut ud: &[u8]) -> Option<String> {
     None
 }
 
-/// The comment as userdata, cut to [`MAX_COMMENT`] bytes (on a character
-/// boundary) as nft would refuse longer ones.
-fn userdata_comment(comment: &str) -> Vec<u8> {
-    let mut end = comment.len().min(MAX_COMMENT);
-    while !comment.is_char_boundary(end) {
-        end -= 1;
+/// The comment as userdata. Longer than [`MAX_COMMENT`] bytes (or with a
+/// NUL) is an error, not a cut: a comment names an owner, and a cut one
+/// could name two (callers bound what they store, see ferry-portmap's owner).
+fn userdata_comment(comment: &str) -> std::result::Result<Vec<u8>, TooLong> {
+    if comment.len() > MAX_COMMENT || comment.contains('\0') {
+        return Err(TooLong {
+            what: "element comment".into(),
+            field: "comment (nft userdata, NUL-free)",
+            len: comment.len(),
+            max: MAX_COMMENT,
+        });
     }
-    let mut ud = vec![NFTNL_UDATA_SET_ELEM_COMMENT, (end + 1) as u8];
-    ud.extend_from_slice(&comment.as_bytes()[..end]);
+    let mut ud = vec![NFTNL_UDATA_SET_ELEM_COMMENT, (comment.len() + 1) as u8];
+    ud.extend_from_slice(comment.as_bytes());
     ud.push(0);
-    ud
+    Ok(ud)
 }
 
 /// One message of a batch, for naming it in errors.
@@ -468,11 +511,23 @@ struct BatchOp {
 /// every message applies or none does. Built like nft builds its own batches
 /// (checked against `nft --debug=mnl`), plus an acknowledgement for every
 /// message so that success is confirmed, not inferred from silence.
+///
+/// Any number of elements: a list longer than one netlink attribute can
+/// carry (64 KiB) is split over several messages of the same transaction,
+/// and the socket's buffers are grown to the batch. An element that cannot
+/// be encoded (a comment longer than nft's limit, a key longer than an
+/// attribute) makes [`commit`](Batch::commit) fail before anything is sent.
 #[derive(Default)]
 pub struct Batch {
     msgs: Vec<u8>,
     ops: Vec<BatchOp>,
+    /// The first encoding error: the batch is not sent.
+    error: Option<NetopsError>,
 }
+
+/// The largest element list one message carries: what fits in the
+/// NFTA_SET_ELEM_LIST_ELEMENTS attribute.
+const MAX_LIST: usize = MAX_ATTR_PAYLOAD;
 
 impl Batch {
     pub fn new() -> Batch {
@@ -480,7 +535,12 @@ impl Batch {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
+        self.ops.is_empty() && self.error.is_none()
+    }
+
+    /// How many messages (without batch begin and end) the batch holds.
+    pub fn messages(&self) -> usize {
+        self.ops.len()
     }
 
     /// Adds `elems` to `set`. `exclusive`: an element whose key is already
@@ -496,17 +556,13 @@ impl Batch {
         elems: &[SetElement],
         exclusive: bool,
     ) {
-        if elems.is_empty() {
-            return;
-        }
         let flags = NLM_F_CREATE | if exclusive { NLM_F_EXCL } else { 0 };
         let what = format!("add elements to nft set {table}/{set}");
         self.push(
             NFT_MSG_NEWSETELEM,
             flags,
             family,
-            table,
-            set,
+            (table, set),
             elems,
             true,
             what,
@@ -522,65 +578,115 @@ impl Batch {
         set: &str,
         elems: &[SetElement],
     ) {
-        if elems.is_empty() {
-            return;
-        }
         let what = format!("delete elements from nft set {table}/{set}");
         self.push(
             NFT_MSG_DELSETELEM,
             0,
             family,
-            table,
-            set,
+            (table, set),
             elems,
             false,
             what,
         );
     }
 
+    /// One message per element list of at most [`MAX_LIST`] bytes.
     #[allow(clippy::too_many_arguments)]
     fn push(
         &mut self,
         msg_type: u16,
         flags: u16,
         family: NftFamily,
-        table: &str,
-        set: &str,
+        (table, set): (&str, &str),
         elems: &[SetElement],
         with_values: bool,
         what: String,
     ) {
-        let mut list = Vec::new();
-        for e in elems {
-            list.extend(element_attr(e, with_values));
+        if elems.is_empty() || self.error.is_some() {
+            return;
         }
-        let mut attrs = Vec::new();
-        push_str_attr(&mut attrs, NFTA_SET_ELEM_LIST_TABLE, table);
-        push_str_attr(&mut attrs, NFTA_SET_ELEM_LIST_SET, set);
-        push_attr(
-            &mut attrs,
-            NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED,
-            &list,
-        );
-        // Sequence numbers: 1 for the batch begin, then one per message.
-        let seq = self.ops.len() as u32 + 2;
-        push_message(
-            &mut self.msgs,
-            (NFNL_SUBSYS_NFTABLES << 8) | msg_type,
-            NLM_F_REQUEST | NLM_F_ACK | flags,
-            seq,
-            family as u8,
-            0,
-            &attrs,
-        );
-        self.ops.push(BatchOp { seq, what });
+        if let Err(e) = self.try_push(
+            msg_type,
+            flags,
+            family,
+            (table, set),
+            elems,
+            with_values,
+            &what,
+        ) {
+            self.error = Some(e.into_netops(&what));
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn try_push(
+        &mut self,
+        msg_type: u16,
+        flags: u16,
+        family: NftFamily,
+        (table, set): (&str, &str),
+        elems: &[SetElement],
+        with_values: bool,
+        what: &str,
+    ) -> std::result::Result<(), TooLong> {
+        let mut head = Vec::new();
+        push_str_attr(&mut head, NFTA_SET_ELEM_LIST_TABLE, table)?;
+        push_str_attr(&mut head, NFTA_SET_ELEM_LIST_SET, set)?;
+        let mut lists: Vec<Vec<u8>> = vec![Vec::new()];
+        for e in elems {
+            let attr = element_attr(e, with_values)?;
+            let list = lists.last_mut().expect("one list at least");
+            if !list.is_empty() && list.len() + attr.len() > MAX_LIST {
+                lists.push(attr);
+            } else {
+                list.extend(attr);
+            }
+        }
+        let (msgs_before, ops_before) = (self.msgs.len(), self.ops.len());
+        let parts = lists.len();
+        for (i, list) in lists.iter().enumerate() {
+            let mut attrs = head.clone();
+            let pushed = push_attr(&mut attrs, NFTA_SET_ELEM_LIST_ELEMENTS | NLA_F_NESTED, list)
+                .and_then(|()| {
+                    // Sequence numbers: 1 for the batch begin, then one per message.
+                    let seq = u32::try_from(self.ops.len() + 2).map_err(|_| TooLong {
+                        what: "batch".into(),
+                        field: "sequence of messages",
+                        len: self.ops.len() + 2,
+                        max: u32::MAX as usize,
+                    })?;
+                    push_message(
+                        &mut self.msgs,
+                        (NFNL_SUBSYS_NFTABLES << 8) | msg_type,
+                        NLM_F_REQUEST | NLM_F_ACK | flags,
+                        seq,
+                        family as u8,
+                        0,
+                        &attrs,
+                    )?;
+                    let what = if parts > 1 {
+                        format!("{what} (part {} of {parts})", i + 1)
+                    } else {
+                        what.to_string()
+                    };
+                    self.ops.push(BatchOp { seq, what });
+                    Ok(())
+                });
+            if let Err(e) = pushed {
+                self.msgs.truncate(msgs_before);
+                self.ops.truncate(ops_before);
+                return Err(e);
+            }
+        }
+        Ok(())
     }
 
     /// The whole transaction as sent: batch begin, the messages, batch end.
     pub fn to_bytes(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(self.msgs.len() + 40);
         // The batch messages name the subsystem in res_id (big-endian).
-        push_message(
+        // Both are 20 bytes: they always fit.
+        let _ = push_message(
             &mut out,
             NFNL_MSG_BATCH_BEGIN,
             NLM_F_REQUEST,
@@ -590,11 +696,11 @@ impl Batch {
             &[],
         );
         out.extend_from_slice(&self.msgs);
-        push_message(
+        let _ = push_message(
             &mut out,
             NFNL_MSG_BATCH_END,
             NLM_F_REQUEST,
-            self.ops.len() as u32 + 2,
+            (self.ops.len() as u32).wrapping_add(2),
             0,
             NFNL_SUBSYS_NFTABLES,
             &[],
@@ -604,14 +710,23 @@ impl Batch {
 
     /// Sends the transaction and waits for every acknowledgement. The error
     /// of a refused transaction (nothing applied) names the first message the
-    /// kernel refused and keeps its errno ([`NetopsError::errno`]).
+    /// kernel refused and keeps its errno ([`NetopsError::errno`]); an
+    /// element that could not be encoded fails it before anything is sent.
     pub fn commit(self) -> Result<()> {
+        if let Some(e) = self.error {
+            return Err(e);
+        }
         if self.ops.is_empty() {
             return Ok(());
         }
         let fail = |op: &str, e: io::Error| NetopsError::io(format!("{op} nft batch"), "host", e);
         let sock = open_socket().map_err(|e| fail("open netfilter socket for", e))?;
         let bytes = self.to_bytes();
+        // A netlink message goes in one skb of at most the socket's send
+        // buffer, and the whole batch must be one message train; every
+        // message gets an acknowledgement (without the request echoed).
+        size_socket(&sock, bytes.len(), self.ops.len())
+            .map_err(|e| fail("size the socket for", e))?;
         let sent = sock.send(&bytes, 0).map_err(|e| fail("send", e))?;
         if sent != bytes.len() {
             return Err(fail("send", io::Error::from(io::ErrorKind::WriteZero)));
@@ -665,33 +780,86 @@ impl Batch {
     }
 }
 
+const SOL_NETLINK: libc::c_int = 270;
+const NETLINK_CAP_ACK: libc::c_int = 10;
+
+/// Lets one send of `batch` bytes through and `acks` acknowledgements in
+/// (as nft does for large batches: SO_SNDBUFFORCE / SO_RCVBUFFORCE, root
+/// only, else the plain options up to the sysctl maximum), and keeps error
+/// answers short (NETLINK_CAP_ACK: the refused message is not echoed back).
+fn size_socket(sock: &Socket, batch: usize, acks: usize) -> io::Result<()> {
+    let fd = sock.as_raw_fd();
+    let set = |level: libc::c_int, opt: libc::c_int, v: libc::c_int| -> io::Result<()> {
+        // SAFETY: setsockopt reads one c_int from a valid pointer.
+        let r = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if r == 0 {
+            Ok(())
+        } else {
+            Err(io::Error::last_os_error())
+        }
+    };
+    set(SOL_NETLINK, NETLINK_CAP_ACK, 1)?;
+    // The defaults (rmem/wmem_default, usually 208 KiB, but a node may have
+    // lowered them) hold the common case of a few elements without a call.
+    const DEFAULT: usize = 16 * 1024;
+    let grow = |forced: libc::c_int, plain: libc::c_int, want: usize| -> io::Result<()> {
+        if want <= DEFAULT {
+            return Ok(());
+        }
+        let v = libc::c_int::try_from(want)
+            .map_err(|_| io::Error::from_raw_os_error(libc::EMSGSIZE))?;
+        set(libc::SOL_SOCKET, forced, v).or_else(|_| set(libc::SOL_SOCKET, plain, v))
+    };
+    // The kernel wants room for the skb overhead next to the message.
+    grow(
+        libc::SO_SNDBUFFORCE,
+        libc::SO_SNDBUF,
+        batch.saturating_add(64 * 1024),
+    )?;
+    // An acknowledgement costs about 1 KiB of receive buffer (skb truesize).
+    grow(
+        libc::SO_RCVBUFFORCE,
+        libc::SO_RCVBUF,
+        acks.saturating_mul(1024).saturating_add(64 * 1024),
+    )
+}
+
 /// One NFTA_LIST_ELEM: key, key end, and for an addition the data and
 /// comment.
-fn element_attr(e: &SetElement, with_values: bool) -> Vec<u8> {
+fn element_attr(e: &SetElement, with_values: bool) -> std::result::Result<Vec<u8>, TooLong> {
     let nested_value = |kind: u16, v: &[u8], out: &mut Vec<u8>| {
         let mut value = Vec::new();
-        push_attr(&mut value, NFTA_DATA_VALUE, v);
-        push_attr(out, kind | NLA_F_NESTED, &value);
+        push_attr(&mut value, NFTA_DATA_VALUE, v)?;
+        push_attr(out, kind | NLA_F_NESTED, &value)
     };
     let mut inner = Vec::new();
-    nested_value(NFTA_SET_ELEM_KEY, &e.key, &mut inner);
+    nested_value(NFTA_SET_ELEM_KEY, &e.key, &mut inner)?;
     if let Some(end) = &e.key_end {
-        nested_value(NFTA_SET_ELEM_KEY_END, end, &mut inner);
+        nested_value(NFTA_SET_ELEM_KEY_END, end, &mut inner)?;
     }
     if with_values {
         if let Some(data) = &e.data {
-            nested_value(NFTA_SET_ELEM_DATA, data, &mut inner);
+            nested_value(NFTA_SET_ELEM_DATA, data, &mut inner)?;
         }
         if let Some(c) = &e.comment {
-            push_attr(&mut inner, NFTA_SET_ELEM_USERDATA, &userdata_comment(c));
+            push_attr(&mut inner, NFTA_SET_ELEM_USERDATA, &userdata_comment(c)?)?;
         }
     }
     let mut out = Vec::new();
-    push_attr(&mut out, NFTA_LIST_ELEM | NLA_F_NESTED, &inner);
-    out
+    push_attr(&mut out, NFTA_LIST_ELEM | NLA_F_NESTED, &inner)?;
+    Ok(out)
 }
 
-/// A netlink message with an nfgenmsg header.
+/// A netlink message with an nfgenmsg header; one whose length does not fit
+/// the header's u32 is refused, with nothing appended.
 fn push_message(
     out: &mut Vec<u8>,
     msg_type: u16,
@@ -700,9 +868,14 @@ fn push_message(
     family: u8,
     res_id: u16,
     attrs: &[u8],
-) {
-    let len = 16 + 4 + attrs.len();
-    out.extend_from_slice(&(len as u32).to_ne_bytes());
+) -> std::result::Result<(), TooLong> {
+    let len = u32::try_from(16 + 4 + attrs.len()).map_err(|_| TooLong {
+        what: "message".into(),
+        field: "message",
+        len: attrs.len(),
+        max: u32::MAX as usize - 20,
+    })?;
+    out.extend_from_slice(&len.to_ne_bytes());
     out.extend_from_slice(&msg_type.to_ne_bytes());
     out.extend_from_slice(&flags.to_ne_bytes());
     out.extend_from_slice(&seq.to_ne_bytes());
@@ -711,6 +884,7 @@ fn push_message(
     out.push(0); // NFNETLINK_V0
     out.extend_from_slice(&res_id.to_be_bytes());
     out.extend_from_slice(attrs);
+    Ok(())
 }
 
 fn open_socket() -> io::Result<Socket> {
@@ -727,15 +901,15 @@ mod tests {
     #[test]
     fn parses_a_verdict_map_element() {
         let mut value = Vec::new();
-        push_attr(&mut value, NFTA_DATA_VALUE, &[6, 0, 0, 0, 0x1f, 0x90, 0, 0]);
+        push_attr(&mut value, NFTA_DATA_VALUE, &[6, 0, 0, 0, 0x1f, 0x90, 0, 0]).unwrap();
         let mut chain = Vec::new();
-        push_attr(&mut chain, 1, &(-3i32 as u32).to_be_bytes()); // NFTA_VERDICT_CODE: jump
-        push_str_attr(&mut chain, NFTA_VERDICT_CHAIN, "hp-0123");
+        push_attr(&mut chain, 1, &(-3i32 as u32).to_be_bytes()).unwrap(); // NFTA_VERDICT_CODE: jump
+        push_str_attr(&mut chain, NFTA_VERDICT_CHAIN, "hp-0123").unwrap();
         let mut verdict = Vec::new();
-        push_attr(&mut verdict, NFTA_DATA_VERDICT | NLA_F_NESTED, &chain);
+        push_attr(&mut verdict, NFTA_DATA_VERDICT | NLA_F_NESTED, &chain).unwrap();
         let mut elem = Vec::new();
-        push_attr(&mut elem, NFTA_SET_ELEM_KEY | NLA_F_NESTED, &value);
-        push_attr(&mut elem, NFTA_SET_ELEM_DATA | NLA_F_NESTED, &verdict);
+        push_attr(&mut elem, NFTA_SET_ELEM_KEY | NLA_F_NESTED, &value).unwrap();
+        push_attr(&mut elem, NFTA_SET_ELEM_DATA | NLA_F_NESTED, &verdict).unwrap();
         let e = parse_element(&elem);
         assert_eq!(e.key, [6, 0, 0, 0, 0x1f, 0x90, 0, 0]);
         assert_eq!(e.chain.as_deref(), Some("hp-0123"));
@@ -771,9 +945,9 @@ mod tests {
             data: None,
             comment: Some("hp-0011".into()),
         };
-        assert_eq!(element_attr(&e, true), want);
+        assert_eq!(element_attr(&e, true).unwrap(), want);
         // A deletion carries the key and key end only.
-        assert_eq!(element_attr(&e, false).len(), 4 + 20 + 20);
+        assert_eq!(element_attr(&e, false).unwrap().len(), 4 + 20 + 20);
         // Read back as a dump would give it.
         assert_eq!(parse_set_element(&want[4..]), e);
     }
@@ -785,7 +959,7 @@ mod tests {
         let e = SetElement {
             key: vec![6, 0, 0, 0, 0x1f, 0x90, 0, 0],
             data: Some(vec![10, 88, 0, 5, 0, 80, 0, 0]),
-            comment: Some("x".repeat(300)),
+            comment: Some("x".into()),
             ..Default::default()
         };
         b.add_elements(
@@ -817,10 +991,123 @@ mod tests {
                 (17, 1, vec![0, 0, 0, 10]),
             ]
         );
-        // The comment is cut to what nft accepts.
-        let ud = userdata_comment(&"é".repeat(100));
-        assert!(ud.len() <= MAX_COMMENT + 3 && ud[1] as usize == ud.len() - 2);
+        // A comment is never cut: too long is an error.
+        let ud = userdata_comment(&"é".repeat(63)).unwrap();
+        assert!(ud.len() == 126 + 3 && ud[1] as usize == ud.len() - 2);
         assert_eq!(comment_from_userdata(&ud).unwrap(), "é".repeat(63));
+        assert!(userdata_comment(&"x".repeat(MAX_COMMENT + 1)).is_err());
+        assert!(userdata_comment("a\0b").is_err());
         assert_eq!(comment_from_userdata(&[0, 5, b'a']), None);
+    }
+
+    /// The messages of a batch: (type, flags, nfgenmsg, attributes).
+    fn split(bytes: &[u8]) -> Vec<(u16, u16, Vec<u8>, Vec<u8>)> {
+        let mut msgs = Vec::new();
+        let mut off = 0;
+        while off < bytes.len() {
+            let len = u32::from_ne_bytes(bytes[off..off + 4].try_into().unwrap()) as usize;
+            let kind = u16::from_ne_bytes(bytes[off + 4..off + 6].try_into().unwrap());
+            let flags = u16::from_ne_bytes(bytes[off + 6..off + 8].try_into().unwrap());
+            msgs.push((
+                kind,
+                flags,
+                bytes[off + 16..off + 20].to_vec(),
+                bytes[off + 20..off + len].to_vec(),
+            ));
+            off += len;
+        }
+        assert_eq!(off, bytes.len());
+        msgs
+    }
+
+    /// A list longer than one attribute can describe is split over several
+    /// messages of the same transaction, each one's list within a u16 length,
+    /// every element kept exactly once, in order.
+    #[test]
+    fn large_element_lists_are_split_not_truncated() {
+        let elems: Vec<SetElement> = (0..5000u32)
+            .map(|i| SetElement {
+                key: [
+                    vec![6, 0, 0, 0],
+                    (i as u16).to_be_bytes().to_vec(),
+                    vec![0, 0],
+                ]
+                .concat(),
+                data: Some(vec![10, 88, 0, 5, 0, 80, 0, 0]),
+                comment: Some(format!("hp-0123456789abcdef {}", "c".repeat(100))),
+                ..Default::default()
+            })
+            .collect();
+        let mut b = Batch::new();
+        b.add_elements(NftFamily::Inet, "ferry", "m", &elems, true);
+        b.del_elements(NftFamily::Inet, "ferry", "m", &elems);
+        assert!(b.error.is_none());
+        let msgs = split(&b.to_bytes());
+        let (begin, end) = (&msgs[0], &msgs[msgs.len() - 1]);
+        assert_eq!((begin.0, end.0), (NFNL_MSG_BATCH_BEGIN, NFNL_MSG_BATCH_END));
+        let body = &msgs[1..msgs.len() - 1];
+        assert!(body.len() > 2, "{} messages", body.len());
+        assert_eq!(body.len(), b.messages());
+        let mut added = Vec::new();
+        let mut deleted = Vec::new();
+        for (kind, _, _, attrs) in body {
+            let lists: Vec<_> = attributes(attrs)
+                .filter(|(k, _)| *k == NFTA_SET_ELEM_LIST_ELEMENTS)
+                .collect();
+            assert_eq!(lists.len(), 1);
+            // The attribute's own length field is the payload + 4 and fits.
+            assert!(lists[0].1.len() <= MAX_ATTR_PAYLOAD);
+            for (k, e) in attributes(lists[0].1) {
+                assert_eq!(k, NFTA_LIST_ELEM);
+                let e = parse_set_element(e);
+                if *kind == (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_NEWSETELEM {
+                    added.push(e);
+                } else {
+                    deleted.push(e.key);
+                }
+            }
+        }
+        assert_eq!(added, elems);
+        assert_eq!(
+            deleted,
+            elems.iter().map(|e| e.key.clone()).collect::<Vec<_>>()
+        );
+    }
+
+    /// What cannot be encoded is an error of the batch (nothing is sent),
+    /// and of every request helper, never a wrapped length.
+    #[test]
+    fn oversized_values_are_refused() {
+        let mut buf = Vec::new();
+        assert!(push_attr(&mut buf, 1, &vec![0; MAX_ATTR_PAYLOAD]).is_ok());
+        let before = buf.len();
+        let e = push_attr(&mut buf, 1, &vec![0; MAX_ATTR_PAYLOAD + 1]).unwrap_err();
+        assert_eq!(buf.len(), before, "nothing appended");
+        assert!(e.to_string().contains("65531"), "{e}");
+        assert!(push_str_attr(&mut buf, 1, &"n".repeat(70_000)).is_err());
+
+        let huge = SetElement {
+            key: vec![0; 70_000],
+            ..Default::default()
+        };
+        let mut b = Batch::new();
+        b.add_elements(NftFamily::Inet, "ferry", "m", &[huge], true);
+        assert!(!b.is_empty());
+        let e = b.commit().unwrap_err();
+        assert!(e.to_string().contains("attribute"), "{e}");
+        let mut b = Batch::new();
+        let long = SetElement {
+            key: vec![1; 8],
+            comment: Some("c".repeat(200)),
+            ..Default::default()
+        };
+        b.add_elements(NftFamily::Inet, "ferry", "m", &[long], true);
+        assert!(b.commit().unwrap_err().to_string().contains("comment"));
+        // Requests too: a name no attribute can hold.
+        let e = chain_exists(NftFamily::Inet, "ferry", &"c".repeat(70_000)).unwrap_err();
+        let source = std::error::Error::source(&e).expect("an io error");
+        let io = source.downcast_ref::<io::Error>().expect("an io error");
+        assert_eq!(io.kind(), io::ErrorKind::InvalidInput);
+        assert!(io.get_ref().is_some_and(|t| t.is::<TooLong>()), "{e}");
     }
 }

@@ -11,6 +11,11 @@
 //! TCA_TBF_RTAB. The kernel only reads that 1 KiB table to guess the link
 //! layer when the rate spec says "unaware"; ours says Ethernet, as iproute2
 //! does, so the table would be ignored.
+//!
+//! Lengths: no attribute or message length is written by hand here;
+//! netlink-packet-core writes them, and every value has a fixed size (the
+//! 36-byte `tc_tbf_qopt`, u32/u64 options, the kinds `tbf`/`ingress`/`u32`/
+//! `mirred`, one u32 key), so none can outgrow its u16 length field.
 
 use crate::link::is_errno;
 use crate::{NsHandle, Result};

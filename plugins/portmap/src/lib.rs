@@ -2,12 +2,14 @@
 //!
 //! Chained after ferry-bridge (or any plugin whose result names the pod's
 //! addresses): for every `portMappings` entry of `runtimeConfig` it DNATs
-//! traffic to the host's addresses (all of them, or the given `hostIP`) and
-//! from the host itself (also `127.0.0.1`, with `route_localnet` on the
-//! interface towards the pod) to the pod, and masquerades what would
-//! otherwise come back the wrong way: the pod reaching its own hostPort
-//! (hairpin), its neighbours on the bridge, and localhost. The result is the
-//! previous result, unchanged.
+//! traffic to the host's addresses (all of them, or the given `hostIP` when
+//! the host owns it) and from the host itself (also `127.0.0.1`, with
+//! `route_localnet` on the interface towards the pod, a drop of 127.0.0.0/8
+//! arriving from anywhere else, and `route_localnet` put back by the DEL of
+//! its last user) to the pod, and masquerades what would otherwise come back
+//! the wrong way: the pod reaching its own hostPort (hairpin), its
+//! neighbours on the bridge, and localhost. The result is the previous
+//! result, unchanged.
 //!
 //! The per-pod state is set and map elements only, in ferry's nftables table
 //! ([`rules`]): added in one nf_tables netlink batch (no `nft` exec; the
@@ -24,7 +26,8 @@ use ferry_cni::{CmdArgs, CniError, CniResult, ErrorCode, NetConf, Plugin};
 use ferry_netops::nft::{self, NftFamily, SetElement};
 use ferry_netops::to_cni;
 use rules::{PodAddrs, TABLE};
-use std::net::IpAddr;
+use std::collections::HashMap;
+use std::net::{IpAddr, Ipv4Addr};
 
 /// Plugin-specific error codes (≥ 100).
 pub mod codes {
@@ -71,10 +74,30 @@ pub fn pod_addrs(result: &CniResult, ifname: &str) -> PodAddrs {
     out
 }
 
+/// At most this many (distinct) portMappings per pod. Far more than a pod
+/// exposes, and it bounds what one ADD sends the kernel: at most 5 elements
+/// per mapping (DNAT per family, masquerade ranges), about 4 MB in one
+/// transaction, split over messages of 64 KiB.
+pub const MAX_MAPPINGS: usize = 4096;
+
+/// The configuration, with at most [`MAX_MAPPINGS`] mappings (code 7).
+fn load(conf: &NetConf) -> Result<PortmapConf, CniError> {
+    let pm = PortmapConf::load(conf)?;
+    if pm.mappings.len() > MAX_MAPPINGS {
+        return Err(CniError::invalid_config(format!(
+            "runtimeConfig.portMappings has {} distinct entries; ferry-portmap accepts at most \
+             {MAX_MAPPINGS} per pod",
+            pm.mappings.len()
+        )));
+    }
+    Ok(pm)
+}
+
 /// Locally generated traffic from 127.0.0.1 may only leave through an
-/// interface with `route_localnet` (else the kernel drops it as martian):
-/// set it on the interface the host routes the pod's IPv4 address through.
-fn enable_route_localnet(pod: std::net::Ipv4Addr) -> Result<(), CniError> {
+/// interface with `route_localnet` (else the kernel drops it as martian),
+/// and its answers only come back through one: the interface the host
+/// routes the pod's IPv4 address through.
+fn localnet_iface(pod: Ipv4Addr) -> Result<String, CniError> {
     let name = ferry_netops::block_on(async {
         let h = ferry_netops::NsHandle::host()?;
         let Some(route) = h.route_get(pod).await? else {
@@ -83,48 +106,88 @@ fn enable_route_localnet(pod: std::net::Ipv4Addr) -> Result<(), CniError> {
         Ok(h.link_by_index(route.oif).await?.map(|l| l.name))
     })
     .map_err(to_cni)?;
-    let Some(name) = name else {
-        return Err(CniError::new(
+    name.ok_or_else(|| {
+        CniError::new(
             ErrorCode::Internal,
             format!("no route to the pod address {pod} on the host"),
-        ));
-    };
-    let key = format!("net/ipv4/conf/{name}/route_localnet");
-    ferry_netops::sysctl::write(&key, "1")
-        .map_err(|e| CniError::new(ErrorCode::Internal, format!("set {key} = 1")).with_details(e))
+        )
+    })
 }
 
-/// The pod's elements in a dump: set name → its elements held by `tag`.
+fn route_localnet_key(iface: &str) -> String {
+    format!("net/ipv4/conf/{iface}/route_localnet")
+}
+
+/// Sets `route_localnet` of `iface` to `value`; an interface that is gone
+/// (ENOENT) needs nothing.
+fn set_route_localnet(iface: &str, value: &str) -> Result<(), CniError> {
+    // Names come back from a dump too: only a kernel interface name is a
+    // path component under /proc/sys.
+    if !valid_ifname(iface) {
+        return Err(CniError::new(
+            ErrorCode::Internal,
+            format!("not an interface name: {iface:?}"),
+        ));
+    }
+    let key = route_localnet_key(iface);
+    match ferry_netops::sysctl::write(&key, value) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => {
+            Err(CniError::new(ErrorCode::Internal, format!("set {key} = {value}")).with_details(e))
+        }
+    }
+}
+
+fn valid_ifname(name: &str) -> bool {
+    (1..16).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+}
+
+/// The pod's elements in a dump: set name → its elements.
 type Owned = Vec<(String, Vec<SetElement>)>;
 
-/// Every element of ferry-portmap's sets and maps held by the pod with tag
-/// `tag` (one dump of the table's sets, one per set).
-fn owned_elements(tag: &str) -> Result<Owned, CniError> {
+/// Every element of ferry-portmap's sets and maps whose comment is the
+/// pod's (one dump of the table's sets, one per set), and every element of
+/// the route_localnet set (whoever holds it).
+fn owned_elements(owner: &rules::Owner) -> Result<(Owned, Vec<SetElement>), CniError> {
     let mut out = Vec::new();
+    let mut localnet = Vec::new();
     for set in nft::set_names(NftFamily::Inet, TABLE).map_err(to_cni)? {
         if !set.starts_with(rules::PREFIX) {
             continue;
         }
-        let mine: Vec<_> = nft::set_elements(NftFamily::Inet, TABLE, &set)
-            .map_err(to_cni)?
-            .into_iter()
-            .filter(|e| rules::owned_by(e, tag))
-            .collect();
+        let all = nft::set_elements(NftFamily::Inet, TABLE, &set).map_err(to_cni)?;
+        let mine: Vec<_> = all.iter().filter(|e| owner.owns(e)).cloned().collect();
+        if set == rules::LOCALNET_SET {
+            localnet = all;
+        }
         if !mine.is_empty() {
             out.push((set, mine));
         }
     }
-    Ok(out)
+    Ok((out, localnet))
 }
 
-/// The batch adding `wanted` (exclusively: a key held by anyone fails it),
+/// The batch adding `wanted` (exclusively: a key held by anyone fails it)
+/// and `localnet` (route_localnet bookkeeping: the pod's own entry
+/// exclusively, "switched on" records not, as several ADDs may add one),
 /// after deleting `old` (the pod's elements from an earlier ADD).
-fn add_batch(wanted: &[rules::PodElement], old: &Owned) -> nft::Batch {
+fn add_batch(
+    wanted: &[rules::PodElement],
+    localnet: &[(SetElement, bool)],
+    old: &Owned,
+) -> nft::Batch {
     let mut b = nft::Batch::new();
     for (set, elems) in old {
         b.del_elements(NftFamily::Inet, TABLE, set, elems);
     }
-    // One message per set, in the order of first use (DNAT maps first).
+    // One message per set (more for very long lists), in the order of first
+    // use (DNAT maps first).
     let mut sets: Vec<&str> = Vec::new();
     for e in wanted {
         if !sets.contains(&e.set.as_str()) {
@@ -139,11 +202,20 @@ fn add_batch(wanted: &[rules::PodElement], old: &Owned) -> nft::Batch {
             .collect();
         b.add_elements(NftFamily::Inet, TABLE, set, &elems, true);
     }
+    for (elem, exclusive) in localnet {
+        b.add_elements(
+            NftFamily::Inet,
+            TABLE,
+            rules::LOCALNET_SET,
+            std::slice::from_ref(elem),
+            *exclusive,
+        );
+    }
     b
 }
 
 /// After a refused ADD: the DNAT keys another pod holds, with the holder.
-fn conflicts(wanted: &[rules::PodElement], tag: &str) -> Result<Vec<String>, CniError> {
+fn conflicts(wanted: &[rules::PodElement], owner: &rules::Owner) -> Result<Vec<String>, CniError> {
     let mut out = Vec::new();
     for map in rules::DNAT_MAPS {
         let mine: Vec<_> = wanted.iter().filter(|e| e.set == map).collect();
@@ -151,10 +223,11 @@ fn conflicts(wanted: &[rules::PodElement], tag: &str) -> Result<Vec<String>, Cni
             continue;
         }
         let dump = nft::set_elements(NftFamily::Inet, TABLE, map).map_err(to_cni)?;
+        let by_key: HashMap<&[u8], &SetElement> =
+            dump.iter().map(|d| (d.key.as_slice(), d)).collect();
         for e in mine {
-            if let Some(other) = dump
-                .iter()
-                .find(|d| d.key == e.elem.key && !rules::owned_by(d, tag))
+            if let Some(other) = by_key.get(e.elem.key.as_slice())
+                && !owner.owns(other)
             {
                 let holder = other
                     .comment
@@ -169,27 +242,82 @@ fn conflicts(wanted: &[rules::PodElement], tag: &str) -> Result<Vec<String>, Cni
     Ok(out)
 }
 
+/// After the pod's DEL batch: put `route_localnet` of `iface` back to 0
+/// (ferry switched it on, and the pod was its last user), then look again:
+/// an ADD that registered a user meanwhile gets it (and the record) back.
+/// An ADD writes 1 only after its element is in, so one of the two writes
+/// last with the right value.
+fn switch_localnet_off(iface: &str) -> Result<(), CniError> {
+    set_route_localnet(iface, "0")?;
+    let users = nft::set_elements(NftFamily::Inet, TABLE, rules::LOCALNET_SET)
+        .map_err(to_cni)?
+        .iter()
+        .filter_map(|e| rules::parse_localnet_key(&e.key))
+        .any(|(name, entry)| name == iface && entry != rules::LocalnetEntry::SwitchedOn);
+    if users {
+        let mut b = nft::Batch::new();
+        b.add_elements(
+            NftFamily::Inet,
+            TABLE,
+            rules::LOCALNET_SET,
+            &[switched_on(iface)],
+            false,
+        );
+        b.commit().map_err(to_cni)?;
+        set_route_localnet(iface, "1")?;
+    }
+    Ok(())
+}
+
+/// The record "ferry set route_localnet of `iface` to 1".
+fn switched_on(iface: &str) -> SetElement {
+    SetElement {
+        key: rules::localnet_key(iface, &rules::LocalnetEntry::SwitchedOn),
+        comment: Some(rules::LOCALNET_SWITCHED_ON.to_string()),
+        ..Default::default()
+    }
+}
+
 impl Plugin for Portmap {
     fn add(&self, args: &CmdArgs, conf: &NetConf) -> Result<CniResult, CniError> {
         let result = prev_result(conf)?;
-        let pm = PortmapConf::load(conf)?;
+        let pm = load(conf)?;
         if pm.mappings.is_empty() {
             return Ok(result);
         }
         let pod = pod_addrs(&result, &args.ifname);
-        let tag = rules::pod_tag(&conf.name, &args.container_id, &args.ifname);
-        let comment = rules::pod_comment(&tag, &args.container_id, &args.ifname);
-        let wanted = rules::elements(&pm, &pod, &comment);
+        let owner = rules::Owner::new(&conf.name, &args.container_id, &args.ifname);
+        let comment = &owner.comment;
+        let wanted = rules::elements(&pm, &pod, comment);
         if wanted.is_empty() {
             // No address of a family any mapping applies to.
             return Ok(result);
         }
+        // 127.0.0.1:hostPort from the host needs route_localnet towards the
+        // pod; the pod is recorded as its user, and ferry as the one that
+        // switched it on when it was off.
+        let mut localnet_elems = Vec::new();
+        let mut localnet = None;
         if (pm.snat || pm.masq_all)
             && let Some(v4) = pod.v4
             && let IpAddr::V4(ip) = v4.ip()
             && pm.mappings.iter().any(|m| m.applies_to(true))
         {
-            enable_route_localnet(ip)?;
+            let iface = localnet_iface(ip)?;
+            let on =
+                ferry_netops::sysctl::read(&route_localnet_key(&iface)).is_ok_and(|v| v == "1");
+            localnet_elems.push((
+                SetElement {
+                    key: rules::localnet_key(&iface, &rules::localnet_user(comment)),
+                    comment: Some(comment.clone()),
+                    ..Default::default()
+                },
+                true,
+            ));
+            if !on {
+                localnet_elems.push((switched_on(&iface), false));
+            }
+            localnet = Some(iface);
         }
         // The shared part, once: its last chain says all of it is there.
         if !nft::chain_exists(NftFamily::Inet, TABLE, &rules::base_marker(&pm)).map_err(to_cni)? {
@@ -199,17 +327,23 @@ impl Plugin for Portmap {
         let mut old = Vec::new();
         let mut last = None;
         for _ in 0..3 {
-            let e = match add_batch(&wanted, &old).commit() {
-                Ok(()) => return Ok(result),
+            let e = match add_batch(&wanted, &localnet_elems, &old).commit() {
+                Ok(()) => {
+                    if let Some(iface) = &localnet {
+                        set_route_localnet(iface, "1")?;
+                    }
+                    return Ok(result);
+                }
                 Err(e) => e,
             };
-            // A key already held (EEXIST), a range overlapping another
+            // A key already held (EEXIST; also the pod's own route_localnet
+            // entry on a repeated ADD), a range overlapping another
             // (ENOTEMPTY), or an element of ours gone meanwhile (ENOENT):
             // who holds what?
             if ![libc::EEXIST, libc::ENOTEMPTY, libc::ENOENT].contains(&e.errno().unwrap_or(0)) {
                 return Err(to_cni(e));
             }
-            let taken = conflicts(&wanted, &tag)?;
+            let taken = conflicts(&wanted, &owner)?;
             if !taken.is_empty() {
                 return Err(plugin_error(
                     codes::CONFLICT,
@@ -221,7 +355,7 @@ impl Plugin for Portmap {
             }
             // Only the pod's own elements are in the way (a repeated ADD):
             // replace them, in the same transaction.
-            old = owned_elements(&tag)?;
+            old = owned_elements(&owner)?.0;
             last = Some(e);
         }
         Err(to_cni(last.expect("the loop ran")))
@@ -229,11 +363,11 @@ impl Plugin for Portmap {
 
     fn del(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         // Neither the mappings nor the address are needed: the pod's
-        // elements carry its tag, made of (network, container ID, ifname).
-        let tag = rules::pod_tag(&conf.name, &args.container_id, &args.ifname);
+        // elements carry its comment, made of (network, container ID, ifname).
+        let owner = rules::Owner::new(&conf.name, &args.container_id, &args.ifname);
         let mut last = None;
         for _ in 0..3 {
-            let owned = owned_elements(&tag)?;
+            let (owned, localnet) = owned_elements(&owner)?;
             if owned.is_empty() {
                 return Ok(());
             }
@@ -241,10 +375,45 @@ impl Plugin for Portmap {
             for (set, elems) in &owned {
                 b.del_elements(NftFamily::Inet, TABLE, set, elems);
             }
+            // The interfaces this pod was the last route_localnet user of,
+            // where ferry switched it on: the record goes in the same batch.
+            let mut off = Vec::new();
+            let parsed: Vec<_> = localnet
+                .iter()
+                .filter_map(|e| Some((rules::parse_localnet_key(&e.key)?, e)))
+                .collect();
+            let mine = owned
+                .iter()
+                .filter(|(set, _)| set == rules::LOCALNET_SET)
+                .flat_map(|(_, elems)| elems)
+                .filter_map(|e| rules::parse_localnet_key(&e.key));
+            for (iface, _) in mine {
+                let on = rules::LocalnetEntry::SwitchedOn;
+                let others = parsed
+                    .iter()
+                    .any(|((name, entry), e)| *name == iface && *entry != on && !owner.owns(e));
+                let record = parsed
+                    .iter()
+                    .find(|((name, entry), _)| *name == iface && *entry == on);
+                if !others && let Some((_, record)) = record {
+                    b.del_elements(
+                        NftFamily::Inet,
+                        TABLE,
+                        rules::LOCALNET_SET,
+                        std::slice::from_ref(*record),
+                    );
+                    off.push(iface);
+                }
+            }
             // A racing DEL may remove some of them between the dump and the
             // batch (ENOENT, nothing applied): look again.
             match b.commit() {
-                Ok(()) => return Ok(()),
+                Ok(()) => {
+                    for iface in off {
+                        switch_localnet_off(&iface)?;
+                    }
+                    return Ok(());
+                }
                 Err(e) if e.is_errno(libc::ENOENT) => last = Some(e),
                 Err(e) => return Err(to_cni(e)),
             }
@@ -254,10 +423,10 @@ impl Plugin for Portmap {
 
     fn check(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
         let result = prev_result(conf)?;
-        let pm = PortmapConf::load(conf)?;
+        let pm = load(conf)?;
         let pod = pod_addrs(&result, &args.ifname);
-        let tag = rules::pod_tag(&conf.name, &args.container_id, &args.ifname);
-        let wanted = rules::elements(&pm, &pod, &tag);
+        let owner = rules::Owner::new(&conf.name, &args.container_id, &args.ifname);
+        let wanted = rules::elements(&pm, &pod, &owner.comment);
         if wanted.is_empty() {
             return Ok(());
         }
@@ -274,13 +443,14 @@ impl Plugin for Portmap {
         sets.dedup();
         for set in sets {
             let dump = nft::set_elements(NftFamily::Inet, TABLE, set).map_err(to_cni)?;
+            let by_key: HashMap<(&[u8], Option<&[u8]>), &SetElement> = dump
+                .iter()
+                .map(|d| ((d.key.as_slice(), d.key_end.as_deref()), d))
+                .collect();
             for e in wanted.iter().filter(|e| e.set == set) {
                 let key = rules::key_text(set, &e.elem.key);
-                let found = dump
-                    .iter()
-                    .find(|d| d.key == e.elem.key && d.key_end == e.elem.key_end);
-                match found {
-                    Some(d) if !rules::owned_by(d, &tag) => {
+                match by_key.get(&(e.elem.key.as_slice(), e.elem.key_end.as_deref())) {
+                    Some(d) if !owner.owns(d) => {
                         return Err(fail(format!(
                             "{key} in {set} of table inet {TABLE} ({}) belongs to {}, not to this container",
                             e.what,

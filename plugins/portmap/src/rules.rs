@@ -14,11 +14,24 @@
 //!   chain hostports-dnat {                                   # hostIP mappings first
 //!     dnat ip to ip daddr . meta l4proto . th dport map @hostports-hostip-v4
 //!     dnat ip6 to ip6 daddr . meta l4proto . th dport map @hostports-hostip-v6
-//!     meta nfproto ipv4 fib daddr type local dnat ip to meta l4proto . th dport map @hostports-v4
-//!     meta nfproto ipv6 fib daddr type local dnat ip6 to meta l4proto . th dport map @hostports-v6
+//!     meta nfproto ipv4 dnat ip to meta l4proto . th dport map @hostports-v4
+//!     meta nfproto ipv6 dnat ip6 to meta l4proto . th dport map @hostports-v6
 //!   }
-//!   chain hostports-prerouting { type nat hook prerouting priority dstnat; jump hostports-dnat }
-//!   chain hostports-output     { type nat hook output priority -100; jump hostports-dnat }
+//!   # Only destinations the node owns, as the reference's `--dst-type LOCAL`:
+//!   # a hostIP that is not (yet) the node's captures nobody's traffic.
+//!   chain hostports-prerouting { type nat hook prerouting priority dstnat; fib daddr type local jump hostports-dnat }
+//!   chain hostports-output     { type nat hook output priority -100; fib daddr type local jump hostports-dnat }
+//!
+//!   # route_localnet (for 127.0.0.1 hostPorts) makes 127.0.0.0/8 routable
+//!   # from the pods' interface: drop what arrives for it from anywhere but
+//!   # lo, unless it belongs to a DNATed connection (CVE-2020-8558).
+//!   chain hostports-localnet { type filter hook prerouting priority dstnat + 1;
+//!     iifname != "lo" ip daddr 127.0.0.0/8 ct status dnat accept
+//!     iifname != "lo" ip daddr 127.0.0.0/8 drop }
+//!   # Who needs route_localnet where: (interface . 128 bits of the SHA-256 of
+//!   # the pod's comment) per pod, (interface . ::) when ferry switched it on
+//!   # (and so puts it back).
+//!   set hostports-localnet { type ifname . ipv6_addr }
 //!
 //!   # Masquerade, per markMasqBit: the sources to masquerade for each key
 //!   # (127.0.0.0/8 and the pod's subnet, or everything with masqAll).
@@ -27,12 +40,13 @@
 //!   set hostports-masq-<bit>-hostip-v4 { type ipv4_addr . ipv4_addr . inet_proto . inet_service; flags interval }
 //!   set hostports-masq-<bit>-hostip-v6 { type ipv6_addr . ipv6_addr . inet_proto . inet_service; flags interval }
 //!   chain hostports-mark-<bit>-pre { type nat hook prerouting priority -101;   # before the DNAT
+//!     fib daddr type != local return
 //!     ip daddr . meta l4proto . th dport @hostports-hostip-v4
 //!       ip saddr . ip daddr . meta l4proto . th dport @hostports-masq-<bit>-hostip-v4 meta mark set meta mark | <mask>
 //!     ip daddr . meta l4proto . th dport @hostports-hostip-v4 accept        # the hostIP mapping wins
 //!     (the same for IPv6)
-//!     fib daddr type local ip saddr . meta l4proto . th dport @hostports-masq-<bit>-v4 meta mark set meta mark | <mask>
-//!     fib daddr type local ip6 saddr . meta l4proto . th dport @hostports-masq-<bit>-v6 meta mark set meta mark | <mask>
+//!     ip saddr . meta l4proto . th dport @hostports-masq-<bit>-v4 meta mark set meta mark | <mask>
+//!     ip6 saddr . meta l4proto . th dport @hostports-masq-<bit>-v6 meta mark set meta mark | <mask>
 //!   }
 //!   chain hostports-mark-<bit>-out { type nat hook output priority -101; (the same rules) }
 //!   chain hostports-snat-<bit> { type nat hook postrouting priority srcnat;
@@ -40,15 +54,18 @@
 //! }
 //! ```
 //!
-//! Every element carries the comment `hp-<hash of network, container ID,
-//! ifname> <container ID>/<ifname>`: DEL finds the pod's elements by it (one
-//! dump per set) without the pod's address or runtimeConfig. A DNAT key can
-//! only be taken once: the elements are added with NLM_F_EXCL, so a key held
-//! by another pod fails the whole transaction (EEXIST), which is the hostPort
-//! conflict check, atomic and race-free.
+//! Every element carries the pod's comment ([`pod_comment`]): `hp-<64-bit
+//! hash> <owner>`, the owner being `<network>/<container ID>/<ifname>` or,
+//! when that does not fit in nft's 127 bytes, `sha256:<digest of the
+//! three>`. An element is the pod's only when its whole comment is equal
+//! (never by the hash alone, which two container IDs can share): DEL finds
+//! the pod's elements by it (one dump per set) without the pod's address or
+//! runtimeConfig. A DNAT key can only be taken once: the elements are added
+//! with NLM_F_EXCL, so a key held by another pod fails the whole transaction
+//! (EEXIST), which is the hostPort conflict check, atomic and race-free.
 
 use crate::config::{PortmapConf, Proto};
-use ferry_netops::nft::SetElement;
+use ferry_netops::nft::{MAX_COMMENT, SetElement};
 use ipnetwork::IpNetwork;
 use std::fmt::Write;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -65,6 +82,15 @@ pub const PREROUTING_CHAIN: &str = "hostports-prerouting";
 pub const OUTPUT_CHAIN: &str = "hostports-output";
 /// Every set and map of ferry-portmap starts with this.
 pub const PREFIX: &str = "hostports-";
+/// The martian drop for 127.0.0.0/8 (see the module doc).
+pub const LOCALNET_CHAIN: &str = "hostports-localnet";
+/// Who needs route_localnet on which interface.
+pub const LOCALNET_SET: &str = "hostports-localnet";
+/// The comment of the element saying ferry switched route_localnet on.
+pub const LOCALNET_SWITCHED_ON: &str = "route_localnet set to 1 by ferry-portmap";
+/// The version of the shared rules: part of the marker chain's name, so a
+/// table made by an older ferry-portmap is brought up to date by the next ADD.
+const BASE_VERSION: u32 = 2;
 
 /// The base chain that masquerades connections carrying mark bit `bit`.
 pub fn snat_chain(bit: u8) -> String {
@@ -105,18 +131,119 @@ pub fn pod_tag(network: &str, container_id: &str, ifname: &str) -> String {
     format!("hp-{h:016x}")
 }
 
-/// The comment of the pod's elements: its tag, then who it is for people
-/// reading `nft list` or a conflict error (cut by nft's length limit, which
-/// the tag always fits in).
-pub fn pod_comment(tag: &str, container_id: &str, ifname: &str) -> String {
-    format!("{tag} {container_id}/{ifname}")
+/// The comment of the pod's elements: its tag, then its owner, the whole
+/// of which says whose an element is. The owner is `<network>/<container
+/// ID>/<ifname>` verbatim when the comment fits in nft's limit (a 64-digit
+/// container ID does, with room for the network name), else `sha256:` and
+/// the SHA-256 of the three (NUL-separated): bounded, and two owners cannot
+/// share it (no '/' in it, so it is never a verbatim owner either).
+pub fn pod_comment(network: &str, container_id: &str, ifname: &str) -> String {
+    let tag = pod_tag(network, container_id, ifname);
+    let verbatim = format!("{tag} {network}/{container_id}/{ifname}");
+    if verbatim.len() <= MAX_COMMENT && !verbatim.contains('\0') {
+        return verbatim;
+    }
+    let mut input = Vec::with_capacity(network.len() + container_id.len() + ifname.len() + 2);
+    for (i, part) in [network, container_id, ifname].iter().enumerate() {
+        if i > 0 {
+            input.push(0);
+        }
+        input.extend_from_slice(part.as_bytes());
+    }
+    let digest = ring::digest::digest(&ring::digest::SHA256, &input);
+    let mut hex = String::with_capacity(64);
+    for b in digest.as_ref() {
+        let _ = write!(hex, "{b:02x}");
+    }
+    format!("{tag} sha256:{hex}")
 }
 
-/// Whether an element's comment names the pod with this tag.
-pub fn owned_by(e: &SetElement, tag: &str) -> bool {
-    e.comment
-        .as_deref()
-        .is_some_and(|c| c.split(' ').next() == Some(tag))
+/// Whether an element is the pod's: its comment is the pod's comment,
+/// entirely (a shared tag is not enough).
+pub fn owned_by(e: &SetElement, comment: &str) -> bool {
+    e.comment.as_deref() == Some(comment)
+}
+
+/// The comment an older ferry-portmap (before issue 9) gave the pod's
+/// elements: the tag, then `<container ID>/<ifname>`, cut to nft's limit.
+pub fn legacy_comment(network: &str, container_id: &str, ifname: &str) -> String {
+    let tag = pod_tag(network, container_id, ifname);
+    let mut c = format!("{tag} {container_id}/{ifname}");
+    let mut end = c.len().min(MAX_COMMENT);
+    while !c.is_char_boundary(end) {
+        end -= 1;
+    }
+    c.truncate(end);
+    c
+}
+
+/// Whose elements are whose: the pod's comment (what ADD writes), and the
+/// one an older ferry-portmap wrote, so that DEL and CHECK after an upgrade
+/// still find (only) the pod's elements. Both are compared whole.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub comment: String,
+    legacy: String,
+}
+
+impl Owner {
+    pub fn new(network: &str, container_id: &str, ifname: &str) -> Owner {
+        Owner {
+            comment: pod_comment(network, container_id, ifname),
+            legacy: legacy_comment(network, container_id, ifname),
+        }
+    }
+
+    /// Whether `e` is this pod's element.
+    pub fn owns(&self, e: &SetElement) -> bool {
+        owned_by(e, &self.comment) || owned_by(e, &self.legacy)
+    }
+}
+
+/// What a `hostports-localnet` element says about its interface.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LocalnetEntry {
+    /// A pod needs route_localnet there: 128 bits of the SHA-256 of its
+    /// comment, so every pod has a key of its own (an exclusive add never
+    /// meets another pod's element, and DEL removes exactly its own).
+    User([u8; 16]),
+    /// ferry-portmap switched route_localnet on (all zero).
+    SwitchedOn,
+}
+
+/// The key of a `hostports-localnet` element (`ifname . ipv6_addr`): the
+/// interface, zero-padded to 16 bytes, then the entry.
+pub fn localnet_key(ifname: &str, entry: &LocalnetEntry) -> Vec<u8> {
+    let mut key = vec![0u8; 16];
+    let name = ifname.as_bytes();
+    let n = name.len().min(15);
+    key[..n].copy_from_slice(&name[..n]);
+    match entry {
+        LocalnetEntry::User(id) => key.extend_from_slice(id),
+        LocalnetEntry::SwitchedOn => key.extend_from_slice(&[0; 16]),
+    }
+    key
+}
+
+/// The user entry of the pod with this comment.
+pub fn localnet_user(comment: &str) -> LocalnetEntry {
+    let digest = ring::digest::digest(&ring::digest::SHA256, comment.as_bytes());
+    let mut id = [0u8; 16];
+    id.copy_from_slice(&digest.as_ref()[..16]);
+    LocalnetEntry::User(id)
+}
+
+/// The interface and entry of a `hostports-localnet` key.
+pub fn parse_localnet_key(key: &[u8]) -> Option<(String, LocalnetEntry)> {
+    let (name, rest) = (key.get(..16)?, key.get(16..32)?);
+    let name = name.split(|b| *b == 0).next().unwrap_or_default();
+    let id = <[u8; 16]>::try_from(rest).ok()?;
+    let entry = if id == [0; 16] {
+        LocalnetEntry::SwitchedOn
+    } else {
+        LocalnetEntry::User(id)
+    };
+    Some((String::from_utf8_lossy(name).into_owned(), entry))
 }
 
 /// The pod's addresses from prevResult: at most one per family, with its
@@ -304,14 +431,19 @@ pub fn base_script(conf: &PortmapConf) -> String {
          flush chain inet {TABLE} {DNAT_CHAIN}\n\
          add rule inet {TABLE} {DNAT_CHAIN} dnat ip to ip daddr . meta l4proto . th dport map @{MAP_HOSTIP_V4}\n\
          add rule inet {TABLE} {DNAT_CHAIN} dnat ip6 to ip6 daddr . meta l4proto . th dport map @{MAP_HOSTIP_V6}\n\
-         add rule inet {TABLE} {DNAT_CHAIN} meta nfproto ipv4 fib daddr type local dnat ip to meta l4proto . th dport map @{MAP_V4}\n\
-         add rule inet {TABLE} {DNAT_CHAIN} meta nfproto ipv6 fib daddr type local dnat ip6 to meta l4proto . th dport map @{MAP_V6}\n\
+         add rule inet {TABLE} {DNAT_CHAIN} meta nfproto ipv4 dnat ip to meta l4proto . th dport map @{MAP_V4}\n\
+         add rule inet {TABLE} {DNAT_CHAIN} meta nfproto ipv6 dnat ip6 to meta l4proto . th dport map @{MAP_V6}\n\
          add chain inet {TABLE} {PREROUTING_CHAIN} {{ type nat hook prerouting priority dstnat; policy accept; }}\n\
          flush chain inet {TABLE} {PREROUTING_CHAIN}\n\
-         add rule inet {TABLE} {PREROUTING_CHAIN} jump {DNAT_CHAIN}\n\
+         add rule inet {TABLE} {PREROUTING_CHAIN} fib daddr type local jump {DNAT_CHAIN}\n\
          add chain inet {TABLE} {OUTPUT_CHAIN} {{ type nat hook output priority -100; policy accept; }}\n\
          flush chain inet {TABLE} {OUTPUT_CHAIN}\n\
-         add rule inet {TABLE} {OUTPUT_CHAIN} jump {DNAT_CHAIN}\n"
+         add rule inet {TABLE} {OUTPUT_CHAIN} fib daddr type local jump {DNAT_CHAIN}\n\
+         add set inet {TABLE} {LOCALNET_SET} {{ type ifname . ipv6_addr; }}\n\
+         add chain inet {TABLE} {LOCALNET_CHAIN} {{ type filter hook prerouting priority dstnat + 1; policy accept; }}\n\
+         flush chain inet {TABLE} {LOCALNET_CHAIN}\n\
+         add rule inet {TABLE} {LOCALNET_CHAIN} iifname != \"lo\" ip daddr 127.0.0.0/8 ct status dnat accept\n\
+         add rule inet {TABLE} {LOCALNET_CHAIN} iifname != \"lo\" ip daddr 127.0.0.0/8 drop\n"
     );
     if conf.snat || conf.masq_all {
         let bit = conf.mark_bit;
@@ -330,6 +462,8 @@ pub fn base_script(conf: &PortmapConf) -> String {
         );
         let mark = format!("meta mark set meta mark | {mask:#010x}");
         let rules = [
+            // Only what the DNAT chain will see (local destinations).
+            "fib daddr type != local return".to_string(),
             format!(
                 "ip daddr . meta l4proto . th dport @{MAP_HOSTIP_V4} ip saddr . ip daddr . meta l4proto . th dport @{} {mark}",
                 set(MAP_HOSTIP_V4)
@@ -340,12 +474,9 @@ pub fn base_script(conf: &PortmapConf) -> String {
                 set(MAP_HOSTIP_V6)
             ),
             format!("ip6 daddr . meta l4proto . th dport @{MAP_HOSTIP_V6} accept"),
+            format!("ip saddr . meta l4proto . th dport @{} {mark}", set(MAP_V4)),
             format!(
-                "meta nfproto ipv4 fib daddr type local ip saddr . meta l4proto . th dport @{} {mark}",
-                set(MAP_V4)
-            ),
-            format!(
-                "meta nfproto ipv6 fib daddr type local ip6 saddr . meta l4proto . th dport @{} {mark}",
+                "ip6 saddr . meta l4proto . th dport @{} {mark}",
                 set(MAP_V6)
             ),
         ];
@@ -368,17 +499,20 @@ pub fn base_script(conf: &PortmapConf) -> String {
              add rule inet {TABLE} {chain} ct status dnat meta mark & {mask:#010x} == {mask:#010x} masquerade\n"
         );
     }
+    // Last: the marker (no hook, no rules) saying all of the above is there.
+    let _ = writeln!(s, "add chain inet {TABLE} {}", base_marker(conf));
     s
 }
 
-/// The chain whose presence says the base of `conf` exists: the last one
-/// [`base_script`] creates (one transaction: all of it or none).
+/// The chain whose presence says the base of `conf`, at this version of
+/// the rules, exists: the last one [`base_script`] creates (one transaction:
+/// all of it or none). An older base lacks it, so the next ADD refreshes
+/// the shared chains (flushed and refilled) without touching any element.
 pub fn base_marker(conf: &PortmapConf) -> String {
     if conf.snat || conf.masq_all {
-        let [_, out] = mark_chains(conf.mark_bit);
-        out
+        format!("hostports-base-{BASE_VERSION}-masq-{}", conf.mark_bit)
     } else {
-        OUTPUT_CHAIN.to_string()
+        format!("hostports-base-{BASE_VERSION}")
     }
 }
 
@@ -388,11 +522,13 @@ pub fn base_chains(conf: &PortmapConf) -> Vec<String> {
         DNAT_CHAIN.to_string(),
         PREROUTING_CHAIN.to_string(),
         OUTPUT_CHAIN.to_string(),
+        LOCALNET_CHAIN.to_string(),
     ];
     if conf.snat || conf.masq_all {
         out.extend(mark_chains(conf.mark_bit));
         out.push(snat_chain(conf.mark_bit));
     }
+    out.push(base_marker(conf));
     out
 }
 
@@ -460,8 +596,10 @@ mod tests {
         assert_eq!(els.iter().filter(|e| e.is_dnat()).count(), 4);
         assert!(els[..4].iter().all(PodElement::is_dnat));
         assert_eq!(els.len(), 4 + 2 + 1 + 2 + 1);
-        assert!(els.iter().all(|e| owned_by(&e.elem, "hp-00")));
-        assert!(!owned_by(&els[0].elem, "hp-0"));
+        assert!(els.iter().all(|e| owned_by(&e.elem, "hp-00 c/eth0")));
+        // The whole comment, not the tag or a prefix.
+        assert!(!owned_by(&els[0].elem, "hp-00"));
+        assert!(!owned_by(&els[0].elem, "hp-00 c/eth"));
 
         // IPv4-only pod: no IPv6 elements.
         let v4 = PodAddrs { v6: None, ..pod() };
@@ -493,8 +631,13 @@ mod tests {
         let s = base_script(&conf(json!({})));
         for line in [
             "add rule inet ferry hostports-dnat dnat ip to ip daddr . meta l4proto . th dport map @hostports-hostip-v4",
-            "add rule inet ferry hostports-dnat meta nfproto ipv6 fib daddr type local dnat ip6 to meta l4proto . th dport map @hostports-v6",
-            "add rule inet ferry hostports-mark-13-out meta nfproto ipv4 fib daddr type local ip saddr . meta l4proto . th dport @hostports-masq-13-v4 meta mark set meta mark | 0x00002000",
+            "add rule inet ferry hostports-dnat meta nfproto ipv6 dnat ip6 to meta l4proto . th dport map @hostports-v6",
+            "add rule inet ferry hostports-mark-13-out ip saddr . meta l4proto . th dport @hostports-masq-13-v4 meta mark set meta mark | 0x00002000",
+            "add rule inet ferry hostports-mark-13-pre fib daddr type != local return",
+            "add rule inet ferry hostports-prerouting fib daddr type local jump hostports-dnat",
+            "add rule inet ferry hostports-output fib daddr type local jump hostports-dnat",
+            "add rule inet ferry hostports-localnet iifname != \"lo\" ip daddr 127.0.0.0/8 ct status dnat accept",
+            "add rule inet ferry hostports-localnet iifname != \"lo\" ip daddr 127.0.0.0/8 drop",
             "add rule inet ferry hostports-mark-13-pre ip daddr . meta l4proto . th dport @hostports-hostip-v4 accept",
             "ct status dnat meta mark & 0x00002000 == 0x00002000 masquerade",
         ] {
@@ -504,17 +647,22 @@ mod tests {
         assert!(s.find("@hostports-hostip-v4").unwrap() < s.find("@hostports-v4").unwrap());
         // The marker is created last.
         let marker = base_marker(&conf(json!({})));
+        assert_eq!(marker, "hostports-base-2-masq-13");
         assert!(
-            s.rfind(&format!("add chain inet ferry {marker} ")).unwrap()
-                > s.find("hostports-masq-13-v4").unwrap()
+            s.trim_end()
+                .ends_with(&format!("add chain inet ferry {marker}"))
         );
+        // The fib check is on every way into the DNAT and the marking: the
+        // hostIP maps are not reachable for a non-local destination.
+        assert!(!s.lines().any(|l| l.ends_with(" jump hostports-dnat") && !l.contains("fib daddr type local")));
         let s = base_script(&conf(json!({"snat": false})));
         assert!(!s.contains("mark") && !s.contains("masquerade"), "{s}");
-        assert!(s.contains(&format!(
-            "add chain inet ferry {} ",
+        assert!(s.contains("hostports-localnet"), "{s}");
+        assert!(s.trim_end().ends_with(&format!(
+            "add chain inet ferry {}",
             base_marker(&conf(json!({"snat": false})))
         )));
-        assert_eq!(base_chains(&conf(json!({}))).len(), 6);
+        assert_eq!(base_chains(&conf(json!({}))).len(), 8);
     }
 
     #[test]
@@ -538,6 +686,92 @@ mod tests {
         assert_ne!(a, pod_tag("net", "c1", "eth1"));
         assert_ne!(a, pod_tag("net2", "c1", "eth0"));
         assert_eq!(a, pod_tag("net", "c1", "eth0"));
-        assert_eq!(pod_comment(&a, "c1", "eth0"), format!("{a} c1/eth0"));
+        assert_eq!(pod_comment("net", "c1", "eth0"), format!("{a} net/c1/eth0"));
+    }
+
+    /// Two owners whose tags collide are still two owners: ownership is the
+    /// whole comment. The collision is forced by giving the second owner's
+    /// element the first one's tag (what a colliding container ID gets).
+    #[test]
+    fn colliding_tags_are_different_owners() {
+        let mine = pod_comment("net", "c1", "eth0");
+        let tag = pod_tag("net", "c1", "eth0");
+        let collider = SetElement {
+            comment: Some(format!("{tag} net/c2/eth0")),
+            ..Default::default()
+        };
+        assert!(!owned_by(&collider, &mine));
+        let own = SetElement {
+            comment: Some(mine.clone()),
+            ..Default::default()
+        };
+        assert!(owned_by(&own, &mine));
+    }
+
+    /// IDs of any length give a comment nft takes, and distinct owners
+    /// distinct comments: verbatim while it fits, a SHA-256 after.
+    #[test]
+    fn long_ids_give_bounded_distinct_comments() {
+        let long = "a".repeat(300);
+        let (x, y) = (format!("{long}1"), format!("{long}2"));
+        let cx = pod_comment("net", &x, "eth0");
+        let cy = pod_comment("net", &y, "eth0");
+        assert!(cx.len() <= MAX_COMMENT && cy.len() <= MAX_COMMENT);
+        assert_ne!(cx, cy);
+        assert!(cx.contains(" sha256:") && !cx.contains('/'), "{cx}");
+        assert_eq!(cx, pod_comment("net", &x, "eth0"));
+        assert_ne!(cx, pod_comment("net2", &x, "eth0"));
+        assert_ne!(cx, pod_comment("net", &x, "eth1"));
+        // A 64-digit container ID stays readable.
+        let id = "f".repeat(64);
+        assert!(pod_comment("cbr0-network", &id, "eth0").ends_with(&format!("/{id}/eth0")));
+        // The boundary: the longest verbatim comment is MAX_COMMENT bytes.
+        let fits = "b".repeat(MAX_COMMENT - 19 - 1 - "n//eth0".len());
+        assert_eq!(pod_comment("n", &fits, "eth0").len(), MAX_COMMENT);
+        assert!(pod_comment("n", &format!("{fits}b"), "eth0").contains("sha256:"));
+        // The SHA-256 of "net\0" + x + "\0eth0", as any implementation has it.
+        let want =
+            ring::digest::digest(&ring::digest::SHA256, format!("net\0{x}\0eth0").as_bytes());
+        let hex: String = want.as_ref().iter().map(|b| format!("{b:02x}")).collect();
+        assert!(cx.ends_with(&hex));
+    }
+
+    /// Elements an older ferry-portmap wrote are the pod's too (whole
+    /// comment), a colliding container's are not.
+    #[test]
+    fn legacy_comments() {
+        let owner = Owner::new("net", "c1", "eth0");
+        let tag = pod_tag("net", "c1", "eth0");
+        let el = |c: String| SetElement {
+            comment: Some(c),
+            ..Default::default()
+        };
+        assert!(owner.owns(&el(format!("{tag} c1/eth0"))));
+        assert!(owner.owns(&el(owner.comment.clone())));
+        assert!(!owner.owns(&el(format!("{tag} c2/eth0"))));
+        assert!(!owner.owns(&el(tag.clone())));
+        let long = "é".repeat(100);
+        let legacy = legacy_comment("net", &long, "eth0");
+        assert!(legacy.len() <= MAX_COMMENT && legacy.starts_with("hp-"));
+    }
+
+    #[test]
+    fn localnet_keys() {
+        let user = localnet_user("hp-00 n/c/eth0");
+        let k = localnet_key("cni0", &user);
+        assert_eq!(k.len(), 32);
+        assert_eq!(&k[..5], b"cni0\0");
+        assert_eq!(
+            parse_localnet_key(&k),
+            Some(("cni0".to_string(), user.clone()))
+        );
+        assert_ne!(user, localnet_user("hp-00 n/c/eth1"));
+        assert_ne!(user, LocalnetEntry::SwitchedOn);
+        let on = localnet_key("cni0", &LocalnetEntry::SwitchedOn);
+        assert_eq!(
+            parse_localnet_key(&on),
+            Some(("cni0".to_string(), LocalnetEntry::SwitchedOn))
+        );
+        assert_eq!(parse_localnet_key(&k[..31]), None);
     }
 }
