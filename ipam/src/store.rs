@@ -374,12 +374,7 @@ impl Store {
             return;
         }
         let Ok(stamp) = self.stamp() else { return };
-        let mut text = format!("{INDEX_MAGIC}\n{stamp}\n");
-        for (a, b) in self.index.runs() {
-            text.push_str(&format!("{a:x} {b:x}\n"));
-        }
-        text.push_str(INDEX_END);
-        text.push('\n');
+        let text = index_text(&self.index, &stamp);
         if self
             .write_in_place(&self.meta, "index", text.as_bytes())
             .is_ok()
@@ -402,30 +397,7 @@ impl Store {
         let Some(text) = read_text(&self.meta, "index") else {
             return Ok(false);
         };
-        let mut lines = text.lines();
-        if lines.next() != Some(INDEX_MAGIC) || lines.next() != Some(self.stamp()?.as_str()) {
-            return Ok(false);
-        }
-        let mut runs = Vec::new();
-        let mut complete = false;
-        for l in lines {
-            if l == INDEX_END {
-                complete = true;
-                break;
-            }
-            let Some((a, b)) = l.split_once(' ') else {
-                return Ok(false);
-            };
-            match (Key::from_str_radix(a, 16), Key::from_str_radix(b, 16)) {
-                (Ok(a), Ok(b)) => runs.push((a, b)),
-                _ => return Ok(false),
-            }
-        }
-        if !complete {
-            // Torn by a crash mid-write: rebuild from the per-address files.
-            return Ok(false);
-        }
-        match RunSet::from_runs(runs) {
+        match parse_index(&text, &self.stamp()?) {
             Some(set) => {
                 self.index = set;
                 Ok(true)
@@ -1108,6 +1080,42 @@ fn get_xattr(f: &File) -> Option<Vec<u8>> {
     Some(buf)
 }
 
+/// The index file's text: the magic, the directory stamp it is valid for,
+/// one `start end` line (hex keys) per run of held addresses, the end marker.
+pub fn index_text(index: &RunSet, stamp: &str) -> String {
+    let mut text = format!("{INDEX_MAGIC}\n{stamp}\n");
+    for (a, b) in index.runs() {
+        text.push_str(&format!("{a:x} {b:x}\n"));
+    }
+    text.push_str(INDEX_END);
+    text.push('\n');
+    text
+}
+
+/// The held runs an index file records, if it is whole, well formed and
+/// written for the directory `stamp` describes; `None` means "rebuild from
+/// the per-address files" (a torn write, a stale stamp, or anything else
+/// that was put there).
+pub fn parse_index(text: &str, stamp: &str) -> Option<RunSet> {
+    let mut lines = text.lines();
+    if lines.next() != Some(INDEX_MAGIC) || lines.next() != Some(stamp) {
+        return None;
+    }
+    let mut runs = Vec::new();
+    for l in lines {
+        if l == INDEX_END {
+            return RunSet::from_runs(runs);
+        }
+        let (a, b) = l.split_once(' ')?;
+        runs.push((
+            Key::from_str_radix(a, 16).ok()?,
+            Key::from_str_radix(b, 16).ok()?,
+        ));
+    }
+    // Torn by a crash mid-write.
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1154,6 +1162,24 @@ mod tests {
         let r = st.allocate(s, id, "eth0", &meta(), req);
         st.commit();
         r
+    }
+
+    #[test]
+    fn index_text_round_trips_and_anything_else_means_rebuild() {
+        let set = RunSet::from_runs([(1, 3), (10, 10), (u128::MAX - 1, u128::MAX)]).unwrap();
+        let text = index_text(&set, "7 1.000000001 2.000000002");
+        assert_eq!(parse_index(&text, "7 1.000000001 2.000000002"), Some(set));
+        assert_eq!(
+            parse_index(&text, "8 1.000000001 2.000000002"),
+            None,
+            "stale stamp"
+        );
+        let torn = &text[..text.len() - "end\n".len()];
+        assert_eq!(parse_index(torn, "7 1.000000001 2.000000002"), None, "torn");
+        for bad in ["3 1", "1 x", "5", "1 3 4"] {
+            let t = text.replace("a a", bad);
+            assert_eq!(parse_index(&t, "7 1.000000001 2.000000002"), None, "{bad}");
+        }
     }
 
     #[test]
