@@ -5,6 +5,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Shared between the daemon loop (which updates it) and the HTTP server
@@ -22,7 +23,11 @@ struct Inner {
     pub entries_changed: Counter,
     pub etcd_errors: Counter,
     pub lease_acquisitions: Counter,
+    pub peer_conflicts: Gauge,
+    pub invalid_leases: Gauge,
     ready: AtomicBool,
+    /// Peers left out of the kernel, one line each, for /readyz.
+    skipped: Mutex<Vec<String>>,
 }
 
 impl Default for Metrics {
@@ -42,6 +47,8 @@ impl Metrics {
         let entries_changed = Counter::default();
         let etcd_errors = Counter::default();
         let lease_acquisitions = Counter::default();
+        let peer_conflicts = Gauge::default();
+        let invalid_leases = Gauge::default();
         registry.register(
             "lease_held",
             "1 while this node holds its subnet lease in etcd",
@@ -74,6 +81,16 @@ impl Metrics {
             "Times the node (re)acquired its subnet lease",
             lease_acquisitions.clone(),
         );
+        registry.register(
+            "peer_conflicts",
+            "Peers skipped because their route would collide with a route or address that is not ferry's (a gauge: the peers skipped by the last pass)",
+            peer_conflicts.clone(),
+        );
+        registry.register(
+            "invalid_leases",
+            "Other nodes' leases skipped because their values are invalid (a gauge: the leases skipped by the last pass)",
+            invalid_leases.clone(),
+        );
         Metrics(Arc::new(Inner {
             registry,
             lease_held,
@@ -84,7 +101,10 @@ impl Metrics {
             entries_changed,
             etcd_errors,
             lease_acquisitions,
+            peer_conflicts,
+            invalid_leases,
             ready: AtomicBool::new(false),
+            skipped: Mutex::new(Vec::new()),
         }))
     }
 
@@ -116,7 +136,23 @@ impl Metrics {
     pub fn lease_acquired(&self) {
         self.0.lease_acquisitions.inc();
     }
-    /// Ready: the lease is held and every known peer is programmed.
+    /// The peers the last pass skipped: conflicting and invalid counts, and
+    /// one line per peer for /readyz.
+    pub fn set_skipped(&self, conflicts: usize, invalid: usize, lines: Vec<String>) {
+        self.0.peer_conflicts.set(conflicts as i64);
+        self.0.invalid_leases.set(invalid as i64);
+        *self.0.skipped.lock().unwrap_or_else(|e| e.into_inner()) = lines;
+    }
+    /// One line per peer the last pass skipped (conflict or invalid lease).
+    pub fn skipped(&self) -> Vec<String> {
+        self.0
+            .skipped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+    /// Ready: the lease is held and every known peer is programmed, the
+    /// skipped ones (conflicts, invalid leases) excepted.
     pub fn set_ready(&self, ready: bool) {
         self.0.ready.store(ready, Ordering::Relaxed);
     }
@@ -144,6 +180,7 @@ mod tests {
         m.reconciled(3, false);
         m.reconciled(2, true);
         m.etcd_error();
+        m.set_skipped(1, 2, vec!["peer 10.244.9.0/24 skipped".into()]);
         let text = m.render();
         for want in [
             "ferry_lease_held 1",
@@ -153,9 +190,12 @@ mod tests {
             "ferry_entries_changed_total 5",
             "ferry_reconcile_repairs_total 2",
             "ferry_etcd_errors_total 1",
+            "ferry_peer_conflicts 1",
+            "ferry_invalid_leases 2",
         ] {
             assert!(text.contains(want), "{want} missing in\n{text}");
         }
         assert!(!m.is_ready());
+        assert_eq!(m.skipped(), ["peer 10.244.9.0/24 skipped"]);
     }
 }
