@@ -428,10 +428,14 @@ impl<A: RouteFamily> Tables<A> {
         t
     }
 
-    /// What a route of ferry's to `dst` would collide with, if anything.
-    fn conflict(&self, dst: &A::Net) -> Option<String> {
+    /// What a route of ferry's to `dst` would collide with, if anything,
+    /// and the link of that route.
+    fn conflict(&self, dst: &A::Net) -> Option<(String, Option<u32>)> {
         if let Some(r) = self.foreign.get(dst) {
-            return Some(format!("the route {} that is not ferry's", r.describe()));
+            return Some((
+                format!("the route {} that is not ferry's", r.describe()),
+                Some(r.oif),
+            ));
         }
         let net = ipnet::<A>(dst);
         if let Some(r) = self
@@ -439,12 +443,15 @@ impl<A: RouteFamily> Tables<A> {
             .iter()
             .find(|r| overlaps(ipnet::<A>(&r.dst), net))
         {
-            return Some(format!("this node's device route {}", r.describe()));
+            return Some((
+                format!("this node's device route {}", r.describe()),
+                Some(r.oif),
+            ));
         }
         self.local
             .iter()
             .find(|a| net.contains((**a).into()))
-            .map(|a| format!("this node's address {a}"))
+            .map(|a| (format!("this node's address {a}"), None))
     }
 }
 
@@ -758,6 +765,7 @@ impl Dataplane {
 
         // A route of ferry's must never take over someone else's: a peer
         // whose route would collide is left out entirely.
+        let mut conflicts: Vec<(Ipv4Network, String, Option<u32>)> = Vec::new();
         plan.retain(|(p, _, via6)| {
             let hit = t4.conflict(&p.subnet).or_else(|| {
                 via6.and(p.subnet6)
@@ -765,16 +773,25 @@ impl Dataplane {
             });
             match hit {
                 None => true,
-                Some(reason) => {
-                    skipped.push(Skipped {
-                        subnet: p.subnet,
-                        kind: SkipKind::Conflict,
-                        reason,
-                    });
+                Some((reason, oif)) => {
+                    conflicts.push((p.subnet, reason, oif));
                     false
                 }
             }
         });
+        for (subnet, mut reason, oif) in conflicts {
+            // The link's name for the operator, where it still has one.
+            if let Some(oif) = oif
+                && let Ok(Some(link)) = self.h.link_by_index(oif).await
+            {
+                reason = reason.replace(&format!(" dev #{oif}"), &format!(" dev {}", link.name));
+            }
+            skipped.push(Skipped {
+                subnet,
+                kind: SkipKind::Conflict,
+                reason,
+            });
+        }
         for s in &skipped {
             match s.kind {
                 SkipKind::Invalid => report.invalid += 1,

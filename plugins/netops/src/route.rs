@@ -271,7 +271,15 @@ impl<A: RouteFamily> IpRoute<A> {
         if self.onlink {
             s.push_str(" onlink");
         }
-        s.push_str(&format!(" proto {}", self.protocol));
+        // iproute2's names for the protocols an operator meets most.
+        match self.protocol {
+            2 => s.push_str(" proto kernel"),
+            3 => s.push_str(" proto boot"),
+            4 => s.push_str(" proto static"),
+            9 => s.push_str(" proto ra"),
+            16 => s.push_str(" proto dhcp"),
+            p => s.push_str(&format!(" proto {p}")),
+        }
         s
     }
 
