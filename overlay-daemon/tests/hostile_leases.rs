@@ -159,19 +159,21 @@ fn a_lease_colliding_with_a_node_route_never_takes_it_over() {
         "10.244.201.0/24",
         lease("intruder-b", "192.168.77.98", serde_json::json!({})),
     );
+    // The other node (without those routes) programs both forged peers: the
+    // conflict is this node's alone. By then n1 has seen them too; a few
+    // more passes (one a second) must leave its routes as they were.
+    assert!(wait_until(SETTLE, || {
+        metric(&lab, 1, "ferry_peers_programmed") == 3.0
+    }));
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(routes_to(n1, "10.244.200.0/24"), connected);
+    assert_eq!(routes_to(n1, "10.244.201.0/24"), static_route);
     assert!(
         wait_until(SETTLE, || metric(&lab, 0, "ferry_peer_conflicts") == 2.0),
         "ferry_peer_conflicts not 2: {:?}\n{}",
         lab.metric(0, "ferry_peer_conflicts"),
         lab.ferryd_log(0)
     );
-    // The other node (without those routes) programs both forged peers: the
-    // conflict is this node's alone.
-    assert!(wait_until(SETTLE, || {
-        metric(&lab, 1, "ferry_peers_programmed") == 3.0
-    }));
-    assert_eq!(routes_to(n1, "10.244.200.0/24"), connected);
-    assert_eq!(routes_to(n1, "10.244.201.0/24"), static_route);
     assert!(
         !n1.exec("ip", &["neigh", "show", "dev", "ferry.1"])
             .contains("10.244.200.0"),
@@ -258,6 +260,19 @@ fn leases_with_unusable_values_are_skipped_and_do_not_block_readiness() {
     for (subnet, value) in &bad {
         forge(&lab, subnet, value.clone());
     }
+    // A few passes (one a second) later: still ready, nothing programmed
+    // for them.
+    let n1 = &lab.nodes[0].ns;
+    std::thread::sleep(Duration::from_secs(3));
+    let (code, body) = readyz(&lab, 0);
+    assert_eq!(code, 200, "{body}\n{}", lab.ferryd_log(0));
+    for (subnet, _) in &bad {
+        assert!(routes_to(n1, subnet).is_empty(), "{subnet}");
+    }
+    let fdb = n1.exec("bridge", &["fdb", "show", "dev", "ferry.1"]);
+    for ip in ["0.0.0.0", "127.0.0.1", "224.0.0.1", own.as_str()] {
+        assert!(!fdb.contains(&format!("dst {ip} ")), "{ip}: {fdb}");
+    }
     let n = bad.len() as f64;
     assert!(
         wait_until(SETTLE, || metric(&lab, 0, "ferry_invalid_leases") == n),
@@ -305,15 +320,6 @@ fn leases_with_unusable_values_are_skipped_and_do_not_block_readiness() {
             body.contains(&format!("invalid lease {subnet} skipped: {want}")),
             "{want}: {body}"
         );
-    }
-    // Nothing was programmed for them.
-    let n1 = &lab.nodes[0].ns;
-    for (subnet, _) in &bad {
-        assert!(routes_to(n1, subnet).is_empty(), "{subnet}");
-    }
-    let fdb = n1.exec("bridge", &["fdb", "show", "dev", "ferry.1"]);
-    for ip in ["0.0.0.0", "127.0.0.1", "224.0.0.1", own.as_str()] {
-        assert!(!fdb.contains(&format!("dst {ip} ")), "{ip}: {fdb}");
     }
     assert_eq!(metric(&lab, 0, "ferry_peers_programmed"), 1.0);
     // Passes every second: no repairs, still ready.
