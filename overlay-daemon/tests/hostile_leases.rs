@@ -468,3 +468,125 @@ fn a_foreign_link_named_like_the_vxlan_device_is_left_alone() {
     let d = ns.ip_json(&["-d", "link", "show", "ferry.1"]);
     assert_eq!(d[0]["linkinfo"]["info_kind"], "veth", "{d}");
 }
+
+/// Item 6 in the dataplane, both families: a peer whose IPv6 route would
+/// collide with a foreign IPv6 route is skipped as a whole, and a peer that
+/// was programmed steps back (its own entries go, the foreign route stays)
+/// when a route of someone else's appears at its destination.
+#[test]
+fn dataplane_skips_peers_colliding_with_foreign_routes_of_either_family() {
+    if !require_root() {
+        return;
+    }
+    let ns = TestNetns::new();
+    ns.exec(
+        "ip",
+        &["link", "add", "ul0", "type", "veth", "peer", "name", "ul1"],
+    );
+    ns.exec("ip", &["addr", "add", "192.0.0.1/16", "dev", "ul0"]);
+    ns.exec("ip", &["link", "set", "ul0", "up"]);
+    ns.exec("ip", &["link", "set", "ul1", "up"]);
+    let peer = |i: u8| Peer {
+        subnet: format!("10.244.{i}.0/24").parse().unwrap(),
+        subnet6: Some(format!("fd00:244:0:{i}::/64").parse().unwrap()),
+        public_ip: IpAddr::V4(Ipv4Addr::new(192, 0, 0, 10 + i)),
+        vtep_mac: Some(Mac::derived(&format!("peer-{i}"))),
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let h = NsHandle::new(ns.netns()).unwrap();
+        let underlay = find_underlay(&h, Some("ul0"), None).await.unwrap();
+        let me = LocalNode {
+            subnet: "10.244.1.0/24".parse().unwrap(),
+            subnet6: Some("fd00:244:0:1::/64".parse().unwrap()),
+            underlay,
+            vtep_mac: Mac::derived("local"),
+        };
+        let backend = BackendConfig {
+            kind: BackendType::Vxlan,
+            ..BackendConfig::default()
+        };
+        let cfg = ferryd::network::NetworkConfig::from_json(
+            r#"{"network":"10.244.0.0/16","ipv6Network":"fd00:244::/56"}"#,
+        )
+        .unwrap();
+        let mut dp = Dataplane::new(h, &backend, me).with_network(&cfg);
+        // Someone else's routes: an IPv6 one to peer 3's IPv6 subnet, a
+        // blackhole to peer 4's IPv4 subnet.
+        ns.exec(
+            "ip",
+            &[
+                "-6",
+                "route",
+                "add",
+                "fd00:244:0:3::/64",
+                "via",
+                "fe80::1",
+                "dev",
+                "ul0",
+            ],
+        );
+        ns.exec("ip", &["route", "add", "blackhole", "10.244.4.0/24"]);
+        let peers: Vec<Peer> = (2..=5).map(peer).collect();
+        let r = dp.reconcile(&peers).await.unwrap();
+        assert_eq!(
+            (r.peers_programmed, r.conflicts, r.failed),
+            (2, 2, 0),
+            "{r:?}"
+        );
+        let skipped: Vec<String> = dp.skipped().iter().map(|s| s.to_string()).collect();
+        assert!(
+            skipped[0].starts_with("peer 10.244.3.0/24 skipped")
+                && skipped[0].contains("fd00:244:0:3::/64 via fe80::1 dev ul0"),
+            "{skipped:?}"
+        );
+        assert!(
+            skipped[1].starts_with("peer 10.244.4.0/24 skipped")
+                && skipped[1].contains("10.244.4.0/24"),
+            "{skipped:?}"
+        );
+        // Nothing of ferry's for them, the foreign routes as they were.
+        assert!(
+            !ns.exec("ip", &["route", "show", "10.244.3.0/24"])
+                .contains("via")
+        );
+        let shown6 = ns.exec("ip", &["-6", "route", "show", "fd00:244:0:3::/64"]);
+        assert!(shown6.contains("via fe80::1 dev ul0") && !shown6.contains("proto 70"));
+        assert!(
+            ns.exec("ip", &["route", "show", "10.244.4.0/24"])
+                .contains("blackhole")
+        );
+        // Twice: nothing to do, still skipped.
+        let r = dp.reconcile(&peers).await.unwrap();
+        assert_eq!((r.added, r.removed, r.conflicts), (0, 0, 2), "{r:?}");
+
+        // A foreign IPv4 route of another metric appears at peer 2's
+        // destination: peer 2 steps back, its routes and neighbours go (by
+        // protocol), the foreign route stays.
+        ns.exec(
+            "ip",
+            &[
+                "route",
+                "add",
+                "10.244.2.0/24",
+                "via",
+                "192.0.0.254",
+                "metric",
+                "50",
+            ],
+        );
+        let r = dp.reconcile(&peers).await.unwrap();
+        assert_eq!((r.peers_programmed, r.conflicts), (1, 3), "{r:?}");
+        let shown = ns.exec("ip", &["route", "show", "10.244.2.0/24"]);
+        assert!(
+            shown.contains("via 192.0.0.254") && !shown.contains("proto 70"),
+            "{shown}"
+        );
+        let neigh = ns.exec("ip", &["neigh", "show", "dev", "ferry.1"]);
+        assert!(!neigh.contains("10.244.2.0 "), "{neigh}");
+        assert!(neigh.contains("10.244.5.0 "), "{neigh}");
+    });
+}
