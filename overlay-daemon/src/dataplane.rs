@@ -5,10 +5,13 @@
 //! - the VXLAN device `ferry.<vni>` (a link of another kind with that name
 //!   is refused, not deleted) and its addresses;
 //! - on that device, the neighbours with protocol [`FERRY_ROUTE_PROTO`]
-//!   (ferry writes its neighbours with it), and the permanent fdb entries
-//!   whose MAC is one of those neighbours' or a peer's VTEP MAC (VXLAN fdb
-//!   entries carry no protocol). Entries someone else put on the device
-//!   (flood entries, other MACs, untagged neighbours) are left alone;
+//!   (ferry writes its neighbours with it; an untagged permanent one counts
+//!   when its address is the first of a node subnet of the cluster network,
+//!   as a ferryd before the tag or a kernel before 5.2 left them), and the
+//!   permanent fdb entries whose MAC is one of those neighbours' or a
+//!   peer's VTEP MAC (VXLAN fdb entries carry no protocol). Entries someone
+//!   else put on the device (flood entries, other MACs, other neighbours)
+//!   are left alone;
 //! - every main-table route with protocol [`FERRY_ROUTE_PROTO`] (70).
 //!   Nothing else is ever deleted or replaced: a route is created with
 //!   NLM_F_EXCL and replaced only where ferry's own is the one there.
@@ -75,8 +78,8 @@ use crate::lease::{InvalidLease, LeaseRules, Mac, SubnetLease, validate_lease_va
 use crate::network::{BackendConfig, BackendType, NetworkConfig, overlaps};
 use ferry_netops::{
     Batch, BatchOp, FERRY_ROUTE_PROTO, FdbEntry, IpRoute, Ipv4Route, Ipv6Route, KernelEvent,
-    Monitor, NeighState, NetNs, NetopsError, NsHandle, RouteEntry, RouteFamily, RouteKind,
-    VxlanChange, VxlanSpec,
+    Monitor, NeighState, Neighbour, Neighbour6, NetNs, NetopsError, NsHandle, RouteEntry,
+    RouteFamily, RouteKind, VxlanChange, VxlanSpec,
 };
 use futures::StreamExt;
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
@@ -483,6 +486,27 @@ fn overlap_with_node<A: RouteFamily>(
     })
 }
 
+/// An untagged permanent neighbour ferry made all the same: one written by
+/// a ferryd before neighbours carried protocol 70, or on a kernel that
+/// keeps no protocol (before 5.2). Its address is the first of a node
+/// subnet of the cluster network, the only shape ferry writes.
+fn ferry_shaped_v4(network: Option<&NetworkConfig>, n: &Neighbour) -> bool {
+    n.state == NeighState::Permanent
+        && network.is_some_and(|cfg| {
+            Ipv4Network::new(n.ip, cfg.subnet_len)
+                .is_ok_and(|s| s.network() == n.ip && cfg.holds(s))
+        })
+}
+
+/// [`ferry_shaped_v4`] for the IPv6 node subnets.
+fn ferry_shaped_v6(network: Option<&NetworkConfig>, n: &Neighbour6) -> bool {
+    n.state == NeighState::Permanent
+        && network.is_some_and(|cfg| {
+            cfg.ipv6().is_some_and(|net6| net6.contains(n.ip))
+                && Ipv6Network::new(n.ip, cfg.ipv6_subnet_len).is_ok_and(|s| s.network() == n.ip)
+        })
+}
+
 /// Refuses a cluster network that overlaps the node's own addresses or
 /// device routes (connected subnets): pod routes to it would take over the
 /// node's own traffic. ferry's own state (routes with protocol 70, and
@@ -830,18 +854,18 @@ impl Dataplane {
         };
         let have_route: HashMap<Ipv4Network, &Ipv4Route> =
             routes.iter().map(|r| (r.dst, r)).collect();
-        // A wanted neighbour that is not tagged as ferry's is written again
-        // (with the tag).
+        // The tag is not compared: a kernel without NDA_PROTOCOL (before
+        // 5.2) would otherwise have every neighbour rewritten on every pass.
         let have_neigh: HashMap<Ipv4Addr, Option<[u8; 6]>> = neighs
             .iter()
-            .filter(|n| n.state == NeighState::Permanent && n.is_ferrys())
+            .filter(|n| n.state == NeighState::Permanent)
             .map(|n| (n.ip, n.mac))
             .collect();
         let have_route6: HashMap<Ipv6Network, &Ipv6Route> =
             routes6.iter().map(|r| (r.dst, r)).collect();
         let have_neigh6: HashMap<Ipv6Addr, Option<[u8; 6]>> = neighs6
             .iter()
-            .filter(|n| n.state == NeighState::Permanent && n.is_ferrys())
+            .filter(|n| n.state == NeighState::Permanent)
             .map(|n| (n.ip, n.mac))
             .collect();
         let have_fdb: HashSet<([u8; 6], IpAddr)> = fdb
@@ -934,36 +958,37 @@ impl Dataplane {
             .iter()
             .filter(|r| !want_routes6.contains(&r.dst))
             .collect();
-        // Only ferry's own entries go: neighbours it tagged, and fdb entries
-        // for the MACs of those neighbours or of wanted peers (permanent,
-        // with a remote). Flood entries (all-zero MAC), entries someone else
-        // added for other MACs and the kernel's NOARP neighbours stay.
+        // Only ferry's own entries go: its neighbours (tagged, or of the
+        // one shape ferry writes), and fdb entries for the MACs of those
+        // neighbours or of wanted peers (with a remote). Flood
+        // entries (all-zero MAC), entries someone else added for other MACs
+        // and the kernel's NOARP neighbours stay.
+        let network = self.network.as_ref();
+        let ours4 = |n: &&Neighbour| n.is_ferrys() || ferry_shaped_v4(network, n);
+        let ours6 = |n: &&Neighbour6| n.is_ferrys() || ferry_shaped_v6(network, n);
         let stale_neigh6: Vec<Ipv6Addr> = neighs6
             .iter()
-            .filter(|n| n.is_ferrys() && !want_neigh6.contains(&n.ip))
+            .filter(ours6)
+            .filter(|n| !want_neigh6.contains(&n.ip))
             .map(|n| n.ip)
             .collect();
         let ferry_macs: HashSet<[u8; 6]> = neighs
             .iter()
-            .filter(|n| n.is_ferrys())
+            .filter(ours4)
             .filter_map(|n| n.mac)
-            .chain(
-                neighs6
-                    .iter()
-                    .filter(|n| n.is_ferrys())
-                    .filter_map(|n| n.mac),
-            )
+            .chain(neighs6.iter().filter(ours6).filter_map(|n| n.mac))
             .chain(want_fdb.iter().map(|(mac, _)| *mac))
             .filter(|m| Mac(*m).is_unicast())
             .collect();
         let stale_fdb: Vec<&FdbEntry> = fdb
             .iter()
-            .filter(|e| e.is_self && e.permanent && ferry_macs.contains(&e.mac))
+            .filter(|e| e.is_self && ferry_macs.contains(&e.mac))
             .filter(|e| e.dst.is_some_and(|d| !want_fdb.contains(&(e.mac, d))))
             .collect();
         let stale_neigh: Vec<Ipv4Addr> = neighs
             .iter()
-            .filter(|n| n.is_ferrys() && !want_neigh.contains(&n.ip))
+            .filter(ours4)
+            .filter(|n| !want_neigh.contains(&n.ip))
             .map(|n| n.ip)
             .collect();
         drop(plan);

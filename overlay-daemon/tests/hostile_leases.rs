@@ -588,5 +588,63 @@ fn dataplane_skips_peers_colliding_with_foreign_routes_of_either_family() {
         let neigh = ns.exec("ip", &["neigh", "show", "dev", "ferry.1"]);
         assert!(!neigh.contains("10.244.2.0 "), "{neigh}");
         assert!(neigh.contains("10.244.5.0 "), "{neigh}");
+
+        // Entries on ferry's device: an untagged neighbour of the shape
+        // ferry writes (an older ferryd's, for a peer now gone) goes with
+        // its fdb entry; someone else's neighbours and a flood entry stay.
+        let stray_mac = "02:00:00:00:00:77";
+        for (ip, mac) in [
+            ("10.244.9.0", stray_mac),
+            ("10.244.9.5", "02:00:00:00:00:78"),
+            ("10.250.0.0", "02:00:00:00:00:79"),
+        ] {
+            ns.exec(
+                "ip",
+                &[
+                    "neigh",
+                    "replace",
+                    ip,
+                    "lladdr",
+                    mac,
+                    "dev",
+                    "ferry.1",
+                    "nud",
+                    "permanent",
+                ],
+            );
+        }
+        for (mac, dst) in [
+            (stray_mac, "192.0.0.77"),
+            ("00:00:00:00:00:00", "192.0.0.200"),
+        ] {
+            ns.exec(
+                "bridge",
+                &[
+                    "fdb",
+                    "append",
+                    mac,
+                    "dev",
+                    "ferry.1",
+                    "dst",
+                    dst,
+                    "self",
+                    "permanent",
+                ],
+            );
+        }
+        let r = dp.reconcile(&peers).await.unwrap();
+        assert_eq!((r.added, r.removed), (0, 2), "{r:?}");
+        let neigh = ns.exec("ip", &["neigh", "show", "dev", "ferry.1"]);
+        assert!(!neigh.contains("10.244.9.0 "), "{neigh}");
+        assert!(
+            neigh.contains("10.244.9.5 ") && neigh.contains("10.250.0.0 "),
+            "{neigh}"
+        );
+        let fdb = ns.exec("bridge", &["fdb", "show", "dev", "ferry.1"]);
+        assert!(!fdb.contains(stray_mac), "{fdb}");
+        assert!(
+            fdb.contains("00:00:00:00:00:00 dst 192.0.0.200 self permanent"),
+            "{fdb}"
+        );
     });
 }
