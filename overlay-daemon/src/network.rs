@@ -176,11 +176,19 @@ const RESERVED_V6: [(&str, &str); 5] = [
     ("ff00::/8", "multicast"),
 ];
 
+/// [`RESERVED_V4`] and [`RESERVED_V6`], parsed once (every lease of every
+/// pass is checked against them).
+static RESERVED: std::sync::LazyLock<Vec<(IpNetwork, &'static str)>> =
+    std::sync::LazyLock::new(|| {
+        RESERVED_V4
+            .iter()
+            .chain(RESERVED_V6.iter())
+            .map(|(net, what)| (net.parse().expect("valid reserved range"), *what))
+            .collect()
+    });
+
 fn reserved() -> impl Iterator<Item = (IpNetwork, &'static str)> {
-    RESERVED_V4
-        .iter()
-        .chain(RESERVED_V6.iter())
-        .map(|(net, what)| (net.parse().expect("valid reserved range"), *what))
+    RESERVED.iter().copied()
 }
 
 /// True when the networks share an address (one contains the other).
