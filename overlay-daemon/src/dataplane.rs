@@ -464,7 +464,7 @@ fn overlap_with_node<A: RouteFamily>(
     entries: &[RouteEntry<A>],
     ours: &HashSet<u32>,
     cfg: &NetworkConfig,
-) -> Option<String> {
+) -> Option<(String, u32)> {
     entries.iter().find_map(|e| {
         let r = &e.route;
         if r.protocol == FERRY_ROUTE_PROTO || ours.contains(&r.oif) {
@@ -472,14 +472,16 @@ fn overlap_with_node<A: RouteFamily>(
         }
         let (addr, prefix) = A::net_parts(&r.dst);
         match e.kind {
-            RouteKind::Local if cfg.contains_ip(addr.into()) => Some(format!("address {addr}")),
+            RouteKind::Local if cfg.contains_ip(addr.into()) => {
+                Some((format!("address {addr}"), r.oif))
+            }
             RouteKind::MainUnicast
                 if r.gw.is_none()
                     && r.oif != 0
                     && prefix != 0
                     && cfg.overlaps(ipnet::<A>(&r.dst)) =>
             {
-                Some(format!("device route {}", r.describe()))
+                Some((format!("device route {}", r.describe()), r.oif))
             }
             _ => None,
         }
@@ -536,9 +538,15 @@ pub async fn check_network(
         .route_entries::<Ipv6Addr>()
         .await
         .map_err(kernel("list IPv6 routes"))?;
-    if let Some(what) =
+    if let Some((mut what, oif)) =
         overlap_with_node(&v4, &ours, cfg).or_else(|| overlap_with_node(&v6, &ours, cfg))
     {
+        if let Ok(Some(link)) = h.link_by_index(oif).await {
+            what = what.replace(&format!(" dev #{oif}"), &format!(" dev {}", link.name));
+            if what.starts_with("address") {
+                what.push_str(&format!(" on {}", link.name));
+            }
+        }
         return Err(DataplaneError::NetworkOverlapsNode { what });
     }
     Ok(())

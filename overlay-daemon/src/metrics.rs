@@ -8,6 +8,9 @@ use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+/// The most skipped peers /readyz lists one by one.
+pub const MAX_SKIPPED_LINES: usize = 100;
+
 /// Shared between the daemon loop (which updates it) and the HTTP server
 /// (which reads it). Cheap to clone.
 #[derive(Clone)]
@@ -137,10 +140,16 @@ impl Metrics {
         self.0.lease_acquisitions.inc();
     }
     /// The peers the last pass skipped: conflicting and invalid counts, and
-    /// one line per peer for /readyz.
-    pub fn set_skipped(&self, conflicts: usize, invalid: usize, lines: Vec<String>) {
+    /// one line per peer for /readyz (at most [`MAX_SKIPPED_LINES`], then a
+    /// count: forged leases must not make /readyz answers huge).
+    pub fn set_skipped(&self, conflicts: usize, invalid: usize, mut lines: Vec<String>) {
         self.0.peer_conflicts.set(conflicts as i64);
         self.0.invalid_leases.set(invalid as i64);
+        if lines.len() > MAX_SKIPPED_LINES {
+            let more = lines.len() - MAX_SKIPPED_LINES;
+            lines.truncate(MAX_SKIPPED_LINES);
+            lines.push(format!("… and {more} more skipped peers (see the log)"));
+        }
         *self.0.skipped.lock().unwrap_or_else(|e| e.into_inner()) = lines;
     }
     /// One line per peer the last pass skipped (conflict or invalid lease).
@@ -197,5 +206,12 @@ mod tests {
         }
         assert!(!m.is_ready());
         assert_eq!(m.skipped(), ["peer 10.244.9.0/24 skipped"]);
+        m.set_skipped(0, 250, (0..250).map(|i| format!("lease {i}")).collect());
+        let lines = m.skipped();
+        assert_eq!(lines.len(), MAX_SKIPPED_LINES + 1);
+        assert_eq!(
+            lines[MAX_SKIPPED_LINES],
+            "… and 150 more skipped peers (see the log)"
+        );
     }
 }

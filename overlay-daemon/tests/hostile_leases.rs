@@ -399,7 +399,9 @@ fn ferryd_refuses_to_start_when_the_network_overlaps_the_node() {
     );
     let log = lab.ferryd_log(i);
     assert!(
-        log.contains("the cluster network overlaps this node's") && log.contains("192.168.77."),
+        log.contains(
+            "the cluster network overlaps this node's device route 192.168.77.0/24 dev eth0 proto kernel"
+        ),
         "{log}"
     );
     assert!(
@@ -410,6 +412,47 @@ fn ferryd_refuses_to_start_when_the_network_overlaps_the_node() {
         routes_to(&lab.nodes[i].ns, "192.168.77.0/24")[0]["protocol"] == "kernel",
         "the connected route is untouched"
     );
+}
+
+/// Item 7: a config written into etcd past `set-network` is refused when
+/// the daemon reads it: no lease, no device, not ready, and the log says why.
+#[test]
+fn ferryd_refuses_a_bad_network_config_found_in_etcd() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new(VXLAN);
+    with_etcd(&lab, async |c| {
+        c.put(
+            "/ferry/network/config",
+            r#"{"network":"0.0.0.0/0","subnetLen":24,"backend":{"type":"vxlan","vni":1}}"#,
+            None,
+        )
+        .await
+        .expect("put config");
+    });
+    let i = lab.add_node();
+    let want = "network 0.0.0.0/0 is not a usable unicast pod network";
+    assert!(
+        wait_until(SETTLE, || lab.ferryd_log(i).contains(want)),
+        "{}",
+        lab.ferryd_log(i)
+    );
+    std::thread::sleep(Duration::from_secs(1));
+    assert_ne!(readyz(&lab, i).0, 200);
+    assert!(lab.node_subnet(i).is_none(), "no lease taken");
+    assert!(lab.nodes[i].ns.link("ferry.1").is_none(), "no device");
+    let leases = with_etcd(&lab, async |c| {
+        c.get(
+            "/ferry/network/subnets/",
+            Some(etcd_client::GetOptions::new().with_prefix()),
+        )
+        .await
+        .expect("get leases")
+        .kvs()
+        .len()
+    });
+    assert_eq!(leases, 0);
 }
 
 /// A link of another kind under the VXLAN device's name is not ferry's: the
