@@ -349,8 +349,7 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
     let handle = NsHandle::host()?;
     let underlay = dataplane::find_underlay(&handle, r.iface.as_deref(), r.public_ip).await?;
     dataplane::check_underlay(&cfg.backend, &underlay)?;
-    let vxlan_device = format!("ferry.{}", cfg.backend.vni);
-    dataplane::check_network(&handle, &cfg, &[&vxlan_device, &r.bridge]).await?;
+    dataplane::check_network(&handle, &cfg, &r.bridge).await?;
     let vtep_mac = Mac::derived(&node_name);
     let me = SubnetLease {
         subnet: None,

@@ -458,34 +458,83 @@ impl<A: RouteFamily> Tables<A> {
     }
 }
 
-/// The first of the node's addresses or device routes (not ferry's, not on
-/// the links `ours`) that the cluster network overlaps.
-fn overlap_with_node<A: RouteFamily>(
+/// The node's addresses and device routes (not ferry's) that the cluster
+/// network overlaps, with their links.
+fn overlaps_with_node<A: RouteFamily>(
     entries: &[RouteEntry<A>],
-    ours: &HashSet<u32>,
     cfg: &NetworkConfig,
-) -> Option<(String, u32)> {
-    entries.iter().find_map(|e| {
-        let r = &e.route;
-        if r.protocol == FERRY_ROUTE_PROTO || ours.contains(&r.oif) {
-            return None;
-        }
-        let (addr, prefix) = A::net_parts(&r.dst);
-        match e.kind {
-            RouteKind::Local if cfg.contains_ip(addr.into()) => {
-                Some((format!("address {addr}"), r.oif))
+) -> Vec<(String, u32)> {
+    entries
+        .iter()
+        .filter_map(|e| {
+            let r = &e.route;
+            if r.protocol == FERRY_ROUTE_PROTO {
+                return None;
             }
-            RouteKind::MainUnicast
-                if r.gw.is_none()
-                    && r.oif != 0
-                    && prefix != 0
-                    && cfg.overlaps(ipnet::<A>(&r.dst)) =>
-            {
-                Some((format!("device route {}", r.describe()), r.oif))
+            let (addr, prefix) = A::net_parts(&r.dst);
+            match e.kind {
+                RouteKind::Local if cfg.contains_ip(addr.into()) => {
+                    Some((format!("address {addr}"), r.oif))
+                }
+                RouteKind::MainUnicast
+                    if r.gw.is_none()
+                        && r.oif != 0
+                        && prefix != 0
+                        && cfg.overlaps(ipnet::<A>(&r.dst)) =>
+                {
+                    Some((format!("device route {}", r.describe()), r.oif))
+                }
+                _ => None,
             }
-            _ => None,
+        })
+        .collect()
+}
+
+/// Refuses a cluster network that overlaps the node's own addresses or
+/// device routes (connected subnets): pod routes to it would take over the
+/// node's own traffic. ferry's own state is not counted: routes with
+/// protocol 70, and everything on its links (`bridge`, the pod bridge, and
+/// every `ferry.<vni>` VXLAN device, this config's or an earlier one's),
+/// which hold addresses of the node's pod subnet. The daemon calls it at
+/// start, before it leases a subnet.
+pub async fn check_network(
+    h: &NsHandle,
+    cfg: &NetworkConfig,
+    bridge: &str,
+) -> Result<(), DataplaneError> {
+    let v4 = h
+        .route_entries::<Ipv4Addr>()
+        .await
+        .map_err(kernel("list routes"))?;
+    let v6 = h
+        .route_entries::<Ipv6Addr>()
+        .await
+        .map_err(kernel("list IPv6 routes"))?;
+    let mut names: HashMap<u32, Option<String>> = HashMap::new();
+    for (mut what, oif) in overlaps_with_node(&v4, cfg)
+        .into_iter()
+        .chain(overlaps_with_node(&v6, cfg))
+    {
+        if let std::collections::hash_map::Entry::Vacant(slot) = names.entry(oif) {
+            let link = h
+                .link_by_index(oif)
+                .await
+                .map_err(kernel(format!("look up link #{oif}")))?;
+            slot.insert(link.map(|l| l.name));
         }
-    })
+        let name = names[&oif].as_deref();
+        if name.is_some_and(|n| n == bridge || is_ferry_device(n)) {
+            continue;
+        }
+        if let Some(name) = name {
+            what = what.replace(&format!(" dev #{oif}"), &format!(" dev {name}"));
+            if what.starts_with("address") {
+                what.push_str(&format!(" on {name}"));
+            }
+        }
+        return Err(DataplaneError::NetworkOverlapsNode { what });
+    }
+    Ok(())
 }
 
 /// An untagged permanent neighbour ferry made all the same: one written by
@@ -509,47 +558,10 @@ fn ferry_shaped_v6(network: Option<&NetworkConfig>, n: &Neighbour6) -> bool {
         })
 }
 
-/// Refuses a cluster network that overlaps the node's own addresses or
-/// device routes (connected subnets): pod routes to it would take over the
-/// node's own traffic. ferry's own state (routes with protocol 70, and
-/// everything on the links named in `ferry_links`: the VXLAN device and the
-/// pod bridge, which hold addresses of the node's pod subnet) is not
-/// counted. The daemon calls it at start, before it leases a subnet.
-pub async fn check_network(
-    h: &NsHandle,
-    cfg: &NetworkConfig,
-    ferry_links: &[&str],
-) -> Result<(), DataplaneError> {
-    let mut ours = HashSet::new();
-    for name in ferry_links {
-        if let Some(l) = h
-            .link_by_name(name)
-            .await
-            .map_err(kernel(format!("look up {name}")))?
-        {
-            ours.insert(l.index);
-        }
-    }
-    let v4 = h
-        .route_entries::<Ipv4Addr>()
-        .await
-        .map_err(kernel("list routes"))?;
-    let v6 = h
-        .route_entries::<Ipv6Addr>()
-        .await
-        .map_err(kernel("list IPv6 routes"))?;
-    if let Some((mut what, oif)) =
-        overlap_with_node(&v4, &ours, cfg).or_else(|| overlap_with_node(&v6, &ours, cfg))
-    {
-        if let Ok(Some(link)) = h.link_by_index(oif).await {
-            what = what.replace(&format!(" dev #{oif}"), &format!(" dev {}", link.name));
-            if what.starts_with("address") {
-                what.push_str(&format!(" on {}", link.name));
-            }
-        }
-        return Err(DataplaneError::NetworkOverlapsNode { what });
-    }
-    Ok(())
+/// `ferry.<vni>`: a name only ferryd gives its VXLAN devices.
+fn is_ferry_device(name: &str) -> bool {
+    name.strip_prefix("ferry.")
+        .is_some_and(|vni| !vni.is_empty() && vni.bytes().all(|b| b.is_ascii_digit()))
 }
 
 pub struct Dataplane {
@@ -1390,6 +1402,21 @@ fn relevant(ev: &KernelEvent) -> bool {
             } else {
                 (*ipv4 || *ipv6) && (*permanent || *deleted)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ferry_device_names() {
+        for name in ["ferry.1", "ferry.16777215"] {
+            assert!(is_ferry_device(name), "{name}");
+        }
+        for name in ["ferry.", "ferry.x", "ferry.1a", "ferry1", "eth0", "cni0"] {
+            assert!(!is_ferry_device(name), "{name}");
         }
     }
 }

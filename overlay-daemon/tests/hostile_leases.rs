@@ -414,6 +414,57 @@ fn ferryd_refuses_to_start_when_the_network_overlaps_the_node() {
     );
 }
 
+/// The start check counts only what is not ferry's: a VXLAN device of an
+/// earlier config (`ferry.7`) and the pod bridge hold cluster addresses and
+/// do not stop the start; an interface of the operator's does.
+#[test]
+fn the_start_check_ignores_ferrys_own_links_only() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new(VXLAN);
+    let i = lab.add_idle_node();
+    let ns = &lab.nodes[i].ns;
+    ns.exec(
+        "ip",
+        &[
+            "link", "add", "ferry.7", "type", "vxlan", "id", "7", "dstport", "4789", "dev", "eth0",
+        ],
+    );
+    ns.exec("ip", &["addr", "add", "10.244.50.0/32", "dev", "ferry.7"]);
+    ns.exec(
+        "ip",
+        &[
+            "link", "add", "cni0", "type", "veth", "peer", "name", "cni0p",
+        ],
+    );
+    ns.exec("ip", &["addr", "add", "10.244.51.1/24", "dev", "cni0"]);
+    ns.exec("ip", &["link", "set", "cni0p", "up"]);
+    ns.exec("ip", &["link", "set", "cni0", "up"]);
+    lab.start_ferryd(i);
+    assert!(lab.wait_ready(i, READY), "{}", lab.ferryd_log(i));
+    lab.stop_ferryd(i, nix::sys::signal::Signal::SIGTERM);
+
+    let ns = &lab.nodes[i].ns;
+    ns.exec(
+        "ip",
+        &["link", "add", "op0", "type", "veth", "peer", "name", "op1"],
+    );
+    ns.exec("ip", &["addr", "add", "10.244.52.9/32", "dev", "op0"]);
+    lab.start_ferryd(i);
+    assert!(
+        wait_until(Duration::from_secs(15), || !lab.ferryd_running(i)),
+        "{}",
+        lab.ferryd_log(i)
+    );
+    assert!(
+        lab.ferryd_log(i)
+            .contains("the cluster network overlaps this node's address 10.244.52.9 on op0"),
+        "{}",
+        lab.ferryd_log(i)
+    );
+}
+
 /// Item 7: a config written into etcd past `set-network` is refused when
 /// the daemon reads it: no lease, no device, not ready, and the log says why.
 #[test]
