@@ -10,8 +10,40 @@
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde_json::json;
-use std::io::Write;
+use std::io::{Read, Write};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+
+/// The most of a conflist or subnet.env ferryd reads back (both are a few
+/// hundred bytes): a huge file there is not ours.
+const MAX_READ: u64 = 1 << 20;
+
+/// The contents of `path` when it is a regular file of at most [`MAX_READ`]
+/// bytes, else `None`. Opened without blocking and checked before reading,
+/// so a FIFO or a device put at the path cannot hang the daemon's loop.
+fn read_regular(path: &Path) -> Option<String> {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .ok()?;
+    let meta = f.metadata().ok()?;
+    if !meta.file_type().is_file() || meta.len() > MAX_READ {
+        return None;
+    }
+    let mut text = String::new();
+    f.take(MAX_READ).read_to_string(&mut text).ok()?;
+    Some(text)
+}
+
+/// True when `path` is something other than a regular file or nothing (a
+/// FIFO, socket or device): never read, replaced by the rename.
+fn is_special(path: &Path) -> bool {
+    std::fs::symlink_metadata(path).is_ok_and(|m| {
+        let t = m.file_type();
+        t.is_fifo() || t.is_socket() || t.is_block_device() || t.is_char_device()
+    })
+}
 
 /// What the conflist and subnet.env say about this node.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -128,7 +160,7 @@ pub fn subnet_env(n: &NodeNetwork) -> String {
 /// The node subnet recorded in a subnet.env, if the file is there and sane:
 /// the subnet a restarted daemon asks for first.
 pub fn read_subnet_env(path: &Path) -> Option<Ipv4Network> {
-    let text = std::fs::read_to_string(path).ok()?;
+    let text = read_regular(path)?;
     let value = text.lines().find_map(|l| l.strip_prefix("FERRY_SUBNET="))?;
     let gw: Ipv4Network = value.trim().parse().ok()?;
     Ipv4Network::new(gw.network(), gw.prefix()).ok()
@@ -139,8 +171,12 @@ pub fn read_subnet_env(path: &Path) -> Option<Ipv4Network> {
 /// ignore dot files and other extensions), fsync, rename. Unchanged contents
 /// are not rewritten, so runtimes watching the directory see no churn.
 /// Returns whether the file changed.
+///
+/// Neither file is trusted: the old one is read only when it is a regular
+/// file (a FIFO there would block the daemon), and the temp file is created
+/// exclusively (O_EXCL never follows a symlink planted at its name).
 pub fn write_atomic(path: &Path, contents: &str) -> std::io::Result<bool> {
-    if std::fs::read_to_string(path).is_ok_and(|old| old == contents) {
+    if !is_special(path) && read_regular(path).is_some_and(|old| old == contents) {
         return Ok(false);
     }
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -151,7 +187,15 @@ pub fn write_atomic(path: &Path, contents: &str) -> std::io::Result<bool> {
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.{}.tmp", std::process::id()));
     let result = (|| {
-        let mut f = std::fs::File::create(&tmp)?;
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)?;
         f.write_all(contents.as_bytes())?;
         // Once per lease change, not per pod: a torn conflist after a crash
         // would stop every pod on the node, so this one is synced.
@@ -238,6 +282,40 @@ mod tests {
             .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
             .collect();
         assert!(leftovers.is_empty());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn special_files_and_symlinks_are_never_read_or_written_through() {
+        let dir = std::env::temp_dir().join(format!("ferryd-fifo-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("subnet.env");
+        // A FIFO at the path: reading it would block forever.
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        assert_eq!(read_subnet_env(&path), None);
+        let text = subnet_env(&node());
+        assert!(write_atomic(&path, &text).unwrap(), "replaced by a file");
+        assert!(std::fs::symlink_metadata(&path).unwrap().is_file());
+        assert_eq!(
+            read_subnet_env(&path),
+            Some("10.244.3.0/24".parse().unwrap())
+        );
+        // A symlink planted at the temp file's name is not followed.
+        let victim = dir.join("victim");
+        std::fs::write(&victim, "keep").unwrap();
+        let tmp = dir.join(format!(".subnet.env.{}.tmp", std::process::id()));
+        std::os::unix::fs::symlink(&victim, &tmp).unwrap();
+        let changed = NodeNetwork {
+            mtu: 1400,
+            ..node()
+        };
+        assert!(write_atomic(&path, &subnet_env(&changed)).unwrap());
+        assert_eq!(std::fs::read_to_string(&victim).unwrap(), "keep");
+        assert!(
+            std::fs::read_to_string(&path)
+                .unwrap()
+                .contains("FERRY_MTU=1400")
+        );
         std::fs::remove_dir_all(&dir).unwrap();
     }
 

@@ -349,6 +349,7 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
     let handle = NsHandle::host()?;
     let underlay = dataplane::find_underlay(&handle, r.iface.as_deref(), r.public_ip).await?;
     dataplane::check_underlay(&cfg.backend, &underlay)?;
+    dataplane::check_network(&handle, &cfg, &r.bridge).await?;
     let vtep_mac = Mac::derived(&node_name);
     let me = SubnetLease {
         subnet: None,
@@ -380,7 +381,8 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
                 underlay: underlay.clone(),
                 vtep_mac,
             },
-        ),
+        )
+        .with_network(&cfg),
         cfg,
         held,
     };
@@ -445,7 +447,7 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
                                         subnet6: held.lease.ipv6_subnet,
                                         underlay: underlay.clone(),
                                         vtep_mac,
-                                    });
+                                    }).with_network(&node.cfg);
                                 }
                                 node.held = held;
                                 write_node_files(&node, r, &conf)?;
@@ -483,7 +485,12 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
                         let changed = report.added + report.removed;
                         metrics.reconciled(changed, why == Dirty::Kernel);
                         metrics.set_peers(peers.len(), report.peers_programmed);
-                        metrics.set_ready(report.peers_programmed == peers.len());
+                        metrics.set_skipped(
+                            report.conflicts,
+                            report.invalid,
+                            node.dataplane.skipped().iter().map(|s| s.to_string()).collect(),
+                        );
+                        metrics.set_ready(report.all_programmed(peers.len()));
                         if changed > 0 {
                             info!(added = report.added, removed = report.removed, peers = peers.len(), reason = ?why, "reconciled");
                         }
@@ -548,8 +555,11 @@ fn schedule(pass_at: &mut Option<PendingPass>, why: Dirty, after: Duration) {
     });
 }
 
+/// Every other node's lease is a peer; whether it is valid (its subnet one
+/// of the network's, its addresses usable) the dataplane decides, and
+/// counts the invalid ones.
 fn is_peer(l: &SubnetLease, node: &Node) -> bool {
-    node.cfg.holds(l.subnet()) && l.subnet() != node.held.lease.subnet()
+    l.subnet() != node.held.lease.subnet()
 }
 
 /// The peer a lease describes. Its IPv6 subnet counts only when it is the one
@@ -558,7 +568,14 @@ fn is_peer(l: &SubnetLease, node: &Node) -> bool {
 fn peer_of(l: &SubnetLease, node: &Node) -> Peer {
     let mut p = Peer::from(l);
     let want = node.cfg.ipv6_subnet_for(l.subnet());
-    if p.subnet6.is_some() && p.subnet6 != want {
+    // One outside the IPv6 network makes the lease invalid (the dataplane
+    // skips it); one inside but not the mapped one is only ignored.
+    let outside = node
+        .cfg
+        .ipv6()
+        .zip(p.subnet6)
+        .is_some_and(|(net6, s6)| !net6.contains(s6.network()) || s6.prefix() < net6.prefix());
+    if p.subnet6.is_some() && p.subnet6 != want && !outside {
         warn!(subnet = %l.subnet(), ipv6_subnet = ?p.subnet6, expected = ?want, "ignoring a lease's IPv6 subnet that does not match the network config");
         p.subnet6 = None;
     }

@@ -1,12 +1,32 @@
 //! The overlay's kernel state: desired entries computed from the leases, and
 //! reconciling the kernel to them.
 //!
-//! What ferry owns on a node, and so may remove:
-//! - the VXLAN device `ferry.<vni>` and everything on it (its IPv4
-//!   addresses, neighbours and fdb entries);
-//! - every main-table IPv4 route with protocol [`FERRY_ROUTE_PROTO`] (70).
-//!   Nothing else is ever deleted: a foreign route to a pod subnet, even one
-//!   ferry replaced, is identified by protocol, not by prefix.
+//! What ferry owns on a node, and so may change or remove:
+//! - the VXLAN device `ferry.<vni>` (a link of another kind with that name
+//!   is refused, not deleted) and its addresses;
+//! - on that device, the neighbours with protocol [`FERRY_ROUTE_PROTO`]
+//!   (ferry writes its neighbours with it; an untagged permanent one counts
+//!   when its address is the first of a node subnet of the cluster network,
+//!   as a ferryd before the tag or a kernel before 5.2 left them), and the
+//!   permanent fdb entries whose MAC is one of those neighbours' or a
+//!   peer's VTEP MAC (VXLAN fdb entries carry no protocol). Entries someone
+//!   else put on the device (flood entries, other MACs, other neighbours)
+//!   are left alone;
+//! - every main-table route with protocol [`FERRY_ROUTE_PROTO`] (70).
+//!   Nothing else is ever deleted or replaced: a route is created with
+//!   NLM_F_EXCL and replaced only where ferry's own is the one there.
+//!
+//! Leases are data anyone with write access to etcd can forge. Each peer is
+//! checked before anything is programmed for it ([`validate_lease_values`]:
+//! its subnet is a node subnet of the cluster network, its public IP a
+//! unicast address of the underlay's family that is not this node's, its
+//! VTEP MAC unicast) and skipped as *invalid* when it is not. A valid peer
+//! whose route would collide with a route that is not ferry's (the same
+//! destination in the main table with another protocol, or any overlap with
+//! the node's own device routes and addresses) is skipped as a *conflict*.
+//! Both are logged once, counted ([`ReconcileReport::invalid`],
+//! [`ReconcileReport::conflicts`]) and listed ([`Dataplane::skipped`]);
+//! neither is retried as a failure, so they never hold readiness back.
 //!
 //! The model is flannel's vxlan and host-gw backends:
 //! - vxlan, per peer, in this order: a permanent neighbour `<subnet>.0 lladdr
@@ -54,11 +74,12 @@
 //! ENOBUFS (the kernel short of memory, or acks lost to a full socket
 //! buffer) is retried with doubling delays; every request is idempotent.
 
-use crate::lease::{Mac, SubnetLease};
-use crate::network::{BackendConfig, BackendType};
+use crate::lease::{InvalidLease, LeaseRules, Mac, SubnetLease, validate_lease_values};
+use crate::network::{BackendConfig, BackendType, NetworkConfig, overlaps};
 use ferry_netops::{
-    Batch, BatchOp, FERRY_ROUTE_PROTO, FdbEntry, Ipv4Route, Ipv6Route, KernelEvent, Monitor,
-    NeighState, NetNs, NetopsError, NsHandle, RouteFamily, RouteFilter, VxlanChange, VxlanSpec,
+    Batch, BatchOp, FERRY_ROUTE_PROTO, FdbEntry, IpRoute, Ipv4Route, Ipv6Route, KernelEvent,
+    Monitor, NeighState, Neighbour, Neighbour6, NetNs, NetopsError, NsHandle, RouteEntry,
+    RouteFamily, RouteKind, VxlanChange, VxlanSpec,
 };
 use futures::StreamExt;
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
@@ -132,19 +153,10 @@ pub enum DataplaneError {
         #[source]
         source: NetopsError,
     },
-    #[error("peer {subnet} at {public_ip} has no VTEP MAC: it cannot be reached over VXLAN")]
-    NoVtepMac {
-        subnet: Ipv4Network,
-        public_ip: IpAddr,
-    },
     #[error(
-        "peer {subnet} at {public_ip}: its underlay address is not of the family of this node's ({local}): it cannot be reached"
+        "the cluster network overlaps this node's {what}: pod routes would take over the node's own traffic (choose a cluster network clear of the node's addresses and device routes)"
     )]
-    FamilyMismatch {
-        subnet: Ipv4Network,
-        public_ip: IpAddr,
-        local: IpAddr,
-    },
+    NetworkOverlapsNode { what: String },
     #[error("kernel notifications: {0}")]
     Monitor(#[source] NetopsError),
 }
@@ -286,8 +298,54 @@ pub struct ReconcileReport {
     /// Peers whose entries are all in place after the pass (a gauge: equal
     /// to the number of peers when everything is programmed).
     pub peers_programmed: usize,
-    /// Peers that could not be programmed (each one logged).
+    /// Peers that could not be programmed (each one logged); the next pass
+    /// tries them again.
     pub failed: usize,
+    /// Peers skipped because their lease is invalid ([`InvalidLease`]).
+    pub invalid: usize,
+    /// Peers skipped because their route would collide with a route or an
+    /// address that is not ferry's.
+    pub conflicts: usize,
+}
+
+impl ReconcileReport {
+    /// Every peer that can be programmed is: `peers` known peers, less the
+    /// invalid and conflicting ones, all programmed.
+    pub fn all_programmed(&self, peers: usize) -> bool {
+        self.failed == 0 && self.peers_programmed + self.invalid + self.conflicts >= peers
+    }
+}
+
+/// Why a peer was skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SkipKind {
+    /// Its lease holds values ferry does not program.
+    Invalid,
+    /// Its route would collide with a route or address that is not ferry's.
+    Conflict,
+}
+
+/// A peer left out of the kernel, and why (for logs and /readyz).
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Skipped {
+    pub subnet: Ipv4Network,
+    pub kind: SkipKind,
+    pub reason: String,
+}
+
+impl std::fmt::Display for Skipped {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.kind {
+            SkipKind::Invalid => {
+                write!(f, "invalid lease {} skipped: {}", self.subnet, self.reason)
+            }
+            SkipKind::Conflict => write!(
+                f,
+                "peer {} skipped: its route would collide with {}",
+                self.subnet, self.reason
+            ),
+        }
+    }
 }
 
 /// How one peer is reached.
@@ -309,13 +367,201 @@ enum Via6 {
 }
 
 /// One peer's desired entries and which of them are missing or wrong.
+/// A route goes out as a replace only where ferry's own route to its
+/// destination is there already, else as an exclusive create.
 struct PeerJob {
     peer: Peer,
     neigh: Option<(u32, Ipv4Addr, [u8; 6])>,
     neigh6: Option<(u32, Ipv6Addr, [u8; 6])>,
     fdb: Option<(u32, [u8; 6], IpAddr)>,
-    route: Option<Ipv4Route>,
-    route6: Option<Ipv6Route>,
+    route: Option<RouteOp<Ipv4Addr>>,
+    route6: Option<RouteOp<Ipv6Addr>>,
+}
+
+/// A route to program: replacing ferry's own, or created exclusively.
+struct RouteOp<A: RouteFamily> {
+    route: IpRoute<A>,
+    replace: bool,
+}
+
+/// The network's prefix as an [`IpNetwork`].
+fn ipnet<A: RouteFamily>(n: &A::Net) -> IpNetwork {
+    let (addr, prefix) = A::net_parts(n);
+    IpNetwork::new(addr.into(), prefix).expect("a route's prefix fits its family")
+}
+
+/// One family's routes as ferry's ownership rules see them.
+struct Tables<A: RouteFamily> {
+    /// ferry's routes (main table, protocol 70).
+    ferry: Vec<IpRoute<A>>,
+    /// Main-table routes of any type that are not ferry's, by destination.
+    foreign: HashMap<A::Net, IpRoute<A>>,
+    /// Main-table device routes (no gateway; connected subnets, `dev`
+    /// routes) that are not ferry's, the default route excepted.
+    connected: Vec<IpRoute<A>>,
+    /// The node's own addresses (`local` routes).
+    local: Vec<A>,
+}
+
+impl<A: RouteFamily> Tables<A> {
+    fn new(entries: Vec<RouteEntry<A>>) -> Tables<A> {
+        let mut t = Tables {
+            ferry: Vec::new(),
+            foreign: HashMap::new(),
+            connected: Vec::new(),
+            local: Vec::new(),
+        };
+        for e in entries {
+            let r = e.route;
+            match e.kind {
+                RouteKind::Local => t.local.push(A::net_parts(&r.dst).0),
+                RouteKind::MainUnicast if r.protocol == FERRY_ROUTE_PROTO => t.ferry.push(r),
+                RouteKind::MainUnicast | RouteKind::MainOther => {
+                    if e.kind == RouteKind::MainUnicast
+                        && r.gw.is_none()
+                        && r.oif != 0
+                        && A::net_parts(&r.dst).1 != 0
+                    {
+                        t.connected.push(r.clone());
+                    }
+                    t.foreign.entry(r.dst).or_insert(r);
+                }
+            }
+        }
+        t
+    }
+
+    /// What a route of ferry's to `dst` would collide with, if anything,
+    /// and the link of that route.
+    fn conflict(&self, dst: &A::Net) -> Option<(String, Option<u32>)> {
+        if let Some(r) = self.foreign.get(dst) {
+            return Some((
+                format!("the route {} that is not ferry's", r.describe()),
+                Some(r.oif),
+            ));
+        }
+        let net = ipnet::<A>(dst);
+        if let Some(r) = self
+            .connected
+            .iter()
+            .find(|r| overlaps(ipnet::<A>(&r.dst), net))
+        {
+            return Some((
+                format!("this node's device route {}", r.describe()),
+                Some(r.oif),
+            ));
+        }
+        self.local
+            .iter()
+            .find(|a| net.contains((**a).into()))
+            .map(|a| (format!("this node's address {a}"), None))
+    }
+}
+
+/// The node's addresses and device routes (not ferry's) that the cluster
+/// network overlaps, with their links.
+fn overlaps_with_node<A: RouteFamily>(
+    entries: &[RouteEntry<A>],
+    cfg: &NetworkConfig,
+) -> Vec<(String, u32)> {
+    entries
+        .iter()
+        .filter_map(|e| {
+            let r = &e.route;
+            if r.protocol == FERRY_ROUTE_PROTO {
+                return None;
+            }
+            let (addr, prefix) = A::net_parts(&r.dst);
+            match e.kind {
+                RouteKind::Local if cfg.contains_ip(addr.into()) => {
+                    Some((format!("address {addr}"), r.oif))
+                }
+                RouteKind::MainUnicast
+                    if r.gw.is_none()
+                        && r.oif != 0
+                        && prefix != 0
+                        && cfg.overlaps(ipnet::<A>(&r.dst)) =>
+                {
+                    Some((format!("device route {}", r.describe()), r.oif))
+                }
+                _ => None,
+            }
+        })
+        .collect()
+}
+
+/// Refuses a cluster network that overlaps the node's own addresses or
+/// device routes (connected subnets): pod routes to it would take over the
+/// node's own traffic. ferry's own state is not counted: routes with
+/// protocol 70, and everything on its links (`bridge`, the pod bridge, and
+/// every `ferry.<vni>` VXLAN device, this config's or an earlier one's),
+/// which hold addresses of the node's pod subnet. The daemon calls it at
+/// start, before it leases a subnet.
+pub async fn check_network(
+    h: &NsHandle,
+    cfg: &NetworkConfig,
+    bridge: &str,
+) -> Result<(), DataplaneError> {
+    let v4 = h
+        .route_entries::<Ipv4Addr>()
+        .await
+        .map_err(kernel("list routes"))?;
+    let v6 = h
+        .route_entries::<Ipv6Addr>()
+        .await
+        .map_err(kernel("list IPv6 routes"))?;
+    let mut names: HashMap<u32, Option<String>> = HashMap::new();
+    for (mut what, oif) in overlaps_with_node(&v4, cfg)
+        .into_iter()
+        .chain(overlaps_with_node(&v6, cfg))
+    {
+        if let std::collections::hash_map::Entry::Vacant(slot) = names.entry(oif) {
+            let link = h
+                .link_by_index(oif)
+                .await
+                .map_err(kernel(format!("look up link #{oif}")))?;
+            slot.insert(link.map(|l| l.name));
+        }
+        let name = names[&oif].as_deref();
+        if name.is_some_and(|n| n == bridge || is_ferry_device(n)) {
+            continue;
+        }
+        if let Some(name) = name {
+            what = what.replace(&format!(" dev #{oif}"), &format!(" dev {name}"));
+            if what.starts_with("address") {
+                what.push_str(&format!(" on {name}"));
+            }
+        }
+        return Err(DataplaneError::NetworkOverlapsNode { what });
+    }
+    Ok(())
+}
+
+/// An untagged permanent neighbour ferry made all the same: one written by
+/// a ferryd before neighbours carried protocol 70, or on a kernel that
+/// keeps no protocol (before 5.2). Its address is the first of a node
+/// subnet of the cluster network, the only shape ferry writes.
+fn ferry_shaped_v4(network: Option<&NetworkConfig>, n: &Neighbour) -> bool {
+    n.state == NeighState::Permanent
+        && network.is_some_and(|cfg| {
+            Ipv4Network::new(n.ip, cfg.subnet_len)
+                .is_ok_and(|s| s.network() == n.ip && cfg.holds(s))
+        })
+}
+
+/// [`ferry_shaped_v4`] for the IPv6 node subnets.
+fn ferry_shaped_v6(network: Option<&NetworkConfig>, n: &Neighbour6) -> bool {
+    n.state == NeighState::Permanent
+        && network.is_some_and(|cfg| {
+            cfg.ipv6().is_some_and(|net6| net6.contains(n.ip))
+                && Ipv6Network::new(n.ip, cfg.ipv6_subnet_len).is_ok_and(|s| s.network() == n.ip)
+        })
+}
+
+/// `ferry.<vni>`: a name only ferryd gives its VXLAN devices.
+fn is_ferry_device(name: &str) -> bool {
+    name.strip_prefix("ferry.")
+        .is_some_and(|vni| !vni.is_empty() && vni.bytes().all(|b| b.is_ascii_digit()))
 }
 
 pub struct Dataplane {
@@ -331,9 +577,12 @@ pub struct Dataplane {
     told_no_v6: bool,
     local: LocalNode,
     device: Option<String>,
-    /// Peers of the other underlay family already reported (each is
-    /// reported once, not on every pass).
-    reported: HashSet<(Ipv4Network, IpAddr)>,
+    /// The cluster network leases are checked against (`None`: only the
+    /// address checks, for callers that have no config).
+    network: Option<NetworkConfig>,
+    /// Peers the last pass skipped (invalid or conflicting), each logged at
+    /// warn level once, when it first appears.
+    skipped: Vec<Skipped>,
     /// The netlink batch socket, opened at the first pass that needs it.
     batch: Option<Batch>,
 }
@@ -371,9 +620,35 @@ impl Dataplane {
             told_no_v6: false,
             local,
             device,
-            reported: HashSet::new(),
+            network: None,
+            skipped: Vec::new(),
             batch: None,
         }
+    }
+
+    /// Checks every lease's subnets against the cluster network `cfg` too.
+    pub fn with_network(mut self, cfg: &NetworkConfig) -> Dataplane {
+        self.network = Some(cfg.clone());
+        self
+    }
+
+    /// The peers the last pass skipped, and why (sorted by subnet).
+    pub fn skipped(&self) -> &[Skipped] {
+        &self.skipped
+    }
+
+    /// Records this pass's skipped peers; a peer newly skipped (or skipped
+    /// for a new reason) is logged as a warning, the rest at debug level.
+    fn note_skipped(&mut self, mut now: Vec<Skipped>) {
+        now.sort_by(|a, b| a.subnet.cmp(&b.subnet).then(a.reason.cmp(&b.reason)));
+        for s in &now {
+            if self.skipped.contains(s) {
+                debug!("{s}");
+            } else {
+                warn!("{s}");
+            }
+        }
+        self.skipped = now;
     }
 
     /// Pod MTU for the conflist: the underlay's, less the VXLAN overhead
@@ -428,30 +703,51 @@ impl Dataplane {
             None => None,
         };
 
-        // Peers of the other underlay family cannot be reached at all.
-        let local_ip = self.local.underlay.ip;
-        let mut mismatched = HashSet::new();
-        wanted.retain(|_, p| {
-            if p.public_ip.is_ipv6() == local_ip.is_ipv6() {
-                return true;
-            }
-            mismatched.insert((p.subnet, p.public_ip));
-            false
-        });
-        report.failed += mismatched.len();
-        for &(subnet, public_ip) in &mismatched {
-            let e = DataplaneError::FamilyMismatch {
+        // The kernel's routes, ferry's and everyone else's, and the node's
+        // addresses: one dump per family.
+        let t4 = Tables::<Ipv4Addr>::new(
+            self.h
+                .route_entries::<Ipv4Addr>()
+                .await
+                .map_err(kernel("list routes"))?,
+        );
+        let t6 = Tables::<Ipv6Addr>::new(
+            self.h
+                .route_entries::<Ipv6Addr>()
+                .await
+                .map_err(kernel("list IPv6 routes"))?,
+        );
+
+        // Leases are checked before anything is done for them.
+        let mut skipped: Vec<Skipped> = Vec::new();
+        let local_ips: HashSet<IpAddr> = t4
+            .local
+            .iter()
+            .map(|a| IpAddr::from(*a))
+            .chain(t6.local.iter().map(|a| IpAddr::from(*a)))
+            .collect();
+        let is_local = |ip: IpAddr| local_ips.contains(&ip);
+        let rules = LeaseRules {
+            network: self.network.as_ref(),
+            underlay: self.local.underlay.ip,
+            is_local: &is_local,
+        };
+        let mut invalid = |subnet: Ipv4Network, e: InvalidLease| {
+            skipped.push(Skipped {
                 subnet,
-                public_ip,
-                local: local_ip,
-            };
-            if self.reported.contains(&(subnet, public_ip)) {
-                debug!("{e}");
-            } else {
-                warn!("{e}");
+                kind: SkipKind::Invalid,
+                reason: e.to_string(),
+            })
+        };
+        wanted.retain(|_, p| {
+            match validate_lease_values(p.subnet, p.subnet6, p.public_ip, p.vtep_mac, &rules) {
+                Ok(()) => true,
+                Err(e) => {
+                    invalid(p.subnet, e);
+                    false
+                }
             }
-        }
-        self.reported = mismatched;
+        });
 
         // How each peer is reached.
         let direct: HashSet<Ipv4Addr> = if vx.is_some() && self.direct_routing {
@@ -506,37 +802,50 @@ impl Dataplane {
                 }
                 (Some(vx), _) => match p.vtep_mac {
                     Some(mac) => plan.push((p, Via::Tunnel(vx, mac.0), via6(p))),
-                    None => {
-                        report.failed += 1;
-                        warn!(
-                            "{}",
-                            DataplaneError::NoVtepMac {
-                                subnet: p.subnet,
-                                public_ip: p.public_ip
-                            }
-                        );
-                    }
+                    None => invalid(p.subnet, InvalidLease::NoVtepMac),
                 },
             }
         }
 
+        // A route of ferry's must never take over someone else's: a peer
+        // whose route would collide is left out entirely.
+        let mut conflicts: Vec<(Ipv4Network, String, Option<u32>)> = Vec::new();
+        plan.retain(|(p, _, via6)| {
+            let hit = t4.conflict(&p.subnet).or_else(|| {
+                via6.and(p.subnet6)
+                    .and_then(|subnet6| t6.conflict(&subnet6))
+            });
+            match hit {
+                None => true,
+                Some((reason, oif)) => {
+                    conflicts.push((p.subnet, reason, oif));
+                    false
+                }
+            }
+        });
+        for (subnet, mut reason, oif) in conflicts {
+            // The link's name for the operator, where it still has one.
+            if let Some(oif) = oif
+                && let Ok(Some(link)) = self.h.link_by_index(oif).await
+            {
+                reason = reason.replace(&format!(" dev #{oif}"), &format!(" dev {}", link.name));
+            }
+            skipped.push(Skipped {
+                subnet,
+                kind: SkipKind::Conflict,
+                reason,
+            });
+        }
+        for s in &skipped {
+            match s.kind {
+                SkipKind::Invalid => report.invalid += 1,
+                SkipKind::Conflict => report.conflicts += 1,
+            }
+        }
+
         // The kernel as it is: one dump per kind.
-        let routes = self
-            .h
-            .ip_routes::<Ipv4Addr>(RouteFilter {
-                protocol: Some(FERRY_ROUTE_PROTO),
-                oif: None,
-            })
-            .await
-            .map_err(kernel("list ferry's routes"))?;
-        let routes6 = self
-            .h
-            .ip_routes::<Ipv6Addr>(RouteFilter {
-                protocol: Some(FERRY_ROUTE_PROTO),
-                oif: None,
-            })
-            .await
-            .map_err(kernel("list ferry's IPv6 routes"))?;
+        let routes = &t4.ferry;
+        let routes6 = &t6.ferry;
         let (neighs, neighs6, fdb) = match vx {
             Some(vx) => {
                 let n = self
@@ -565,6 +874,8 @@ impl Dataplane {
         };
         let have_route: HashMap<Ipv4Network, &Ipv4Route> =
             routes.iter().map(|r| (r.dst, r)).collect();
+        // The tag is not compared: a kernel without NDA_PROTOCOL (before
+        // 5.2) would otherwise have every neighbour rewritten on every pass.
         let have_neigh: HashMap<Ipv4Addr, Option<[u8; 6]>> = neighs
             .iter()
             .filter(|n| n.state == NeighState::Permanent)
@@ -627,8 +938,12 @@ impl Dataplane {
                     Via6::Direct(next_hop) => Ipv6Route::ferry(subnet6, next_hop, underlay, false),
                 };
                 want_routes6.insert(subnet6);
-                if have_route6.get(&subnet6) != Some(&&route6) {
-                    job.route6 = Some(route6);
+                let have = have_route6.get(&subnet6);
+                if have != Some(&&route6) {
+                    job.route6 = Some(RouteOp {
+                        route: route6,
+                        replace: have.is_some(),
+                    });
                 }
             }
             if let Some((vx, mac)) = fdb_for {
@@ -637,8 +952,12 @@ impl Dataplane {
                     job.fdb = Some((vx, mac, p.public_ip));
                 }
             }
-            if have_route.get(&p.subnet) != Some(&&route) {
-                job.route = Some(route);
+            let have = have_route.get(&p.subnet);
+            if have != Some(&&route) {
+                job.route = Some(RouteOp {
+                    route,
+                    replace: have.is_some(),
+                });
             }
             if job.neigh.is_none()
                 && job.neigh6.is_none()
@@ -659,20 +978,37 @@ impl Dataplane {
             .iter()
             .filter(|r| !want_routes6.contains(&r.dst))
             .collect();
+        // Only ferry's own entries go: its neighbours (tagged, or of the
+        // one shape ferry writes), and fdb entries for the MACs of those
+        // neighbours or of wanted peers (with a remote). Flood
+        // entries (all-zero MAC), entries someone else added for other MACs
+        // and the kernel's NOARP neighbours stay.
+        let network = self.network.as_ref();
+        let ours4 = |n: &&Neighbour| n.is_ferrys() || ferry_shaped_v4(network, n);
+        let ours6 = |n: &&Neighbour6| n.is_ferrys() || ferry_shaped_v6(network, n);
         let stale_neigh6: Vec<Ipv6Addr> = neighs6
             .iter()
-            .filter(|n| n.state != NeighState::NoArp && !want_neigh6.contains(&n.ip))
+            .filter(ours6)
+            .filter(|n| !want_neigh6.contains(&n.ip))
             .map(|n| n.ip)
+            .collect();
+        let ferry_macs: HashSet<[u8; 6]> = neighs
+            .iter()
+            .filter(ours4)
+            .filter_map(|n| n.mac)
+            .chain(neighs6.iter().filter(ours6).filter_map(|n| n.mac))
+            .chain(want_fdb.iter().map(|(mac, _)| *mac))
+            .filter(|m| Mac(*m).is_unicast())
             .collect();
         let stale_fdb: Vec<&FdbEntry> = fdb
             .iter()
-            .filter(|e| e.dst.is_none_or(|d| !want_fdb.contains(&(e.mac, d))))
+            .filter(|e| e.is_self && ferry_macs.contains(&e.mac))
+            .filter(|e| e.dst.is_some_and(|d| !want_fdb.contains(&(e.mac, d))))
             .collect();
-        // NOARP entries (multicast, broadcast) are the kernel's own and come
-        // back at once: leave them.
         let stale_neigh: Vec<Ipv4Addr> = neighs
             .iter()
-            .filter(|n| n.state != NeighState::NoArp && !want_neigh.contains(&n.ip))
+            .filter(ours4)
+            .filter(|n| !want_neigh.contains(&n.ip))
             .map(|n| n.ip)
             .collect();
         drop(plan);
@@ -704,6 +1040,7 @@ impl Dataplane {
                 .collect(),
             None => Vec::new(),
         };
+        self.note_skipped(skipped);
         if jobs.is_empty()
             && stale_routes.is_empty()
             && stale_fdb.is_empty()
@@ -891,12 +1228,20 @@ async fn program_round(batch: &mut Batch, round: &[PeerJob], report: &mut Reconc
         if failed[i].is_some() {
             continue;
         }
-        if let Some(route) = &job.route {
-            ops.push(BatchOp::ReplaceRoute(route.clone()));
+        if let Some(op) = &job.route {
+            ops.push(if op.replace {
+                BatchOp::ReplaceRoute(op.route.clone())
+            } else {
+                BatchOp::CreateRoute(op.route.clone())
+            });
             owner.push((i, "route"));
         }
-        if let Some(route) = &job.route6 {
-            ops.push(BatchOp::ReplaceRoute6(route.clone()));
+        if let Some(op) = &job.route6 {
+            ops.push(if op.replace {
+                BatchOp::ReplaceRoute6(op.route.clone())
+            } else {
+                BatchOp::CreateRoute6(op.route.clone())
+            });
             owner.push((i, "IPv6 route"));
         }
     }
@@ -1057,6 +1402,21 @@ fn relevant(ev: &KernelEvent) -> bool {
             } else {
                 (*ipv4 || *ipv6) && (*permanent || *deleted)
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ferry_device_names() {
+        for name in ["ferry.1", "ferry.16777215"] {
+            assert!(is_ferry_device(name), "{name}");
+        }
+        for name in ["ferry.", "ferry.x", "ferry.1a", "ferry1", "eth0", "cni0"] {
+            assert!(!is_ferry_device(name), "{name}");
         }
     }
 }

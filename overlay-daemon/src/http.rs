@@ -2,6 +2,10 @@
 //!
 //! healthz: the daemon's loop is alive (it answers at all). readyz: 200 once
 //! the node holds its lease and every known peer is programmed, 503 before.
+//! Peers ferry skips (a route that would collide with one that is not
+//! ferry's, an invalid lease) do not hold readiness back, or one forged
+//! lease would keep every node unready; each is named on a line of its own
+//! after `ready` / `not ready`.
 
 use crate::metrics::Metrics;
 use axum::Router;
@@ -16,11 +20,16 @@ async fn healthz() -> &'static str {
 }
 
 async fn readyz(State(m): State<Metrics>) -> impl IntoResponse {
-    if m.is_ready() {
-        (StatusCode::OK, "ready\n")
+    let (code, mut body) = if m.is_ready() {
+        (StatusCode::OK, String::from("ready\n"))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        (StatusCode::SERVICE_UNAVAILABLE, String::from("not ready\n"))
+    };
+    for line in m.skipped() {
+        body.push_str(&line);
+        body.push('\n');
     }
+    (code, body)
 }
 
 async fn metrics(State(m): State<Metrics>) -> impl IntoResponse {

@@ -2,7 +2,7 @@
 //! `<prefix>/network/subnets/<a.b.c.d-len>` (attached to an etcd lease with a
 //! TTL that the owning daemon keeps alive).
 
-use crate::network::BackendType;
+use crate::network::{BackendType, NetworkConfig, is_unicast};
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -63,6 +63,12 @@ impl<'de> Deserialize<'de> for Mac {
 }
 
 impl Mac {
+    /// True for a MAC a VTEP can have: not all zeros, not broadcast, not
+    /// multicast (the I/G bit of the first byte clear).
+    pub fn is_unicast(&self) -> bool {
+        self.0 != [0; 6] && self.0[0] & 0x01 == 0
+    }
+
     /// A stable, locally administered unicast MAC derived from `seed` (the
     /// node name), so a restarted daemon recreates its VTEP with the same
     /// MAC and no peer's neighbour or fdb entry has to change.
@@ -121,6 +127,102 @@ pub enum LeaseKeyError {
     BadValue { key: String, msg: String },
 }
 
+/// Why a lease read from etcd is not used: anyone who can write the
+/// subnets prefix writes these values, and none of them may make this node
+/// route to itself, to loopback or multicast, or outside the cluster network.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+pub enum InvalidLease {
+    #[error(
+        "subnet {subnet} is not one of the /{subnet_len} node subnets of the cluster network {network}"
+    )]
+    SubnetOutside {
+        subnet: Ipv4Network,
+        network: Ipv4Network,
+        subnet_len: u8,
+    },
+    #[error("ipv6Subnet {subnet6} is not inside the cluster's ipv6Network {network6}")]
+    Ipv6SubnetOutside {
+        subnet6: Ipv6Network,
+        network6: Ipv6Network,
+    },
+    #[error("publicIp {0} is not a unicast address")]
+    PublicIpNotUnicast(IpAddr),
+    #[error(
+        "publicIp {public_ip} is not of the family of this node's underlay address {local}: it cannot be reached"
+    )]
+    PublicIpFamily { public_ip: IpAddr, local: IpAddr },
+    #[error("publicIp {0} is an address of this node")]
+    PublicIpIsLocal(IpAddr),
+    #[error(
+        "publicIp {0} is inside the cluster network: a node's underlay address is never a pod address"
+    )]
+    PublicIpInClusterNetwork(IpAddr),
+    #[error("vtepMac {0} is not a unicast MAC (zero, broadcast or multicast)")]
+    VtepMac(Mac),
+    #[error("it has no vtepMac: it cannot be reached over VXLAN")]
+    NoVtepMac,
+}
+
+/// What a lease is checked against: the cluster network (when known) and
+/// this node's addresses.
+pub struct LeaseRules<'a> {
+    /// The cluster network config; `None` skips the subnet checks.
+    pub network: Option<&'a NetworkConfig>,
+    /// This node's underlay address: a peer's must be of its family.
+    pub underlay: IpAddr,
+    /// True for an address this node holds (any interface).
+    pub is_local: &'a dyn Fn(IpAddr) -> bool,
+}
+
+/// The checks of [`SubnetLease::validate`] on the values a peer is built
+/// from (the dataplane's [`Peer`](crate::dataplane::Peer) has the same).
+pub fn validate_lease_values(
+    subnet: Ipv4Network,
+    subnet6: Option<Ipv6Network>,
+    public_ip: IpAddr,
+    vtep_mac: Option<Mac>,
+    rules: &LeaseRules<'_>,
+) -> Result<(), InvalidLease> {
+    if let Some(cfg) = rules.network {
+        if !cfg.holds(subnet) {
+            return Err(InvalidLease::SubnetOutside {
+                subnet,
+                network: cfg.network,
+                subnet_len: cfg.subnet_len,
+            });
+        }
+        if let (Some(subnet6), Some(network6)) = (subnet6, cfg.ipv6()) {
+            if subnet6.prefix() < network6.prefix()
+                || !network6.contains(subnet6.network())
+                || subnet6.ip() != subnet6.network()
+            {
+                return Err(InvalidLease::Ipv6SubnetOutside { subnet6, network6 });
+            }
+        }
+    }
+    if !is_unicast(public_ip) {
+        return Err(InvalidLease::PublicIpNotUnicast(public_ip));
+    }
+    if public_ip.is_ipv6() != rules.underlay.is_ipv6() {
+        return Err(InvalidLease::PublicIpFamily {
+            public_ip,
+            local: rules.underlay,
+        });
+    }
+    if public_ip == rules.underlay || (rules.is_local)(public_ip) {
+        return Err(InvalidLease::PublicIpIsLocal(public_ip));
+    }
+    if rules.network.is_some_and(|cfg| cfg.contains_ip(public_ip)) {
+        return Err(InvalidLease::PublicIpInClusterNetwork(public_ip));
+    }
+    if let Some(mac) = vtep_mac
+        && !mac.is_unicast()
+    {
+        return Err(InvalidLease::VtepMac(mac));
+    }
+    Ok(())
+}
+
 /// `10.244.1.0/24` ↔ `10.244.1.0-24` (a `/` cannot be part of a key segment).
 pub fn subnet_key_segment(subnet: Ipv4Network) -> String {
     format!("{}-{}", subnet.network(), subnet.prefix())
@@ -140,6 +242,18 @@ impl SubnetLease {
 
     pub fn to_json(&self) -> String {
         serde_json::to_string(self).expect("lease serializes")
+    }
+
+    /// Whether another node's lease may be programmed on this node
+    /// ([`validate_lease_values`]).
+    pub fn validate(&self, rules: &LeaseRules<'_>) -> Result<(), InvalidLease> {
+        validate_lease_values(
+            self.subnet(),
+            self.ipv6_subnet,
+            self.public_ip,
+            self.vtep_mac,
+            rules,
+        )
     }
 
     /// Parses the lease stored under `key`, whose last segment is the subnet.
@@ -237,6 +351,118 @@ mod tests {
         );
         let bad = br#"{"node":"n1","publicIp":"2001:db8::zz","backend":"vxlan"}"#;
         assert!(SubnetLease::from_kv(key, bad).is_err());
+    }
+
+    #[test]
+    fn hostile_lease_values_are_invalid() {
+        let cfg = NetworkConfig::from_json(
+            r#"{"network":"10.244.0.0/16","ipv6Network":"fd00:244::/56"}"#,
+        )
+        .unwrap();
+        let node_ip: IpAddr = "192.0.2.1".parse().unwrap();
+        let other_local: IpAddr = "198.51.100.1".parse().unwrap();
+        let is_local = |ip: IpAddr| ip == other_local;
+        let rules = LeaseRules {
+            network: Some(&cfg),
+            underlay: node_ip,
+            is_local: &is_local,
+        };
+        let good = SubnetLease {
+            subnet: Some("10.244.3.0/24".parse().unwrap()),
+            node: "n3".into(),
+            public_ip: "192.0.2.13".parse().unwrap(),
+            backend: BackendType::Vxlan,
+            vtep_mac: Some(Mac::derived("n3")),
+            renewed_at: 1,
+            ipv6_subnet: Some("fd00:244:0:3::/64".parse().unwrap()),
+        };
+        good.validate(&rules).unwrap();
+        let with_ip = |ip: &str| SubnetLease {
+            public_ip: ip.parse().unwrap(),
+            ..good.clone()
+        };
+        let cases: Vec<(SubnetLease, &str)> = vec![
+            (
+                with_ip("0.0.0.0"),
+                "publicIp 0.0.0.0 is not a unicast address",
+            ),
+            (with_ip("127.0.0.1"), "publicIp 127.0.0.1 is not a unicast"),
+            (with_ip("224.0.0.1"), "publicIp 224.0.0.1 is not a unicast"),
+            (with_ip("255.255.255.255"), "not a unicast"),
+            (
+                with_ip("192.0.2.1"),
+                "publicIp 192.0.2.1 is an address of this node",
+            ),
+            (with_ip("198.51.100.1"), "is an address of this node"),
+            (with_ip("2001:db8::13"), "not of the family"),
+            (with_ip("10.244.7.1"), "inside the cluster network"),
+            (
+                SubnetLease {
+                    subnet: Some("10.245.3.0/24".parse().unwrap()),
+                    ..good.clone()
+                },
+                "subnet 10.245.3.0/24 is not one of the /24 node subnets",
+            ),
+            (
+                SubnetLease {
+                    subnet: Some("10.244.0.0/23".parse().unwrap()),
+                    ..good.clone()
+                },
+                "is not one of the /24",
+            ),
+            (
+                SubnetLease {
+                    ipv6_subnet: Some("fd00:9::/64".parse().unwrap()),
+                    ..good.clone()
+                },
+                "ipv6Subnet fd00:9::/64 is not inside",
+            ),
+            (
+                SubnetLease {
+                    ipv6_subnet: Some("fd00:244::/48".parse().unwrap()),
+                    ..good.clone()
+                },
+                "is not inside",
+            ),
+            (
+                SubnetLease {
+                    vtep_mac: Some("ff:ff:ff:ff:ff:ff".parse().unwrap()),
+                    ..good.clone()
+                },
+                "vtepMac ff:ff:ff:ff:ff:ff is not a unicast MAC",
+            ),
+            (
+                SubnetLease {
+                    vtep_mac: Some("00:00:00:00:00:00".parse().unwrap()),
+                    ..good.clone()
+                },
+                "not a unicast MAC",
+            ),
+            (
+                SubnetLease {
+                    vtep_mac: Some("01:00:5e:00:00:01".parse().unwrap()),
+                    ..good.clone()
+                },
+                "not a unicast MAC",
+            ),
+        ];
+        for (lease, want) in cases {
+            let err = lease.validate(&rules).expect_err(want).to_string();
+            assert!(err.contains(want), "{want}: {err}");
+        }
+        // Without a network config only the address checks apply.
+        let loose = LeaseRules {
+            network: None,
+            ..rules
+        };
+        SubnetLease {
+            subnet: Some("10.245.3.0/24".parse().unwrap()),
+            ..good.clone()
+        }
+        .validate(&loose)
+        .unwrap();
+        assert!(with_ip("127.0.0.1").validate(&loose).is_err());
+        assert!(Mac::derived("x").is_unicast());
     }
 
     #[test]

@@ -5,7 +5,11 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::Arc;
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+/// The most skipped peers /readyz lists one by one.
+pub const MAX_SKIPPED_LINES: usize = 100;
 
 /// Shared between the daemon loop (which updates it) and the HTTP server
 /// (which reads it). Cheap to clone.
@@ -22,7 +26,11 @@ struct Inner {
     pub entries_changed: Counter,
     pub etcd_errors: Counter,
     pub lease_acquisitions: Counter,
+    pub peer_conflicts: Gauge,
+    pub invalid_leases: Gauge,
     ready: AtomicBool,
+    /// Peers left out of the kernel, one line each, for /readyz.
+    skipped: Mutex<Vec<String>>,
 }
 
 impl Default for Metrics {
@@ -42,6 +50,8 @@ impl Metrics {
         let entries_changed = Counter::default();
         let etcd_errors = Counter::default();
         let lease_acquisitions = Counter::default();
+        let peer_conflicts = Gauge::default();
+        let invalid_leases = Gauge::default();
         registry.register(
             "lease_held",
             "1 while this node holds its subnet lease in etcd",
@@ -74,6 +84,16 @@ impl Metrics {
             "Times the node (re)acquired its subnet lease",
             lease_acquisitions.clone(),
         );
+        registry.register(
+            "peer_conflicts",
+            "Peers skipped because their route would collide with a route or address that is not ferry's (a gauge: the peers skipped by the last pass)",
+            peer_conflicts.clone(),
+        );
+        registry.register(
+            "invalid_leases",
+            "Other nodes' leases skipped because their values are invalid (a gauge: the leases skipped by the last pass)",
+            invalid_leases.clone(),
+        );
         Metrics(Arc::new(Inner {
             registry,
             lease_held,
@@ -84,7 +104,10 @@ impl Metrics {
             entries_changed,
             etcd_errors,
             lease_acquisitions,
+            peer_conflicts,
+            invalid_leases,
             ready: AtomicBool::new(false),
+            skipped: Mutex::new(Vec::new()),
         }))
     }
 
@@ -116,7 +139,29 @@ impl Metrics {
     pub fn lease_acquired(&self) {
         self.0.lease_acquisitions.inc();
     }
-    /// Ready: the lease is held and every known peer is programmed.
+    /// The peers the last pass skipped: conflicting and invalid counts, and
+    /// one line per peer for /readyz (at most [`MAX_SKIPPED_LINES`], then a
+    /// count: forged leases must not make /readyz answers huge).
+    pub fn set_skipped(&self, conflicts: usize, invalid: usize, mut lines: Vec<String>) {
+        self.0.peer_conflicts.set(conflicts as i64);
+        self.0.invalid_leases.set(invalid as i64);
+        if lines.len() > MAX_SKIPPED_LINES {
+            let more = lines.len() - MAX_SKIPPED_LINES;
+            lines.truncate(MAX_SKIPPED_LINES);
+            lines.push(format!("… and {more} more skipped peers (see the log)"));
+        }
+        *self.0.skipped.lock().unwrap_or_else(|e| e.into_inner()) = lines;
+    }
+    /// One line per peer the last pass skipped (conflict or invalid lease).
+    pub fn skipped(&self) -> Vec<String> {
+        self.0
+            .skipped
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+    /// Ready: the lease is held and every known peer is programmed, the
+    /// skipped ones (conflicts, invalid leases) excepted.
     pub fn set_ready(&self, ready: bool) {
         self.0.ready.store(ready, Ordering::Relaxed);
     }
@@ -144,6 +189,7 @@ mod tests {
         m.reconciled(3, false);
         m.reconciled(2, true);
         m.etcd_error();
+        m.set_skipped(1, 2, vec!["peer 10.244.9.0/24 skipped".into()]);
         let text = m.render();
         for want in [
             "ferry_lease_held 1",
@@ -153,9 +199,19 @@ mod tests {
             "ferry_entries_changed_total 5",
             "ferry_reconcile_repairs_total 2",
             "ferry_etcd_errors_total 1",
+            "ferry_peer_conflicts 1",
+            "ferry_invalid_leases 2",
         ] {
             assert!(text.contains(want), "{want} missing in\n{text}");
         }
         assert!(!m.is_ready());
+        assert_eq!(m.skipped(), ["peer 10.244.9.0/24 skipped"]);
+        m.set_skipped(0, 250, (0..250).map(|i| format!("lease {i}")).collect());
+        let lines = m.skipped();
+        assert_eq!(lines.len(), MAX_SKIPPED_LINES + 1);
+        assert_eq!(
+            lines[MAX_SKIPPED_LINES],
+            "… and 150 more skipped peers (see the log)"
+        );
     }
 }

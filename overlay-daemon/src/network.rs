@@ -12,9 +12,9 @@
 //! i-th IPv6 subnet ([`NetworkConfig::ipv6_subnet_for`]), so leasing the IPv4
 //! subnet leases the IPv6 one too.
 
-use ipnetwork::{Ipv4Network, Ipv6Network};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use serde::{Deserialize, Serialize};
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// IANA's VXLAN port. (flannel's default is the Linux default 8472; set
 /// `port` to keep it.)
@@ -139,6 +139,100 @@ pub enum NetworkConfigError {
         "the IPv4 network is required: IPv6-only cluster networks are not supported (give network beside ipv6Network for dual stack)"
     )]
     Ipv6Only,
+    #[error(
+        "{key} {network} has host bits set: a network is written with its first address (e.g. {expected})"
+    )]
+    HostBits {
+        key: &'static str,
+        network: IpNetwork,
+        expected: IpNetwork,
+    },
+    #[error(
+        "{key} {network} is not a usable unicast pod network: it overlaps {reserved} ({what}); pick a private range such as 10.244.0.0/16 or fd00:244::/56"
+    )]
+    NotUnicast {
+        key: &'static str,
+        network: IpNetwork,
+        reserved: IpNetwork,
+        what: &'static str,
+    },
+}
+
+/// Address ranges a pod network must not overlap: packets to them are never
+/// routed to a pod (or to anyone), whatever the node's routes say.
+const RESERVED_V4: [(&str, &str); 6] = [
+    ("0.0.0.0/8", "\"this network\", including 0.0.0.0"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved, including the broadcast address"),
+    ("255.255.255.255/32", "broadcast"),
+];
+const RESERVED_V6: [(&str, &str); 5] = [
+    ("::/128", "the unspecified address"),
+    ("::1/128", "loopback"),
+    ("::ffff:0:0/96", "IPv4-mapped addresses"),
+    ("fe80::/10", "link-local"),
+    ("ff00::/8", "multicast"),
+];
+
+/// [`RESERVED_V4`] and [`RESERVED_V6`], parsed once (every lease of every
+/// pass is checked against them).
+static RESERVED: std::sync::LazyLock<Vec<(IpNetwork, &'static str)>> =
+    std::sync::LazyLock::new(|| {
+        RESERVED_V4
+            .iter()
+            .chain(RESERVED_V6.iter())
+            .map(|(net, what)| (net.parse().expect("valid reserved range"), *what))
+            .collect()
+    });
+
+fn reserved() -> impl Iterator<Item = (IpNetwork, &'static str)> {
+    RESERVED.iter().copied()
+}
+
+/// True when the networks share an address (one contains the other).
+pub fn overlaps(a: IpNetwork, b: IpNetwork) -> bool {
+    match (a, b) {
+        (IpNetwork::V4(a), IpNetwork::V4(b)) => a.contains(b.network()) || b.contains(a.network()),
+        (IpNetwork::V6(a), IpNetwork::V6(b)) => a.contains(b.network()) || b.contains(a.network()),
+        _ => false,
+    }
+}
+
+/// True when `ip` is an address a node can be reached at: not unspecified,
+/// loopback, multicast, broadcast, link-local (IPv6: it needs a scope a lease
+/// cannot carry), IPv4-mapped or otherwise reserved.
+pub fn is_unicast(ip: IpAddr) -> bool {
+    let host = IpNetwork::from(ip);
+    match ip {
+        // 169.254/16 is a usable (if odd) IPv4 underlay; only the ranges no
+        // packet can be sent to count here.
+        IpAddr::V4(_) => !reserved().any(|(r, what)| what != "link-local" && overlaps(r, host)),
+        IpAddr::V6(_) => !reserved().any(|(r, _)| overlaps(r, host)),
+    }
+}
+
+/// A prefix usable as a pod network: written without host bits, and clear
+/// of every reserved range.
+fn check_prefix(key: &'static str, network: IpNetwork) -> Result<(), NetworkConfigError> {
+    let expected = IpNetwork::new(network.network(), network.prefix()).expect("same prefix");
+    if network.ip() != network.network() {
+        return Err(NetworkConfigError::HostBits {
+            key,
+            network,
+            expected,
+        });
+    }
+    if let Some((reserved, what)) = reserved().find(|(r, _)| overlaps(*r, network)) {
+        return Err(NetworkConfigError::NotUnicast {
+            key,
+            network,
+            reserved,
+            what,
+        });
+    }
+    Ok(())
 }
 
 impl NetworkConfig {
@@ -161,6 +255,10 @@ impl NetworkConfig {
     }
 
     pub fn validate(&self) -> Result<(), NetworkConfigError> {
+        check_prefix("network", IpNetwork::V4(self.network))?;
+        if let Some(net6) = self.ipv6_network {
+            check_prefix("ipv6Network", IpNetwork::V6(net6))?;
+        }
         let network_len = self.network.prefix();
         if self.subnet_len <= network_len || self.subnet_len > 30 {
             return Err(NetworkConfigError::SubnetLen {
@@ -260,6 +358,20 @@ impl NetworkConfig {
         (1..self.subnet_count()).filter_map(|i| self.subnet(i))
     }
 
+    /// True when `net` shares an address with the IPv4 network or the IPv6
+    /// one (dual stack).
+    pub fn overlaps(&self, net: IpNetwork) -> bool {
+        overlaps(IpNetwork::V4(self.network), net)
+            || self
+                .ipv6()
+                .is_some_and(|n6| overlaps(IpNetwork::V6(n6), net))
+    }
+
+    /// The cluster network of `ip`'s family holds `ip`.
+    pub fn contains_ip(&self, ip: IpAddr) -> bool {
+        self.overlaps(IpNetwork::from(ip))
+    }
+
     /// True when `subnet` is one of this network's node subnets.
     pub fn holds(&self, subnet: Ipv4Network) -> bool {
         subnet.prefix() == self.subnet_len
@@ -337,6 +449,101 @@ mod tests {
             let err = NetworkConfig::from_json(text).unwrap_err().to_string();
             assert!(err.contains(want), "{text}: {err}");
         }
+    }
+
+    #[test]
+    fn refuses_networks_that_are_not_usable_unicast_prefixes() {
+        let cases = [
+            (r#"{"network":"0.0.0.0/0"}"#, "overlaps 0.0.0.0/8"),
+            (r#"{"network":"0.0.0.0/0","subnetLen":24}"#, "not a usable"),
+            (r#"{"network":"127.0.0.0/8"}"#, "loopback"),
+            (r#"{"network":"127.1.0.0/16"}"#, "loopback"),
+            (r#"{"network":"224.0.0.0/4"}"#, "multicast"),
+            (r#"{"network":"239.1.0.0/16"}"#, "multicast"),
+            (r#"{"network":"240.0.0.0/8"}"#, "reserved"),
+            (r#"{"network":"169.254.0.0/16"}"#, "link-local"),
+            (r#"{"network":"0.0.0.0/8","subnetLen":24}"#, "this network"),
+            (
+                r#"{"network":"10.0.0.1/8"}"#,
+                "10.0.0.1/8 has host bits set: a network is written with its first address (e.g. 10.0.0.0/8)",
+            ),
+            (
+                r#"{"network":"10.244.0.0/16","ipv6Network":"::/0"}"#,
+                "ipv6Network ::/0 is not a usable unicast pod network",
+            ),
+            (
+                r#"{"network":"10.244.0.0/16","ipv6Network":"ff00::/8","ipv6SubnetLen":64}"#,
+                "multicast",
+            ),
+            (
+                r#"{"network":"10.244.0.0/16","ipv6Network":"fe80::/56"}"#,
+                "link-local",
+            ),
+            (
+                r#"{"network":"10.244.0.0/16","ipv6Network":"::ffff:0:0/96","ipv6SubnetLen":120}"#,
+                "IPv4-mapped",
+            ),
+            (
+                r#"{"network":"10.244.0.0/16","ipv6Network":"fd00:244::1/56"}"#,
+                "has host bits set",
+            ),
+        ];
+        for (text, want) in cases {
+            let err = NetworkConfig::from_json(text).expect_err(text).to_string();
+            assert!(err.contains(want), "{text}: {err}");
+        }
+        // Usable ranges still pass, the public ones included.
+        for ok in [
+            r#"{"network":"10.244.0.0/16"}"#,
+            r#"{"network":"100.64.0.0/10","subnetLen":24}"#,
+            r#"{"network":"192.0.2.0/24","subnetLen":28}"#,
+            r#"{"network":"10.244.0.0/16","ipv6Network":"2001:db8::/56"}"#,
+        ] {
+            NetworkConfig::from_json(ok).expect(ok);
+        }
+    }
+
+    #[test]
+    fn unicast_addresses_and_overlaps() {
+        for bad in [
+            "0.0.0.0",
+            "0.1.2.3",
+            "127.0.0.1",
+            "224.0.0.1",
+            "239.255.255.250",
+            "255.255.255.255",
+            "240.0.0.1",
+            "::",
+            "::1",
+            "ff02::1",
+            "fe80::1",
+            "::ffff:192.0.2.1",
+        ] {
+            assert!(!is_unicast(bad.parse().unwrap()), "{bad}");
+        }
+        for good in [
+            "192.0.2.10",
+            "10.1.2.3",
+            "169.254.10.1",
+            "2001:db8::10",
+            "fd00::1",
+        ] {
+            assert!(is_unicast(good.parse().unwrap()), "{good}");
+        }
+        let n = |s: &str| s.parse::<IpNetwork>().unwrap();
+        assert!(overlaps(n("10.0.0.0/8"), n("10.244.1.0/24")));
+        assert!(overlaps(n("10.244.1.0/24"), n("10.0.0.0/8")));
+        assert!(!overlaps(n("10.244.1.0/24"), n("10.244.2.0/24")));
+        assert!(!overlaps(n("10.244.1.0/24"), n("fd00::/8")));
+        let cfg = NetworkConfig::from_json(
+            r#"{"network":"10.244.0.0/16","ipv6Network":"fd00:244::/56"}"#,
+        )
+        .unwrap();
+        assert!(cfg.overlaps(n("10.244.9.0/24")));
+        assert!(cfg.overlaps(n("fd00:244:0:9::/64")));
+        assert!(!cfg.overlaps(n("192.168.77.0/24")));
+        assert!(cfg.contains_ip("10.244.3.7".parse().unwrap()));
+        assert!(!cfg.contains_ip("fd00:245::1".parse().unwrap()));
     }
 
     #[test]

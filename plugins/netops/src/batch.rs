@@ -24,7 +24,7 @@
 use crate::neigh::{fdb_key, mac_str, neighbour_key, permanent_fdb, permanent_neighbour};
 use crate::{FdbEntry, Ipv4Route, Ipv6Route, NetNs, NetopsError, NsHandle, Result, in_netns};
 use rtnetlink::packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
 };
 use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
@@ -50,6 +50,11 @@ pub enum BatchOp {
     },
     /// `ip route replace <route>` with its protocol.
     ReplaceRoute(Ipv4Route),
+    /// `ip route add <route>` with its protocol (NLM_F_EXCL): EEXIST rather
+    /// than taking over someone else's route to the same destination.
+    CreateRoute(Ipv4Route),
+    /// `ip -6 route add <route>` with its protocol (NLM_F_EXCL).
+    CreateRoute6(Ipv6Route),
     /// `ip route del <route>` (protocol included).
     DeleteRoute(Ipv4Route),
     /// `bridge fdb del <mac> dev <ifindex> [dst <dst>] self`.
@@ -66,6 +71,7 @@ impl BatchOp {
     fn message(&self) -> NetlinkMessage<RouteNetlinkMessage> {
         let create = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
         let delete = NLM_F_REQUEST | NLM_F_ACK;
+        let exclusive = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
         let (inner, flags) = match self {
             BatchOp::ReplaceNeighbour { ifindex, ip, mac } => (
                 RouteNetlinkMessage::NewNeighbour(permanent_neighbour(*ifindex, *ip, *mac)),
@@ -78,6 +84,8 @@ impl BatchOp {
                 create,
             ),
             BatchOp::ReplaceRoute(r) => (RouteNetlinkMessage::NewRoute(r.message()), create),
+            BatchOp::CreateRoute(r) => (RouteNetlinkMessage::NewRoute(r.message()), exclusive),
+            BatchOp::CreateRoute6(r) => (RouteNetlinkMessage::NewRoute(r.message()), exclusive),
             BatchOp::DeleteRoute(r) => (RouteNetlinkMessage::DelRoute(r.message()), delete),
             BatchOp::DeleteFdb(e) => (RouteNetlinkMessage::DelNeighbour(fdb_key(e)), delete),
             BatchOp::DeleteNeighbour { ifindex, ip } => (
@@ -115,6 +123,8 @@ impl BatchOp {
                 )
             }
             BatchOp::ReplaceRoute(r) => format!("replace route {}", r.describe()),
+            BatchOp::CreateRoute(r) => format!("add route {}", r.describe()),
+            BatchOp::CreateRoute6(r) => format!("add route {}", r.describe()),
             BatchOp::DeleteRoute(r) => format!("delete route {}", r.describe()),
             BatchOp::DeleteFdb(e) => format!(
                 "delete fdb entry {}{} dev #{}",

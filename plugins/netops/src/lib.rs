@@ -42,7 +42,10 @@ pub use neigh::{FdbEntry, IpNeighbour, NeighState, Neighbour, Neighbour6};
 pub use netns::{NetNs, in_netns};
 pub use pod_link::{BridgeSpec, VethPair};
 pub use route::RouteSpec;
-pub use route::{FERRY_ROUTE_PROTO, IpRoute, Ipv4Route, Ipv6Route, RouteFamily, RouteFilter};
+pub use route::{
+    FERRY_ROUTE_PROTO, IpRoute, Ipv4Route, Ipv6Route, RouteEntry, RouteFamily, RouteFilter,
+    RouteKind,
+};
 pub use tc::{Qdisc, Tbf, TbfState};
 pub use vxlan::{Vxlan, VxlanChange, VxlanSpec};
 

@@ -5,14 +5,21 @@
 //! the neighbour maps the remote subnet's `.0` to the remote VTEP MAC, the
 //! fdb entry maps that MAC to the remote node's underlay IP
 //! (`ip neigh replace … nud permanent`, `bridge fdb replace … self permanent`).
+//!
+//! Ownership: the neighbours ferry writes carry [`FERRY_ROUTE_PROTO`] as
+//! their protocol (`NDA_PROTOCOL`, `ip neigh … protocol 70`), so the daemon
+//! tells them from entries someone else put on its device. VXLAN fdb entries
+//! have no protocol; the daemon recognises its own by their MAC (see
+//! ferryd's dataplane).
 
 use crate::link::is_errno;
-use crate::{NsHandle, Result, RouteFamily};
+use crate::{FERRY_ROUTE_PROTO, NsHandle, Result, RouteFamily};
 use futures::TryStreamExt;
 use rtnetlink::packet_route::AddressFamily;
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage, NeighbourState,
 };
+use rtnetlink::packet_route::route::RouteProtocol;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// A neighbour entry of a link (`ip -4|-6 neigh show dev <link>`).
@@ -23,6 +30,16 @@ pub struct IpNeighbour<A: RouteFamily> {
     /// Absent for unresolved entries (INCOMPLETE, FAILED).
     pub mac: Option<[u8; 6]>,
     pub state: NeighState,
+    /// `NDA_PROTOCOL` (0 when the entry has none): [`FERRY_ROUTE_PROTO`] on
+    /// the entries ferry wrote.
+    pub protocol: u8,
+}
+
+impl<A: RouteFamily> IpNeighbour<A> {
+    /// True when ferry wrote it (its protocol is [`FERRY_ROUTE_PROTO`]).
+    pub fn is_ferrys(&self) -> bool {
+        self.protocol == FERRY_ROUTE_PROTO
+    }
 }
 
 /// An ARP entry.
@@ -66,12 +83,17 @@ pub(crate) fn mac_str(m: &[u8]) -> String {
 }
 
 /// The message of `ip neigh replace <ip> lladdr <mac> dev <ifindex> nud
-/// permanent` (what [`NsHandle::replace_neighbour`] sends; batches send it too).
+/// permanent protocol 70` (what [`NsHandle::replace_neighbour`] sends;
+/// batches send it too).
 pub(crate) fn permanent_neighbour(ifindex: u32, ip: IpAddr, mac: [u8; 6]) -> NeighbourMessage {
     let mut msg = neighbour_key(ifindex, ip);
     msg.header.state = NeighbourState::Permanent;
     msg.attributes
         .push(NeighbourAttribute::LinkLayerAddress(mac.to_vec()));
+    msg.attributes
+        .push(NeighbourAttribute::Protocol(RouteProtocol::from(
+            FERRY_ROUTE_PROTO,
+        )));
     msg
 }
 
@@ -147,28 +169,33 @@ fn neigh_addr(ip: IpAddr) -> NeighbourAddress {
 }
 
 impl NsHandle {
-    /// `ip neigh replace <ip> lladdr <mac> dev <ifindex> nud permanent`.
+    /// `ip neigh replace <ip> lladdr <mac> dev <ifindex> nud permanent
+    /// protocol 70`.
     pub async fn replace_neighbour<A: RouteFamily>(
         &self,
         ifindex: u32,
         ip: A,
         mac: [u8; 6],
     ) -> Result<()> {
-        self.handle
+        let mut req = self
+            .handle
             .neighbours()
             .add(ifindex, ip.into())
             .link_layer_address(&mac)
             .state(NeighbourState::Permanent)
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| {
-                self.err(
-                    "replace neighbour",
-                    format!("{ip} lladdr {} dev #{ifindex}", mac_str(&mac)),
-                    e,
-                )
-            })
+            .replace();
+        req.message_mut()
+            .attributes
+            .push(NeighbourAttribute::Protocol(RouteProtocol::from(
+                FERRY_ROUTE_PROTO,
+            )));
+        req.execute().await.map_err(|e| {
+            self.err(
+                "replace neighbour",
+                format!("{ip} lladdr {} dev #{ifindex}", mac_str(&mac)),
+                e,
+            )
+        })
     }
 
     /// `ip neigh del <ip> dev <ifindex>`; `Ok(false)` when it was not there.
@@ -200,10 +227,12 @@ impl NsHandle {
             }
             let mut ip = None;
             let mut mac = None;
+            let mut protocol = 0;
             for a in &m.attributes {
                 match a {
                     NeighbourAttribute::Destination(d) => ip = A::from_ip(neigh_ip(d)),
                     NeighbourAttribute::LinkLayerAddress(l) => mac = mac6(l),
+                    NeighbourAttribute::Protocol(p) => protocol = u8::from(*p),
                     _ => {}
                 }
             }
@@ -213,6 +242,7 @@ impl NsHandle {
                     ip,
                     mac,
                     state: neigh_state(m.header.state),
+                    protocol,
                 });
             }
         }

@@ -261,7 +261,8 @@ impl<A: RouteFamily> IpRoute<A> {
         b.build()
     }
 
-    pub(crate) fn describe(&self) -> String {
+    /// `dst via gw dev #oif onlink proto N`, for messages.
+    pub fn describe(&self) -> String {
         let mut s = format!("{}", self.dst);
         if let Some(gw) = self.gw {
             s.push_str(&format!(" via {gw}"));
@@ -270,7 +271,15 @@ impl<A: RouteFamily> IpRoute<A> {
         if self.onlink {
             s.push_str(" onlink");
         }
-        s.push_str(&format!(" proto {}", self.protocol));
+        // iproute2's names for the protocols an operator meets most.
+        match self.protocol {
+            2 => s.push_str(" proto kernel"),
+            3 => s.push_str(" proto boot"),
+            4 => s.push_str(" proto static"),
+            9 => s.push_str(" proto ra"),
+            16 => s.push_str(" proto dhcp"),
+            p => s.push_str(&format!(" proto {p}")),
+        }
         s
     }
 
@@ -307,6 +316,27 @@ impl<A: RouteFamily> IpRoute<A> {
     }
 }
 
+/// What a route entry is, as far as ferry's ownership rules care.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RouteKind {
+    /// A unicast route of the main table.
+    MainUnicast,
+    /// Any other route of the main table (blackhole, unreachable, prohibit,
+    /// throw, multicast, …): never ferry's, and never replaced.
+    MainOther,
+    /// A `local` route (an address this node holds), any table.
+    Local,
+}
+
+/// One entry of a route dump that ferry's ownership rules look at: the main
+/// table's routes of every type and protocol, and the node's own addresses.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct RouteEntry<A: RouteFamily> {
+    /// For [`RouteKind::Local`], `dst` is the address as a host prefix.
+    pub route: IpRoute<A>,
+    pub kind: RouteKind,
+}
+
 /// Which main-table routes [`NsHandle::ip_routes`] returns.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct RouteFilter {
@@ -326,7 +356,10 @@ impl NsHandle {
     }
 
     /// `ip route replace <route>` with its protocol: idempotent, and takes
-    /// over a route to the same prefix and metric whoever added it.
+    /// over a route to the same prefix and metric whoever added it, so the
+    /// daemon calls it only where a dump showed no foreign route to `dst`
+    /// (new routes go out with [`NsHandle::create_ip_route`] or a batch's
+    /// exclusive create).
     pub async fn replace_ip_route<A: RouteFamily>(&self, route: &IpRoute<A>) -> Result<()> {
         self.handle
             .route()
@@ -335,6 +368,17 @@ impl NsHandle {
             .execute()
             .await
             .map_err(|e| self.err("replace route", route.describe(), e))
+    }
+
+    /// `ip route add <route>` with its protocol (NLM_F_EXCL): fails with
+    /// EEXIST instead of taking over a route someone else has to `dst`.
+    pub async fn create_ip_route<A: RouteFamily>(&self, route: &IpRoute<A>) -> Result<()> {
+        self.handle
+            .route()
+            .add(route.message())
+            .execute()
+            .await
+            .map_err(|e| self.err("add route", route.describe(), e))
     }
 
     /// `ip route del <route>`, matching its protocol too, so a foreign route
@@ -367,6 +411,59 @@ impl NsHandle {
             {
                 out.push(r);
             }
+        }
+        Ok(out)
+    }
+
+    /// Every main-table route of family `A` (any type, any protocol) and
+    /// every `local` route (the node's own addresses), from one dump: what
+    /// ferry needs to tell its own routes from everyone else's.
+    pub async fn route_entries<A: RouteFamily>(&self) -> Result<Vec<RouteEntry<A>>> {
+        let mut stream = self.route_dump(A::FAMILY);
+        let mut out = Vec::new();
+        while let Some(m) = stream
+            .try_next()
+            .await
+            .map_err(|e| self.err("list routes", "<all>", e))?
+        {
+            if m.header.address_family != A::FAMILY {
+                continue;
+            }
+            let mut table = u32::from(m.header.table);
+            let mut dst = None;
+            let mut gw = None;
+            let mut oif = 0;
+            for a in &m.attributes {
+                match a {
+                    RouteAttribute::Destination(d) => dst = A::from_route_address(d),
+                    RouteAttribute::Gateway(g) => gw = A::from_route_address(g),
+                    RouteAttribute::Oif(i) => oif = *i,
+                    RouteAttribute::Table(t) => table = *t,
+                    _ => {}
+                }
+            }
+            let kind = match m.header.kind {
+                RouteType::Local => RouteKind::Local,
+                RouteType::Unicast if table == MAIN_TABLE => RouteKind::MainUnicast,
+                _ if table == MAIN_TABLE => RouteKind::MainOther,
+                _ => continue,
+            };
+            let Some(dst) = A::net(
+                dst.unwrap_or(A::UNSPECIFIED),
+                m.header.destination_prefix_length,
+            ) else {
+                continue;
+            };
+            out.push(RouteEntry {
+                route: IpRoute {
+                    dst,
+                    gw,
+                    oif,
+                    onlink: m.header.flags.contains(RouteFlags::Onlink),
+                    protocol: u8::from(m.header.protocol),
+                },
+                kind,
+            });
         }
         Ok(out)
     }

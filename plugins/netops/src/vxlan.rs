@@ -183,11 +183,25 @@ impl NsHandle {
 
     /// Makes the device equal to `spec`: creates it, recreates it when an
     /// attribute that cannot change in place differs, or sets MTU, MAC and up.
+    /// A link of another kind with the name is refused (EEXIST), not deleted.
     /// Recreating it drops every neighbour, fdb entry and route through it.
     pub async fn ensure_vxlan(&self, spec: &VxlanSpec) -> Result<(u32, VxlanChange)> {
         let Some(cur) = self.vxlan_by_name(&spec.name).await? else {
             return Ok((self.create_vxlan(spec).await?, VxlanChange::Created));
         };
+        if cur.kind.as_deref() != Some("vxlan") {
+            // A link of another kind under the device's name is not ferry's:
+            // refused, never deleted.
+            return Err(crate::NetopsError::Io {
+                op: format!(
+                    "create vxlan {}: a {} link of that name exists and is not ferry's VXLAN device (ferry deletes only links it made; rename or remove it)",
+                    spec.name,
+                    cur.kind.as_deref().unwrap_or("non-vxlan")
+                ),
+                netns: self.netns.clone(),
+                source: std::io::Error::from_raw_os_error(libc::EEXIST),
+            });
+        }
         if !cur.compatible_with(spec) {
             self.delete_link(cur.index).await?;
             return Ok((self.create_vxlan(spec).await?, VxlanChange::Recreated));

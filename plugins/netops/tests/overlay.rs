@@ -127,14 +127,18 @@ fn vxlan_created_read_back_adjusted_and_recreated() {
         assert_ne!(idx2, idx);
         assert_eq!(h.vxlan_by_name("ferry.7").await?.unwrap().port, Some(8472));
 
-        // A link of another kind holding the name is replaced.
+        // A link of another kind holding the name is not ferry's: refused
+        // (EEXIST), never deleted.
         h.delete_link(idx2).await?;
         ip(&ns, &["link", "add", "ferry.7", "type", "bridge"]);
-        let (_, change) = h.ensure_vxlan(&s).await?;
-        assert_eq!(change, VxlanChange::Recreated);
+        let bridge = h.vxlan_by_name("ferry.7").await?.unwrap();
+        let e = h.ensure_vxlan(&s).await.unwrap_err();
+        assert!(e.is_errno(libc::EEXIST), "{e}");
+        assert!(e.to_string().contains("not ferry's VXLAN device"), "{e}");
+        let still = h.vxlan_by_name("ferry.7").await?.unwrap();
         assert_eq!(
-            h.vxlan_by_name("ferry.7").await?.unwrap().kind.as_deref(),
-            Some("vxlan")
+            (still.index, still.kind.as_deref()),
+            (bridge.index, Some("bridge"))
         );
         Ok(())
     })
