@@ -1,6 +1,6 @@
-//! Real container runtimes (containerd + `ctr`, podman) running ferry's
-//! plugins on a "node" the test creates, without touching the host's
-//! runtime state.
+//! Real container runtimes (containerd + `ctr`, containerd's CRI plugin as
+//! [`crate::cri`] drives it, podman) running ferry's plugins on a "node" the
+//! test creates, without touching the host's runtime state.
 //!
 //! A [`Node`] is a network namespace plus a private mount namespace held open
 //! by a small holder process (`unshare -m --propagation private … sleep`).
@@ -711,7 +711,11 @@ impl Containerd {
         let config = format!(
             "version = 2\nroot = {root:?}\nstate = {state:?}\n\
              [grpc]\n  address = {sock:?}\n\
-             [ttrpc]\n  address = {ttrpc:?}\n{plugins}",
+             [ttrpc]\n  address = {ttrpc:?}\n\
+             [plugins.\"io.containerd.internal.v1.opt\"]\n  path = {opt:?}\n{plugins}",
+            // Not /opt/containerd: the host's /opt is shadowed only when
+            // /opt/cni does not exist there.
+            opt = node.path("containerd-opt").display().to_string(),
             root = node.path("containerd-root").display().to_string(),
             state = node.path("containerd-state").display().to_string(),
             sock = sock.display().to_string(),
