@@ -233,6 +233,14 @@ pub struct CriNode {
 }
 
 impl CriNode {
+    /// The conflist ferryd wrote into the conf dir, parsed.
+    pub fn conflist(&self) -> Value {
+        let path = self.conf_dir.join("10-ferry.conflist");
+        let text = std::fs::read_to_string(&path)
+            .unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+    }
+
     /// The verbose `info` containerd gives about a sandbox, parsed.
     pub fn sandbox_info(&self, id: &str) -> Value {
         let status = self
@@ -414,16 +422,16 @@ impl CriLab {
         i
     }
 
-    /// Node `i`'s pod subnet and gateway, from ferryd's subnet.env.
+    /// Node `i`'s pod subnet and gateway, from the conflist ferryd wrote
+    /// (what containerd runs; subnet.env may come a moment later).
     pub fn subnet(&self, i: usize) -> (Ipv4Network, Ipv4Addr) {
-        let env = self
-            .lab
-            .node_subnet(self.nodes[i].lab_index)
-            .expect("ferryd wrote subnet.env");
-        // FERRY_SUBNET is the gateway with the subnet's length.
-        let gw: Ipv4Network = env.parse().expect("FERRY_SUBNET is address/len");
-        let subnet = Ipv4Network::new(gw.network(), gw.prefix()).expect("a valid prefix");
-        (subnet, gw.ip())
+        let conflist = self.nodes[i].conflist();
+        let subnet: Ipv4Network = conflist["plugins"][0]["ipam"]["ranges"][0][0]["subnet"]
+            .as_str()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| panic!("no IPv4 subnet in the conflist: {conflist:#}"));
+        let gateway = Ipv4Addr::from(u32::from(subnet.network()) + 1);
+        (subnet, gateway)
     }
 
     /// Restarts node `i`'s containerd (SIGTERM, as `systemctl restart`;

@@ -4,9 +4,9 @@
 //!
 //! What containerd 1.6.20's CRI was seen to do here: it runs its own
 //! `loopback` network besides the conflist (a plugin named `loopback` must be
-//! in its bin dir); it sends no CHECK and no VERSION; StopPodSandbox sends
-//! DEL with the namespace and the cached result, and RemovePodSandbox (or a
-//! second Stop) sends more DELs with an empty CNI_NETNS; a restart sends
+//! in its bin dir); it sends no CHECK and no VERSION; every StopPodSandbox
+//! and RemovePodSandbox sends a DEL, the first with the namespace, the later
+//! ones (a second Stop, Remove) with an empty CNI_NETNS; a restart sends
 //! nothing.
 
 use ferry_tests::cri::{
@@ -112,6 +112,36 @@ fn run_pod_sandbox_two_pods_reach_each_other_and_the_gateway() {
         assert!(p.netns.ip_link_is_up("lo"), "{}: lo is down", p.name);
     }
     assert_ne!(pods[0].ip, pods[1].ip);
+    let mtu = node.conflist()["plugins"][0]["mtu"]
+        .as_u64()
+        .expect("ferryd sets the MTU");
+    for p in &pods {
+        // containerd's view of the result ferry printed (go-cni's cniResult):
+        // eth0 with the address and the gateway, ferry's host veth, and lo
+        // from its own loopback network.
+        let ifaces = &p.info["cniResult"]["Interfaces"];
+        let eth0 = &ifaces["eth0"]["IPConfigs"][0];
+        assert_eq!(eth0["IP"], p.ip.to_string(), "{}: {ifaces:#}", p.name);
+        assert_eq!(
+            eth0["Gateway"],
+            gateway.to_string(),
+            "{}: {ifaces:#}",
+            p.name
+        );
+        let veth = host_veth_name(&p.id, "eth0");
+        assert!(
+            ifaces.get(&veth).is_some(),
+            "{}: no {veth} in {ifaces:#}",
+            p.name
+        );
+        assert!(
+            ifaces.get("lo").is_some(),
+            "{}: no lo in {ifaces:#}",
+            p.name
+        );
+        let link = p.netns.link("eth0").expect("the pod's eth0");
+        assert_eq!(u64::from(link.mtu), mtu, "{}: eth0's MTU", p.name);
+    }
     for (a, b) in [(0, 1), (1, 0)] {
         for to in [pods[b].ip, gateway] {
             assert!(
@@ -213,9 +243,14 @@ fn host_ports_tcp_and_udp_answer_from_the_node_and_from_outside() {
         SocketAddr::from((node_ip, tcp_port)),
         SocketAddr::from((node_ip, udp_port)),
     );
-    for (from, ns) in [
-        ("the node", &node.node.ns),
-        ("outside (the underlay)", &lab.lab.underlay),
+    let local = (
+        SocketAddr::from((Ipv4Addr::LOCALHOST, tcp_port)),
+        SocketAddr::from((Ipv4Addr::LOCALHOST, udp_port)),
+    );
+    for (from, ns, (tcp, udp)) in [
+        ("the node", &node.node.ns, (tcp, udp)),
+        ("the node's 127.0.0.1", &node.node.ns, local),
+        ("outside (the underlay)", &lab.lab.underlay, (tcp, udp)),
     ] {
         let answer = tcp_answer(ns, tcp);
         assert_eq!(
@@ -315,12 +350,20 @@ fn stop_twice_then_remove_releases_everything() {
         "hostPort {port} -> {ip} not in nftables:\n{rules}"
     );
 
+    let dels = || node.bridge_calls(&id).len() - 1;
     node.stop(&id);
     assert_released(node, &id, ip, &[port]);
+    let after_stop = dels();
     // kubelet stops again when it is not sure the first one went through.
     node.stop(&id);
+    let after_second_stop = dels();
     node.remove(&id);
     assert_released(node, &id, ip, &[port]);
+    note(&format!(
+        "containerd CRI DELs: {after_stop} at the first Stop, {} at the second, {} at Remove",
+        after_second_stop - after_stop,
+        dels() - after_second_stop
+    ));
     let gone = node.cri.pod_sandbox_status(&id);
     assert!(gone.is_err(), "sandbox still known after removal");
 
