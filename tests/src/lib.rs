@@ -17,7 +17,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Once, mpsc};
 use std::time::Duration;
 
+pub mod cri;
 pub mod etcd;
+pub mod iperf;
 pub mod lab;
 pub mod runtime;
 

@@ -1,6 +1,6 @@
-//! Real container runtimes (containerd + `ctr`, podman) running ferry's
-//! plugins on a "node" the test creates, without touching the host's
-//! runtime state.
+//! Real container runtimes (containerd + `ctr`, containerd's CRI plugin as
+//! [`crate::cri`] drives it, podman) running ferry's plugins on a "node" the
+//! test creates, without touching the host's runtime state.
 //!
 //! A [`Node`] is a network namespace plus a private mount namespace held open
 //! by a small holder process (`unshare -m --propagation private … sleep`).
@@ -23,6 +23,7 @@ use crate::{TestDir, TestNetns, bin, in_netns_cmd, unique_index, wait_until};
 use serde_json::{Value, json};
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -42,6 +43,25 @@ pub const HTTP_MARKER: &str = "ferry-hostport-ok";
 pub fn have(program: &str) -> bool {
     std::env::var_os("PATH")
         .is_some_and(|paths| std::env::split_paths(&paths).any(|d| d.join(program).is_file()))
+}
+
+/// Root and the runtime binaries `what` needs (and /bin/busybox for the
+/// test image), or a loud skip.
+pub fn require_runtime(what: &str, programs: &[&str]) -> bool {
+    if !crate::require_root() {
+        return false;
+    }
+    let missing: Vec<&str> = programs.iter().copied().filter(|p| !have(p)).collect();
+    if !missing.is_empty() {
+        return crate::skip(&format!(
+            "{what}: {} not installed (scripts/test.sh installs them)",
+            missing.join(", ")
+        ));
+    }
+    if !Path::new("/bin/busybox").is_file() {
+        return crate::skip("/bin/busybox missing (Debian's busybox-static)");
+    }
+    true
 }
 
 /// Runs `cmd` with a time limit; returns its output (killed after `limit`:
@@ -146,12 +166,39 @@ pub struct Node {
     /// Unique per node: containerd namespace, cgroup parent, names.
     pub name: String,
     holder: Option<Child>,
-    daemons: Vec<Child>,
+    /// Long-running processes by their log name.
+    daemons: Vec<(String, Child)>,
+}
+
+impl TestNetns {
+    /// Another handle on this namespace, with a path of its own: the
+    /// namespace lives while either handle does (a [`Node`] made on a lab
+    /// node's namespace, see [`Node::with_netns`]).
+    pub fn share(&self) -> TestNetns {
+        TestNetns::open(self.path())
+    }
+
+    /// A handle on the network namespace at `path` (e.g. a pod's
+    /// `/proc/<pid>/ns/net`), under a path of its own that stays valid
+    /// while the handle lives.
+    pub fn open(path: &Path) -> TestNetns {
+        let ns = ferry_netops::NetNs::open(path)
+            .unwrap_or_else(|e| panic!("open the netns {}: {e}", path.display()));
+        let named = crate::unique_fd(&ns);
+        let own = format!("/proc/{}/fd/{}", std::process::id(), named.as_raw_fd());
+        let ns = ferry_netops::NetNs::open(&own).expect("reopen the netns by its /proc path");
+        TestNetns { ns, _named: named }
+    }
 }
 
 impl Node {
     pub fn new(tag: &str) -> Node {
-        let ns = TestNetns::new();
+        Node::with_netns(tag, TestNetns::new())
+    }
+
+    /// A node on an existing network namespace (a lab node's, whose ferryd
+    /// and underlay link the lab made).
+    pub fn with_netns(tag: &str, ns: TestNetns) -> Node {
         let dir = TestDir::new(tag);
         let name = format!("ft{}x{}", std::process::id(), unique_index());
         for d in [
@@ -305,7 +352,12 @@ impl Node {
     /// Starts a long-running process in the node (stdout and stderr to
     /// `log/<log>`); it is killed when the node drops.
     pub fn spawn_daemon(&mut self, program: &str, args: &[&str], log: &str) {
-        let f = std::fs::File::create(self.path("log").join(log)).expect("daemon log");
+        // Appended: a restarted daemon's log keeps its first run.
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("log").join(log))
+            .expect("daemon log");
         let mut cmd = self.command(program);
         cmd.args(args)
             .stdin(Stdio::null())
@@ -315,7 +367,25 @@ impl Node {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
-        self.daemons.push(child);
+        self.daemons.push((log.to_string(), child));
+    }
+
+    /// Stops the daemon started with log name `log` by `signal` and waits
+    /// for it (SIGKILL after 20 s). What it started (shims) keeps running.
+    pub fn stop_daemon(&mut self, log: &str, signal: libc::c_int) {
+        let Some(at) = self.daemons.iter().position(|(l, _)| l == log) else {
+            panic!("no daemon {log} runs");
+        };
+        let (_, mut child) = self.daemons.remove(at);
+        // SAFETY: plain syscall on our own child, not yet reaped.
+        unsafe { libc::kill(child.id() as i32, signal) };
+        let exited = wait_until(Duration::from_secs(20), || {
+            child.try_wait().ok().flatten().is_some()
+        });
+        if !exited {
+            let _ = child.kill();
+        }
+        let _ = child.wait();
     }
 
     pub fn log(&self, name: &str) -> String {
@@ -371,7 +441,7 @@ impl Node {
     /// started (containers live in their own namespaces but descend from a
     /// shim or conmon in this one), then the holder.
     fn kill_all(&mut self) {
-        for d in &mut self.daemons {
+        for (_, d) in &mut self.daemons {
             let _ = d.kill();
             let _ = d.wait();
         }
@@ -519,6 +589,11 @@ pub fn tar_dir(rootfs: &Path, out: &Path) {
 /// import` reads) of `rootfs` tagged `reference`, built offline: one layer,
 /// its sha256 as the diff ID, a minimal config.
 pub fn docker_archive(rootfs: &Path, reference: &str, work: &Path) -> PathBuf {
+    docker_archive_of(rootfs, &[reference], &["/bin/sh"], work)
+}
+
+/// [`docker_archive`] with several tags and the image's command `cmd`.
+pub fn docker_archive_of(rootfs: &Path, tags: &[&str], cmd: &[&str], work: &Path) -> PathBuf {
     let stage = work.join("image");
     std::fs::create_dir_all(&stage).expect("image dir");
     let layer = stage.join("layer.tar");
@@ -533,14 +608,14 @@ pub fn docker_archive(rootfs: &Path, reference: &str, work: &Path) -> PathBuf {
     let config = json!({
         "architecture": "amd64",
         "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
+        "config": {"Env": ["PATH=/bin"], "Cmd": cmd},
         "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{digest}")]},
         "history": [{"created_by": "ferry tests: busybox-static"}],
     });
     std::fs::write(stage.join("config.json"), config.to_string()).expect("config.json");
     let manifest = json!([{
         "Config": "config.json",
-        "RepoTags": [reference],
+        "RepoTags": tags,
         "Layers": ["layer.tar"],
     }]);
     std::fs::write(stage.join("manifest.json"), manifest.to_string()).expect("manifest.json");
@@ -592,39 +667,100 @@ impl Containerd {
     /// Writes its config (own root, state, socket; the CRI plugin's CNI dirs
     /// are the node's) and starts it; waits until `ctr version` answers.
     pub fn start(node: &mut Node) -> Containerd {
+        let cri = format!(
+            "[plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = {bin:?}\n  conf_dir = {conf:?}\n",
+            bin = node.bin_dir().display().to_string(),
+            conf = node.conf_dir().display().to_string(),
+        );
+        let namespace = node.name.clone();
+        Containerd::start_with(node, namespace, &cri)
+    }
+
+    /// containerd as a Kubernetes node runs it, for kubelet's path: its CRI
+    /// plugin with the node's CNI bin dir, `conf_dir` and `sandbox_image`
+    /// (imported later into the `k8s.io` namespace, which `ctr` then uses).
+    /// What this sandbox needs: no SELinux or AppArmor, and
+    /// `restrict_oom_score_adj` (root here lacks CAP_SYS_RESOURCE, so the
+    /// sandbox's oom_score_adj may not go below containerd's own).
+    pub fn start_cri(node: &mut Node, conf_dir: &Path, sandbox_image: &str) -> Containerd {
+        let cri = format!(
+            "[plugins.\"io.containerd.grpc.v1.cri\"]\n\
+             \x20 sandbox_image = {sandbox_image:?}\n\
+             \x20 enable_selinux = false\n\
+             \x20 disable_apparmor = true\n\
+             \x20 restrict_oom_score_adj = true\n\
+             \x20 enable_unprivileged_ports = true\n\
+             \x20 enable_unprivileged_icmp = true\n\
+             \x20 stream_server_address = \"127.0.0.1\"\n\
+             \x20 stream_server_port = \"0\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".containerd]\n\
+             \x20 snapshotter = \"overlayfs\"\n\
+             [plugins.\"io.containerd.grpc.v1.cri\".cni]\n\
+             \x20 bin_dir = {bin:?}\n\
+             \x20 conf_dir = {conf:?}\n\
+             \x20 max_conf_num = 1\n",
+            bin = node.bin_dir().display().to_string(),
+            conf = conf_dir.display().to_string(),
+        );
+        Containerd::start_with(node, "k8s.io".into(), &cri)
+    }
+
+    /// Writes the config, `plugins` being its CRI tables, and starts it.
+    fn start_with(node: &mut Node, namespace: String, plugins: &str) -> Containerd {
         let sock = node.path("containerd.sock");
         let config = format!(
             "version = 2\nroot = {root:?}\nstate = {state:?}\n\
              [grpc]\n  address = {sock:?}\n\
              [ttrpc]\n  address = {ttrpc:?}\n\
-             [plugins.\"io.containerd.grpc.v1.cri\".cni]\n  bin_dir = {bin:?}\n  conf_dir = {conf:?}\n",
+             [plugins.\"io.containerd.internal.v1.opt\"]\n  path = {opt:?}\n{plugins}",
+            // Not /opt/containerd: the host's /opt is shadowed only when
+            // /opt/cni does not exist there.
+            opt = node.path("containerd-opt").display().to_string(),
             root = node.path("containerd-root").display().to_string(),
             state = node.path("containerd-state").display().to_string(),
             sock = sock.display().to_string(),
             ttrpc = node.path("containerd-ttrpc.sock").display().to_string(),
-            bin = node.bin_dir().display().to_string(),
-            conf = node.conf_dir().display().to_string(),
         );
-        let cfg = node.path("containerd.toml");
-        std::fs::write(&cfg, config).expect("containerd.toml");
-        node.spawn_daemon(
-            "containerd",
-            &["--config", &cfg.display().to_string()],
-            "containerd",
-        );
-        let c = Containerd {
-            sock,
-            namespace: node.name.clone(),
-        };
+        std::fs::write(node.path("containerd.toml"), config).expect("containerd.toml");
+        let c = Containerd { sock, namespace };
+        c.spawn(node);
+        c
+    }
+
+    /// Starts containerd with the config written before; waits until `ctr
+    /// version` answers.
+    fn spawn(&self, node: &mut Node) {
+        let cfg = node.path("containerd.toml").display().to_string();
+        node.spawn_daemon("containerd", &["--config", &cfg], "containerd");
         let up = wait_until(Duration::from_secs(30), || {
-            c.sock.exists() && c.ctr(node, &["version"]).status.success()
+            self.sock.exists() && self.ctr(node, &["version"]).status.success()
         });
         assert!(
             up,
             "containerd did not come up:\n{}",
             node.log("containerd")
         );
-        c
+    }
+
+    /// Restarts containerd as `systemctl restart` does: SIGTERM to
+    /// containerd alone (the shims and their containers keep running), then
+    /// the same config again.
+    pub fn restart(&self, node: &mut Node) {
+        node.stop_daemon("containerd", libc::SIGTERM);
+        self.spawn(node);
+    }
+
+    /// Imports the test image (see [`busybox_rootfs`]) under `tags`, its
+    /// command being `cmd`.
+    pub fn import_busybox(&self, node: &Node, tags: &[&str], cmd: &[&str]) {
+        let work = node.path("image-build");
+        std::fs::create_dir_all(&work).expect("image dir");
+        let rootfs = busybox_rootfs(&work);
+        let archive = docker_archive_of(&rootfs, tags, cmd, &work);
+        ok(
+            self.ctr(node, &["image", "import", &archive.display().to_string()]),
+            "ctr image import",
+        );
     }
 
     fn ctr_command(&self, node: &Node, args: &[&str]) -> Command {

@@ -6,14 +6,12 @@
 //! ifb devices live there and vanish with it), pod namespaces, and its own
 //! iperf3 server, killed on drop.
 
+use ferry_tests::iperf::{Iperf3Server, iperf3_for};
 use ferry_tests::{
-    BridgeNet, PluginOutput, TestNetns, TestPod, bin, host_veth_name, in_netns_cmd, kill_child,
-    require_root, run_plugin_in,
+    BridgeNet, PluginOutput, TestNetns, TestPod, bin, host_veth_name, require_root, run_plugin_in,
 };
 use serde_json::{Value, json};
 use std::net::IpAddr;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
 
 const VERSION: &str = "1.0.0";
 
@@ -96,59 +94,11 @@ fn pod_ipv4(result: &Value) -> String {
         .to_string()
 }
 
-/// An iperf3 server in a namespace, killed on drop (also when a test fails).
-struct Iperf3Server(Child);
-
-impl Iperf3Server {
-    fn start(ns: &TestNetns, bind: &str) -> Iperf3Server {
-        let mut cmd = Command::new("iperf3");
-        cmd.args(["-s", "-B", bind])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        in_netns_cmd(&mut cmd, ns.netns());
-        Iperf3Server(cmd.spawn().expect("iperf3 (scripts/test.sh installs it)"))
-    }
-}
-
-impl Drop for Iperf3Server {
-    fn drop(&mut self) {
-        kill_child(&self.0);
-        let _ = self.0.wait();
-    }
-}
-
 /// Bits per second received in an iperf3 run from `client` to `server`
 /// (`reverse`: the server sends). 4 s, the first one omitted (slow start and
 /// the bucket's initial burst).
 fn iperf3(client: &TestNetns, server: &str, reverse: bool) -> f64 {
     iperf3_for(client, server, reverse, "4", "1")
-}
-
-/// [`iperf3`] for `secs` seconds, the first `omit` not counted.
-fn iperf3_for(client: &TestNetns, server: &str, reverse: bool, secs: &str, omit: &str) -> f64 {
-    let mut args = vec!["-c", server, "-J", "-t", secs, "-O", omit];
-    if reverse {
-        args.push("-R");
-    }
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let out = client.try_exec("iperf3", &args);
-        let report: Value = serde_json::from_slice(&out.stdout).unwrap_or(Value::Null);
-        // iperf3 3.12 with -J exits 0 even when it could not connect (the
-        // server not listening yet): the report's "error" says so.
-        if out.status.success() && report["error"].is_null() {
-            return report["end"]["sum_received"]["bits_per_second"]
-                .as_f64()
-                .unwrap_or_else(|| panic!("iperf3 report without sum_received: {report}"));
-        }
-        // The server may not listen yet.
-        assert!(
-            Instant::now() < deadline,
-            "iperf3 {args:?} failed: {report} {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
 }
 
 fn assert_near(what: &str, got: f64, want: f64) {

@@ -13,29 +13,11 @@
 
 use ferry_tests::runtime::{
     Containerd, HTTP_MARKER, IMAGE, Node, Podman, busybox_eth0_ipv4, busybox_rootfs, conflist,
-    docker_archive, have, note, ok, parse_call, tar_dir,
+    docker_archive, note, ok, parse_call, require_runtime, tar_dir,
 };
-use ferry_tests::{require_root, skip, unique_index, wait_until};
+use ferry_tests::{unique_index, wait_until};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
-
-/// The runtime binaries `what` needs, or a loud skip.
-fn require(what: &str, programs: &[&str]) -> bool {
-    if !require_root() {
-        return false;
-    }
-    let missing: Vec<&str> = programs.iter().copied().filter(|p| !have(p)).collect();
-    if !missing.is_empty() {
-        return skip(&format!(
-            "{what}: {} not installed (scripts/test.sh installs them)",
-            missing.join(", ")
-        ));
-    }
-    if !std::path::Path::new("/bin/busybox").is_file() {
-        return skip("/bin/busybox missing (Debian's busybox-static)");
-    }
-    true
-}
 
 fn bridge_name(prefix: &str) -> String {
     format!(
@@ -85,7 +67,7 @@ fn calls_for(node: &Node, id: &str) -> Vec<(String, String)> {
 
 #[test]
 fn containerd_ctr_run_cni() {
-    if !require(
+    if !require_runtime(
         "containerd",
         &["containerd", "ctr", "runc", "nsenter", "unshare", "nft"],
     ) {
@@ -234,7 +216,7 @@ fn podman_ip(node: &Node, podman: &Podman, name: &str) -> Ipv4Addr {
 
 #[test]
 fn podman_cni_backend() {
-    if !require(
+    if !require_runtime(
         "podman",
         &["podman", "conmon", "runc", "nsenter", "unshare", "nft"],
     ) {
@@ -315,7 +297,7 @@ fn curl(ns: &ferry_tests::TestNetns, url: &str) -> Option<String> {
 
 #[test]
 fn podman_host_port() {
-    if !require(
+    if !require_runtime(
         "podman",
         &[
             "podman", "conmon", "runc", "nsenter", "unshare", "nft", "curl",
