@@ -412,10 +412,14 @@ impl Batch {
         let fd = self.sock.as_raw_fd();
         let readiness = match &mut self.readiness {
             Some(r) => r,
-            none => none.insert(AsyncFd::with_interest(
-                SockFd(fd),
-                tokio::io::Interest::READABLE,
-            )?),
+            none => {
+                // SAFETY: `fd` is `self.sock`'s, which stays open and the
+                // same until after `readiness` is dropped (field order).
+                let r = unsafe {
+                    AsyncFd::register_with_interest(SockFd(fd), tokio::io::Interest::READABLE)
+                };
+                none.insert(r.map_err(|e| e.into_parts().1)?)
+            }
         };
         if let Ok(ready) = tokio::time::timeout(at_most, readiness.readable()).await {
             // Cleared before the caller reads: what arrives after that read
