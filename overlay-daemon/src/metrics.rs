@@ -4,8 +4,9 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Shared between the daemon loop (which updates it) and the HTTP server
 /// (which reads it). Cheap to clone.
@@ -23,6 +24,16 @@ struct Inner {
     pub etcd_errors: Counter,
     pub lease_acquisitions: Counter,
     ready: AtomicBool,
+    /// When the lease was last granted or renewed, for how long, and why
+    /// the renewals since have failed.
+    lease: Mutex<Option<LeaseRenewal>>,
+}
+
+struct LeaseRenewal {
+    subnet: String,
+    at: Instant,
+    ttl: Duration,
+    last_error: Option<String>,
 }
 
 impl Default for Metrics {
@@ -85,6 +96,7 @@ impl Metrics {
             etcd_errors,
             lease_acquisitions,
             ready: AtomicBool::new(false),
+            lease: Mutex::new(None),
         }))
     }
 
@@ -124,6 +136,48 @@ impl Metrics {
         self.0.ready.load(Ordering::Relaxed)
     }
 
+    fn lease(&self) -> std::sync::MutexGuard<'_, Option<LeaseRenewal>> {
+        self.0.lease.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// etcd granted or renewed the lease of `subnet` just now, for `ttl`.
+    pub fn lease_renewed(&self, subnet: impl ToString, ttl: Duration) {
+        *self.lease() = Some(LeaseRenewal {
+            subnet: subnet.to_string(),
+            at: Instant::now(),
+            ttl,
+            last_error: None,
+        });
+    }
+
+    /// A renewal (or re-acquisition) of the lease failed with `why`.
+    pub fn lease_renewal_failed(&self, why: impl ToString) {
+        if let Some(l) = self.lease().as_mut() {
+            l.last_error = Some(why.to_string());
+        }
+    }
+
+    /// Why the node is not ready because of its lease: it has not been
+    /// renewed within its TTL, so etcd has (or soon will have) let it expire
+    /// and other nodes may drop this node's routes. `None` while it is fresh.
+    pub fn lease_overdue(&self) -> Option<String> {
+        let lease = self.lease();
+        let l = lease.as_ref()?;
+        let age = l.at.elapsed();
+        (age > l.ttl).then(|| {
+            format!(
+                "the lease of {} was last renewed {}s ago, longer than its TTL of {}s{}",
+                l.subnet,
+                age.as_secs(),
+                l.ttl.as_secs(),
+                l.last_error
+                    .as_ref()
+                    .map(|e| format!("; last renewal error: {e}"))
+                    .unwrap_or_default()
+            )
+        })
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -157,5 +211,20 @@ mod tests {
             assert!(text.contains(want), "{want} missing in\n{text}");
         }
         assert!(!m.is_ready());
+    }
+
+    #[test]
+    fn a_lease_is_overdue_after_its_ttl_with_the_reason() {
+        let m = Metrics::new();
+        assert_eq!(m.lease_overdue(), None, "no lease yet: nothing overdue");
+        m.lease_renewed("10.244.1.0/24", Duration::from_millis(50));
+        assert_eq!(m.lease_overdue(), None);
+        m.lease_renewal_failed("etcd at http://x: no answer");
+        std::thread::sleep(Duration::from_millis(80));
+        let why = m.lease_overdue().expect("overdue after the TTL");
+        assert!(why.contains("10.244.1.0/24"), "{why}");
+        assert!(why.contains("no answer"), "{why}");
+        m.lease_renewed("10.244.1.0/24", Duration::from_secs(60));
+        assert_eq!(m.lease_overdue(), None, "renewed: fresh again");
     }
 }
