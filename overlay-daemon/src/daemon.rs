@@ -472,7 +472,7 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
     };
     // A failed write is retried by every pass (the first runs at once); the
     // overlay does not wait for the files.
-    if let Err(e) = write_node_files(&node, r, &conf) {
+    if let Err(e) = write_node_files(&node, r, &conf).await {
         warn!("{e}; retrying");
     }
 
@@ -483,7 +483,8 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
     let mut peers: BTreeMap<Ipv4Network, Peer> = BTreeMap::new();
     replace_peers(&mut peers, &leases, &node);
 
-    let mut kernel = KernelEvents::open()?;
+    // `None` after the monitor's socket broke: the periodic pass opens it again.
+    let mut kernel = Some(KernelEvents::open()?);
     let mut watch = store.watch_leases(revision);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| DaemonError::Io {
@@ -512,7 +513,14 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
                     warn!("lease watch: {e}");
                 }
             },
-            Some(()) = kernel.next() => schedule(&mut pass_at, Dirty::Kernel, DEBOUNCE),
+            ev = next_kernel_event(&mut kernel), if kernel.is_some() => {
+                if ev.is_none() {
+                    // Drift would now be repaired only by the periodic pass.
+                    warn!("the kernel event monitor stopped; reopening it at the next pass");
+                    kernel = None;
+                }
+                schedule(&mut pass_at, Dirty::Kernel, DEBOUNCE);
+            }
             _ = sleep_until(renew_at) => {
                 renew_at = Instant::now() + ttl / 3;
                 match store.renew(&node.held).await {
@@ -541,7 +549,7 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
                                 node.held = held;
                                 // Never fatal: the pass scheduled here, and
                                 // every pass after it, writes the files again.
-                                if let Err(e) = write_node_files(&node, r, &conf) {
+                                if let Err(e) = write_node_files(&node, r, &conf).await {
                                     warn!("{e}; retrying");
                                 }
                                 schedule(&mut pass_at, Dirty::Leases, Duration::ZERO);
@@ -567,9 +575,15 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
             _ = sleep_until(due) => {
                 let why = pass_at.take().map(|p| p.why).unwrap_or(Dirty::Kernel);
                 resync_at = Instant::now() + Duration::from_secs(r.resync_interval.max(1));
+                if kernel.is_none() {
+                    match KernelEvents::open() {
+                        Ok(k) => kernel = Some(k),
+                        Err(e) => warn!("reopen the kernel event monitor: {e}"),
+                    }
+                }
                 // The files are part of the desired state too: a conflist
                 // deleted or edited by hand comes back.
-                match write_node_files(&node, r, &conf) {
+                match write_node_files(&node, r, &conf).await {
                     Ok(true) => metrics.repaired(1),
                     Ok(false) => {}
                     Err(e) => warn!("{e}"),
@@ -682,9 +696,23 @@ fn apply_event(peers: &mut BTreeMap<Ipv4Network, Peer>, ev: LeaseEvent, node: &N
     }
 }
 
+/// The next relevant kernel change (`None`: the monitor is gone).
+async fn next_kernel_event(kernel: &mut Option<KernelEvents>) -> Option<()> {
+    match kernel {
+        Some(k) => k.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Writes the conflist and subnet.env when they differ from what they
 /// should be (missing, edited, or a new lease); returns whether it wrote.
-fn write_node_files(node: &Node, r: &RunArgs, conf: &CniConfOptions) -> Result<bool, DaemonError> {
+/// On a blocking thread: the conflist is fsynced, and a slow disk must not
+/// stall the runtime (the HTTP server and etcd keep-alives share it).
+async fn write_node_files(
+    node: &Node,
+    r: &RunArgs,
+    conf: &CniConfOptions,
+) -> Result<bool, DaemonError> {
     let n = NodeNetwork {
         network: node.cfg.network,
         subnet: node.held.lease.subnet(),
@@ -693,22 +721,30 @@ fn write_node_files(node: &Node, r: &RunArgs, conf: &CniConfOptions) -> Result<b
         ip_masq: r.ip_masq,
     };
     let path = conf.path();
-    let wrote_conf =
-        cniconf::write_atomic(&path, &cniconf::conflist(&n, conf)).map_err(|source| {
-            DaemonError::Io {
+    let conflist = cniconf::conflist(&n, conf);
+    let env = cniconf::subnet_env(&n);
+    let subnet_file = r.subnet_file.clone();
+    let (subnet, mtu) = (n.subnet, n.mtu);
+    let write = move || -> Result<bool, DaemonError> {
+        let wrote_conf =
+            cniconf::write_atomic(&path, &conflist).map_err(|source| DaemonError::Io {
                 what: format!("write {}", path.display()),
                 source,
-            }
-        })?;
-    let wrote_env =
-        cniconf::write_atomic(&r.subnet_file, &cniconf::subnet_env(&n)).map_err(|source| {
-            DaemonError::Io {
-                what: format!("write {}", r.subnet_file.display()),
+            })?;
+        let wrote_env =
+            cniconf::write_atomic(&subnet_file, &env).map_err(|source| DaemonError::Io {
+                what: format!("write {}", subnet_file.display()),
                 source,
-            }
-        })?;
-    if wrote_conf || wrote_env {
-        info!(conflist = %path.display(), subnet = %n.subnet, mtu = n.mtu, "node CNI config written");
-    }
-    Ok(wrote_conf || wrote_env)
+            })?;
+        if wrote_conf || wrote_env {
+            info!(conflist = %path.display(), subnet = %subnet, mtu, "node CNI config written");
+        }
+        Ok(wrote_conf || wrote_env)
+    };
+    tokio::task::spawn_blocking(write)
+        .await
+        .map_err(|e| DaemonError::Io {
+            what: "write the node's CNI files".into(),
+            source: std::io::Error::other(e),
+        })?
 }
