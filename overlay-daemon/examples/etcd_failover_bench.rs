@@ -114,7 +114,9 @@ fn main() {
     }
     times.sort();
     let ms = |d: Duration| format!("{:.3}", d.as_secs_f64());
-    println!("| starts | min s | median s | p90 s | p99 s | max s | starts with a failed step | failed steps |");
+    println!(
+        "| starts | min s | median s | p90 s | p99 s | max s | starts with a failed step | failed steps |"
+    );
     println!("|---|---|---|---|---|---|---|---|");
     println!(
         "| {n} | {} | {} | {} | {} | {} | {starts_with_failures} | {failed_steps} |",

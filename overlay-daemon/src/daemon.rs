@@ -8,8 +8,8 @@
 
 use crate::cniconf::{self, CniConfOptions, NodeNetwork};
 use crate::dataplane::{self, Dataplane, KernelEvents, LocalNode, Peer};
-use crate::lease::{Mac, SubnetLease};
 use crate::http::HttpLimits;
+use crate::lease::{Mac, SubnetLease};
 use crate::metrics::Metrics;
 use crate::network::{BackendType, NetworkConfig};
 use crate::store::{

@@ -121,7 +121,10 @@ async fn healthz() -> &'static str {
 
 async fn readyz(State(m): State<Metrics>) -> impl IntoResponse {
     if let Some(why) = m.lease_overdue() {
-        return (StatusCode::SERVICE_UNAVAILABLE, format!("not ready: {why}\n"));
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        );
     }
     if m.is_ready() {
         (StatusCode::OK, "ready\n".to_string())

@@ -344,10 +344,14 @@ impl Store {
                         source,
                     })
                 };
-                let mut t = TlsOptions::new().ca_certificate(Certificate::from_pem(read("CA", &tls.ca)?));
+                let mut t =
+                    TlsOptions::new().ca_certificate(Certificate::from_pem(read("CA", &tls.ca)?));
                 match (&tls.cert, &tls.key) {
                     (Some(cert), Some(key)) => {
-                        t = t.identity(Identity::from_pem(read("certificate", cert)?, read("key", key)?));
+                        t = t.identity(Identity::from_pem(
+                            read("certificate", cert)?,
+                            read("key", key)?,
+                        ));
                     }
                     (None, None) => {}
                     _ => {

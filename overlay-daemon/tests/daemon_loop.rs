@@ -53,7 +53,11 @@ fn a_write_error_after_reacquiring_the_lease_is_retried() {
         lab.ferryd_log(0)
     );
     std::thread::sleep(Duration::from_secs(2));
-    assert!(lab.ferryd_running(0), "ferryd exited:\n{}", lab.ferryd_log(0));
+    assert!(
+        lab.ferryd_running(0),
+        "ferryd exited:\n{}",
+        lab.ferryd_log(0)
+    );
 
     std::fs::remove_file(&conf_dir).unwrap();
     assert!(

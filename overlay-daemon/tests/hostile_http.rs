@@ -197,7 +197,8 @@ fn idle_and_slow_connections_are_closed_after_their_timeouts() {
 
     let mut trickle = connect(1).pop().expect("one connection");
     let start = Instant::now();
-    let head = b"GET /healthz HTTP/1.1\r\nHost: a-very-slow-client\r\nX-Pad: aaaaaaaaaaaaaaaaaaaaaaaa";
+    let head =
+        b"GET /healthz HTTP/1.1\r\nHost: a-very-slow-client\r\nX-Pad: aaaaaaaaaaaaaaaaaaaaaaaa";
     let mut sent = 0;
     let mut closed_after = None;
     while start.elapsed() < Duration::from_secs(8) {

@@ -685,15 +685,24 @@ async fn tls_with_a_ca_and_no_client_certificate() {
     let other = ferry_tests::etcd::TlsCerts::generate(
         &std::env::temp_dir().join(format!("ferry-tls-ca-only-{}", std::process::id())),
     );
-    let err = Store::connect(&with(&other.ca, etcd.endpoint())).await.err();
+    let err = Store::connect(&with(&other.ca, etcd.endpoint()))
+        .await
+        .err();
     let _ = std::fs::remove_dir_all(other.ca.parent().unwrap());
-    assert!(err.is_some(), "a CA that did not sign etcd's certificate must fail");
+    assert!(
+        err.is_some(),
+        "a CA that did not sign etcd's certificate must fail"
+    );
     // An https endpoint without any CA is refused before connecting.
     let no_ca = StoreOptions {
         tls: None,
         ..with(&certs.ca, etcd.endpoint())
     };
-    let err = Store::connect(&no_ca).await.err().expect("no CA").to_string();
+    let err = Store::connect(&no_ca)
+        .await
+        .err()
+        .expect("no CA")
+        .to_string();
     assert!(err.contains("no CA file"), "{err}");
 }
 
@@ -756,10 +765,13 @@ async fn user_and_password_authentication() {
 
         // Without credentials etcd refuses the reads.
         let err = match Store::connect(&with(None)).await {
-            Ok(s) => s.network_config().await.err().expect("refused"),
+            Ok(s) => s.network_config().await.expect_err("refused"),
             Err(e) => e,
         };
-        assert!(matches!(err, StoreError::Etcd { .. }), "{security:?}: {err:?}");
+        assert!(
+            matches!(err, StoreError::Etcd { .. }),
+            "{security:?}: {err:?}"
+        );
         // A wrong password: a clear error, and no password in it.
         let wrong = "wrong-Pa55word";
         let err = Store::connect(&with(credentials(wrong)))
@@ -767,7 +779,10 @@ async fn user_and_password_authentication() {
             .err()
             .expect("a wrong password fails");
         let text = format!("{err} {err:?}");
-        assert!(text.contains("authentication failed"), "{security:?}: {text}");
+        assert!(
+            text.contains("authentication failed"),
+            "{security:?}: {text}"
+        );
         assert!(!text.contains(wrong), "the password leaked: {text}");
         let opts = format!("{:?}", with(credentials(ROOT_PASSWORD)));
         assert!(!opts.contains(ROOT_PASSWORD), "the password leaked: {opts}");
@@ -907,7 +922,12 @@ async fn one_etcd_member_down_does_not_delay_a_lease() {
 /// Waits until every running member answers /health (which needs a leader).
 fn wait_for_a_leader(c: &EtcdCluster) {
     let end = Instant::now() + Duration::from_secs(20);
-    while !c.members.iter().filter(|m| m.running()).all(EtcdServer::healthy) {
+    while !c
+        .members
+        .iter()
+        .filter(|m| m.running())
+        .all(EtcdServer::healthy)
+    {
         assert!(Instant::now() < end, "no etcd leader within 20 s");
         std::thread::sleep(Duration::from_millis(50));
     }

@@ -203,8 +203,7 @@ impl EtcdServer {
             crate::unique_index()
         ));
         std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        let tls =
-            (security != EtcdSecurity::Plain).then(|| TlsCerts::generate(&dir.join("tls")));
+        let tls = (security != EtcdSecurity::Plain).then(|| TlsCerts::generate(&dir.join("tls")));
         EtcdServer {
             child: None,
             dir,
@@ -426,8 +425,7 @@ impl EtcdCluster {
                 m.initial_cluster = initial.clone();
                 m.spawn()
             });
-            match started.and_then(|()| members.iter_mut().try_for_each(EtcdServer::wait_healthy))
-            {
+            match started.and_then(|()| members.iter_mut().try_for_each(EtcdServer::wait_healthy)) {
                 Ok(()) => return EtcdCluster { members },
                 // Dropping the members kills them and removes their dirs.
                 Err(why) => last = why,

@@ -530,7 +530,10 @@ mod tests {
         assert!(err.is_errno(libc::ETIMEDOUT), "{err}");
         let ticks = ticks.load(Ordering::Relaxed);
         // About 60 in 600 ms; none when the wait blocks the thread.
-        assert!(ticks >= 20, "the runtime ran other tasks only {ticks} times");
+        assert!(
+            ticks >= 20,
+            "the runtime ran other tasks only {ticks} times"
+        );
     }
 
     #[test]
