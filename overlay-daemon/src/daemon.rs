@@ -748,3 +748,56 @@ async fn write_node_files(
             source: std::io::Error::other(e),
         })?
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(args: &[&str]) -> Result<StoreOptions, DaemonError> {
+        let cli = Cli::try_parse_from(std::iter::once("ferryd").chain(args.iter().copied()))
+            .expect("flags parse");
+        store_options(&cli.etcd)
+    }
+
+    #[test]
+    fn etcd_security_flags() {
+        if std::env::var_os(PASSWORD_ENV).is_some() {
+            eprintln!("SKIPPED: {PASSWORD_ENV} is set in the environment");
+            return;
+        }
+        let server_only = options(&["--etcd-cafile", "ca.pem"]).unwrap();
+        let tls = server_only.tls.expect("TLS");
+        assert_eq!((tls.cert, tls.key), (None, None));
+        let mutual = options(&[
+            "--etcd-cafile",
+            "ca.pem",
+            "--etcd-certfile",
+            "c.pem",
+            "--etcd-keyfile",
+            "k.pem",
+        ])
+        .unwrap();
+        assert!(mutual.tls.unwrap().cert.is_some());
+        for bad in [
+            &["--etcd-certfile", "c.pem", "--etcd-keyfile", "k.pem"][..],
+            &["--etcd-cafile", "ca.pem", "--etcd-certfile", "c.pem"],
+            &["--etcd-username", "root"],
+            &["--etcd-password-file", "/nonexistent/ferry-password"],
+        ] {
+            assert!(options(bad).is_err(), "{bad:?} accepted");
+        }
+
+        let dir = std::env::temp_dir().join(format!("ferry-pw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pw");
+        std::fs::write(&file, "p4ss word\r\n").unwrap();
+        let path = file.to_str().unwrap();
+        let o = options(&["--etcd-username", "root", "--etcd-password-file", path]).unwrap();
+        let auth = o.auth.expect("credentials");
+        assert_eq!(auth.password, Password::new("p4ss word"));
+        assert!(!format!("{auth:?}").contains("p4ss"), "{auth:?}");
+        std::fs::write(&file, "\n").unwrap();
+        assert!(options(&["--etcd-username", "root", "--etcd-password-file", path]).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

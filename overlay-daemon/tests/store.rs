@@ -786,6 +786,44 @@ async fn user_and_password_authentication() {
         assert!(!text.contains(wrong), "the password leaked: {text}");
         let opts = format!("{:?}", with(credentials(ROOT_PASSWORD)));
         assert!(!opts.contains(ROOT_PASSWORD), "the password leaked: {opts}");
+
+        // The daemon's flags: the password from a file (its newline
+        // ignored), the CA alone for server-only TLS.
+        let dir =
+            std::env::temp_dir().join(format!("ferry-auth-{}-{security:?}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let ferryd_show = |password: &str| {
+            let file = dir.join("password");
+            std::fs::write(&file, format!("{password}\n")).unwrap();
+            let mut cmd = std::process::Command::new(ferry_tests::bin("ferryd"));
+            cmd.args(["--etcd-endpoints", &etcd.endpoint()])
+                .args(["--etcd-prefix", PREFIX, "--etcd-username", "root"])
+                .arg("--etcd-password-file")
+                .arg(&file)
+                .env_remove("FERRY_ETCD_PASSWORD")
+                .env("FERRY_LOG", "debug");
+            if let Some(t) = &tls {
+                cmd.arg("--etcd-cafile").arg(&t.ca);
+            }
+            cmd.arg("show").output().expect("run ferryd")
+        };
+        let out = ferryd_show(ROOT_PASSWORD);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert!(out.status.success(), "{security:?}: {stderr}");
+        assert!(stdout.contains("auth-node"), "{stdout}");
+        assert!(
+            !stderr.contains(ROOT_PASSWORD),
+            "the password leaked: {stderr}"
+        );
+        let out = ferryd_show(wrong);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "a wrong password got in");
+        assert!(stderr.contains("authentication failed"), "{stderr}");
+        assert!(!stderr.contains(wrong), "the password leaked: {stderr}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }
 
