@@ -9,7 +9,10 @@
 //! config, acquire a lease. Every start has a new `Store` (new connections)
 //! and its own node name. Prints the distribution as markdown.
 //!
-//! `cargo run -p ferryd --release --example etcd_failover_bench -- [N]`
+//! With `--hung` the member is not stopped but frozen (SIGSTOP): its port
+//! still accepts connections, which never get an answer.
+//!
+//! `cargo run -p ferryd --release --example etcd_failover_bench -- [N] [--hung]`
 //! (N defaults to 100; scripts/bench-etcd-failover.sh runs it).
 
 use ferry_tests::etcd::EtcdCluster;
@@ -75,10 +78,9 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 }
 
 fn main() {
-    let n: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(100);
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let hung = args.iter().any(|a| a == "--hung");
+    let n: usize = args.iter().find_map(|a| a.parse().ok()).unwrap_or(100);
     let mut cluster = EtcdCluster::start(3);
     let endpoints = cluster.endpoints();
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -99,8 +101,14 @@ fn main() {
     });
     // The member a start may well try first: every position is tried first
     // by some starts, so which one is down does not matter.
-    cluster.members[0].stop();
-    eprintln!("member 0 ({}) stopped; {n} starts", endpoints[0]);
+    let how = if hung {
+        cluster.members[0].pause();
+        "frozen (SIGSTOP)"
+    } else {
+        cluster.members[0].stop();
+        "stopped"
+    };
+    eprintln!("member 0 ({}) {how}; {n} starts", endpoints[0]);
 
     let mut times = Vec::with_capacity(n);
     let mut failed_steps = 0;
@@ -114,6 +122,7 @@ fn main() {
     }
     times.sort();
     let ms = |d: Duration| format!("{:.3}", d.as_secs_f64());
+    println!("member 0 of 3: {how}\n");
     println!(
         "| starts | min s | median s | p90 s | p99 s | max s | starts with a failed step | failed steps |"
     );

@@ -279,6 +279,24 @@ impl EtcdServer {
         panic!("etcd did not start again: {last}");
     }
 
+    /// SIGSTOP: the member hangs (its port still accepts connections, which
+    /// then get no answer), as a member on a frozen or overloaded host.
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, s: nix::sys::signal::Signal) {
+        if let Some(child) = &self.child {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            nix::sys::signal::kill(pid, s).unwrap_or_else(|e| panic!("signal etcd: {e}"));
+        }
+    }
+
     /// True while the process runs (stopped by [`stop`](Self::stop) or not started: false).
     pub fn running(&self) -> bool {
         self.child.is_some()
