@@ -8,10 +8,13 @@
 
 use crate::cniconf::{self, CniConfOptions, NodeNetwork};
 use crate::dataplane::{self, Dataplane, KernelEvents, LocalNode, Peer};
+use crate::http::HttpLimits;
 use crate::lease::{Mac, SubnetLease};
 use crate::metrics::Metrics;
 use crate::network::{BackendType, NetworkConfig};
-use crate::store::{HeldLease, LeaseEvent, LeaseState, Store, StoreOptions, TlsFiles};
+use crate::store::{
+    Credentials, HeldLease, LeaseEvent, LeaseState, Password, Store, StoreOptions, TlsFiles,
+};
 use clap::{Parser, Subcommand};
 use ferry_netops::NsHandle;
 use ipnetwork::Ipv4Network;
@@ -71,16 +74,29 @@ pub struct EtcdArgs {
         global = true
     )]
     pub etcd_prefix: String,
-    /// CA bundle to verify etcd's certificate (enables TLS).
+    /// CA bundle to verify etcd's certificate (enables TLS; alone, without
+    /// a client certificate, it is server-only TLS).
     #[arg(long, env = "FERRY_ETCD_CAFILE", global = true)]
     pub etcd_cafile: Option<PathBuf>,
-    /// Client certificate for etcd.
+    /// Client certificate for etcd (mutual TLS; needs --etcd-keyfile and --etcd-cafile).
     #[arg(long, env = "FERRY_ETCD_CERTFILE", global = true)]
     pub etcd_certfile: Option<PathBuf>,
     /// Client key for etcd.
     #[arg(long, env = "FERRY_ETCD_KEYFILE", global = true)]
     pub etcd_keyfile: Option<PathBuf>,
+    /// etcd user for etcd's username/password authentication (with or
+    /// without TLS). The password comes from --etcd-password-file or from
+    /// the environment variable FERRY_ETCD_PASSWORD, never from the command
+    /// line (every user of the node can read a process's arguments).
+    #[arg(long, env = "FERRY_ETCD_USERNAME", global = true)]
+    pub etcd_username: Option<String>,
+    /// File holding the etcd user's password (one trailing newline ignored).
+    #[arg(long, env = "FERRY_ETCD_PASSWORD_FILE", global = true)]
+    pub etcd_password_file: Option<PathBuf>,
 }
+
+/// The environment variable an etcd password may come from.
+pub const PASSWORD_ENV: &str = "FERRY_ETCD_PASSWORD";
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -134,9 +150,22 @@ pub struct RunArgs {
     /// Masquerade pod traffic that leaves the cluster network.
     #[arg(long, env = "FERRY_IP_MASQ", default_value_t = true, action = clap::ArgAction::Set)]
     pub ip_masq: bool,
-    /// Address of /healthz, /readyz and /metrics.
+    /// Address of /healthz, /readyz and /metrics (no authentication: expose
+    /// it to the kubelet and the metrics scraper only, e.g. 127.0.0.1:9946
+    /// with hostNetwork probes, or a firewalled node address).
     #[arg(long, env = "FERRY_LISTEN", default_value = "0.0.0.0:9946")]
     pub listen: SocketAddr,
+    /// Seconds an HTTP client has to send a request's head (on a kept-alive
+    /// connection, counted from the previous answer).
+    #[arg(long, env = "FERRY_HTTP_HEADER_TIMEOUT", default_value_t = 5)]
+    pub http_header_timeout: u64,
+    /// Seconds an HTTP connection may pass without a byte either way.
+    #[arg(long, env = "FERRY_HTTP_IDLE_TIMEOUT", default_value_t = 10)]
+    pub http_idle_timeout: u64,
+    /// Open HTTP connections at most (a new one beyond closes the oldest);
+    /// lowered to an eighth of the file limit if need be.
+    #[arg(long, env = "FERRY_HTTP_MAX_CONNECTIONS", default_value_t = 64)]
+    pub http_max_connections: usize,
     /// TTL of the subnet lease in etcd, in seconds; renewed every third of it.
     #[arg(long, env = "FERRY_LEASE_TTL", default_value_t = 300)]
     pub lease_ttl: u64,
@@ -209,23 +238,71 @@ pub fn main() -> i32 {
 fn store_options(a: &EtcdArgs) -> Result<StoreOptions, DaemonError> {
     let tls = match (&a.etcd_cafile, &a.etcd_certfile, &a.etcd_keyfile) {
         (None, None, None) => None,
-        (Some(ca), Some(cert), Some(key)) => Some(TlsFiles {
+        (Some(ca), cert, key) if cert.is_some() == key.is_some() => Some(TlsFiles {
             ca: ca.clone(),
             cert: cert.clone(),
             key: key.clone(),
         }),
+        (None, _, _) => {
+            return Err(DaemonError::Usage(
+                "--etcd-certfile and --etcd-keyfile need --etcd-cafile (the CA that signed etcd's certificate)".into(),
+            ));
+        }
         _ => {
             return Err(DaemonError::Usage(
-                "--etcd-cafile, --etcd-certfile and --etcd-keyfile go together".into(),
+                "--etcd-certfile and --etcd-keyfile go together".into(),
             ));
+        }
+    };
+    let password = match (&a.etcd_password_file, std::env::var(PASSWORD_ENV)) {
+        (Some(path), _) => Some(read_password(path)?),
+        (None, Ok(p)) => Some(Password::new(p)),
+        (None, Err(_)) => None,
+    };
+    let auth = match (&a.etcd_username, password) {
+        (Some(user), Some(password)) => Some(Credentials {
+            user: user.clone(),
+            password,
+        }),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(DaemonError::Usage(format!(
+                "--etcd-username needs a password: --etcd-password-file or {PASSWORD_ENV}"
+            )));
+        }
+        (None, Some(_)) => {
+            return Err(DaemonError::Usage(format!(
+                "an etcd password (--etcd-password-file or {PASSWORD_ENV}) needs --etcd-username"
+            )));
         }
     };
     Ok(StoreOptions {
         endpoints: a.etcd_endpoints.clone(),
         prefix: a.etcd_prefix.clone(),
         tls,
+        auth,
         timeout: Duration::from_secs(5),
     })
+}
+
+/// The password in `path`, without its trailing newline. The error names the
+/// file, never its content.
+fn read_password(path: &std::path::Path) -> Result<Password, DaemonError> {
+    let text = std::fs::read_to_string(path).map_err(|source| DaemonError::Io {
+        what: format!("read the etcd password file {}", path.display()),
+        source,
+    })?;
+    let secret = text
+        .strip_suffix('\n')
+        .map(|t| t.strip_suffix('\r').unwrap_or(t))
+        .unwrap_or(&text);
+    if secret.is_empty() {
+        return Err(DaemonError::Usage(format!(
+            "the etcd password file {} is empty",
+            path.display()
+        )));
+    }
+    Ok(Password::new(secret))
 }
 
 async fn set_network(a: &EtcdArgs, json: &str) -> Result<(), DaemonError> {
@@ -314,18 +391,26 @@ struct Node {
 
 async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
     let metrics = Metrics::new();
-    let (server, bound) = crate::http::bind(r.listen, metrics.clone())
+    // Many peers need many netlink and etcd descriptors, and the HTTP cap is
+    // sized from the limit: take what the hard limit allows.
+    let nofile = crate::http::raise_nofile_limit().map_err(|source| DaemonError::Io {
+        what: "read RLIMIT_NOFILE".into(),
+        source,
+    })?;
+    let limits = HttpLimits {
+        header_timeout: Duration::from_secs(r.http_header_timeout.max(1)),
+        idle_timeout: Duration::from_secs(r.http_idle_timeout.max(1)),
+        max_connections: r.http_max_connections.max(1),
+    }
+    .fit_to_nofile(nofile);
+    let (server, bound) = crate::http::bind(r.listen, metrics.clone(), limits)
         .await
         .map_err(|source| DaemonError::Io {
             what: format!("listen on {}", r.listen),
             source,
         })?;
-    tokio::spawn(async move {
-        if let Err(e) = server.await {
-            error!("http server stopped: {e}");
-        }
-    });
-    info!(%bound, "serving /healthz /readyz /metrics");
+    tokio::spawn(server);
+    info!(%bound, nofile, max_connections = limits.max_connections, "serving /healthz /readyz /metrics");
 
     let opts = store_options(a)?;
     let node_name = r.node_name.clone().unwrap_or_else(hostname);
@@ -369,6 +454,7 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
     .await;
     metrics.lease_acquired();
     metrics.set_lease_held(true);
+    metrics.lease_renewed(held.lease.subnet(), ttl);
     info!(subnet = %held.lease.subnet(), ipv6_subnet = ?held.lease.ipv6_subnet, "lease held");
 
     let mut node = Node {
@@ -386,7 +472,11 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
         cfg,
         held,
     };
-    write_node_files(&node, r, &conf)?;
+    // A failed write is retried by every pass (the first runs at once); the
+    // overlay does not wait for the files.
+    if let Err(e) = write_node_files(&node, r, &conf).await {
+        warn!("{e}; retrying");
+    }
 
     let (leases, revision) = retry("list leases", &metrics, || async {
         Ok(store.list_leases().await?)
@@ -395,7 +485,8 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
     let mut peers: BTreeMap<Ipv4Network, Peer> = BTreeMap::new();
     replace_peers(&mut peers, &leases, &node);
 
-    let mut kernel = KernelEvents::open()?;
+    // `None` after the monitor's socket broke: the periodic pass opens it again.
+    let mut kernel = Some(KernelEvents::open()?);
     let mut watch = store.watch_leases(revision);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|source| DaemonError::Io {
@@ -424,11 +515,18 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
                     warn!("lease watch: {e}");
                 }
             },
-            Some(()) = kernel.next() => schedule(&mut pass_at, Dirty::Kernel, DEBOUNCE),
+            ev = next_kernel_event(&mut kernel), if kernel.is_some() => {
+                if ev.is_none() {
+                    // Drift would now be repaired only by the periodic pass.
+                    warn!("the kernel event monitor stopped; reopening it at the next pass");
+                    kernel = None;
+                }
+                schedule(&mut pass_at, Dirty::Kernel, DEBOUNCE);
+            }
             _ = sleep_until(renew_at) => {
                 renew_at = Instant::now() + ttl / 3;
                 match store.renew(&node.held).await {
-                    Ok(LeaseState::Alive) => {}
+                    Ok(LeaseState::Alive) => metrics.lease_renewed(node.held.lease.subnet(), ttl),
                     Ok(LeaseState::Lost) => {
                         warn!(subnet = %node.held.lease.subnet(), "lease lost; acquiring again");
                         metrics.set_lease_held(false);
@@ -438,6 +536,7 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
                             Ok(held) => {
                                 metrics.lease_acquired();
                                 metrics.set_lease_held(true);
+                                metrics.lease_renewed(held.lease.subnet(), ttl);
                                 if held.lease.subnet() != node.held.lease.subnet()
                                     || held.lease.ipv6_subnet != node.held.lease.ipv6_subnet
                                 {
@@ -450,11 +549,16 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
                                     }).with_network(&node.cfg);
                                 }
                                 node.held = held;
-                                write_node_files(&node, r, &conf)?;
+                                // Never fatal: the pass scheduled here, and
+                                // every pass after it, writes the files again.
+                                if let Err(e) = write_node_files(&node, r, &conf).await {
+                                    warn!("{e}; retrying");
+                                }
                                 schedule(&mut pass_at, Dirty::Leases, Duration::ZERO);
                             }
                             Err(e) => {
                                 metrics.etcd_error();
+                                metrics.lease_renewal_failed(&e);
                                 renew_at = Instant::now() + Duration::from_secs(1);
                                 warn!("acquire after loss: {e}");
                             }
@@ -462,6 +566,7 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
                     }
                     Err(e) => {
                         metrics.etcd_error();
+                        metrics.lease_renewal_failed(&e);
                         // Sooner than a third of the TTL: the lease must not
                         // lapse just because one renewal failed.
                         renew_at = Instant::now() + Duration::from_secs(1).min(ttl / 3);
@@ -472,9 +577,15 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
             _ = sleep_until(due) => {
                 let why = pass_at.take().map(|p| p.why).unwrap_or(Dirty::Kernel);
                 resync_at = Instant::now() + Duration::from_secs(r.resync_interval.max(1));
+                if kernel.is_none() {
+                    match KernelEvents::open() {
+                        Ok(k) => kernel = Some(k),
+                        Err(e) => warn!("reopen the kernel event monitor: {e}"),
+                    }
+                }
                 // The files are part of the desired state too: a conflist
                 // deleted or edited by hand comes back.
-                match write_node_files(&node, r, &conf) {
+                match write_node_files(&node, r, &conf).await {
                     Ok(true) => metrics.repaired(1),
                     Ok(false) => {}
                     Err(e) => warn!("{e}"),
@@ -602,9 +713,23 @@ fn apply_event(peers: &mut BTreeMap<Ipv4Network, Peer>, ev: LeaseEvent, node: &N
     }
 }
 
+/// The next relevant kernel change (`None`: the monitor is gone).
+async fn next_kernel_event(kernel: &mut Option<KernelEvents>) -> Option<()> {
+    match kernel {
+        Some(k) => k.next().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// Writes the conflist and subnet.env when they differ from what they
 /// should be (missing, edited, or a new lease); returns whether it wrote.
-fn write_node_files(node: &Node, r: &RunArgs, conf: &CniConfOptions) -> Result<bool, DaemonError> {
+/// On a blocking thread: the conflist is fsynced, and a slow disk must not
+/// stall the runtime (the HTTP server and etcd keep-alives share it).
+async fn write_node_files(
+    node: &Node,
+    r: &RunArgs,
+    conf: &CniConfOptions,
+) -> Result<bool, DaemonError> {
     let n = NodeNetwork {
         network: node.cfg.network,
         subnet: node.held.lease.subnet(),
@@ -613,22 +738,83 @@ fn write_node_files(node: &Node, r: &RunArgs, conf: &CniConfOptions) -> Result<b
         ip_masq: r.ip_masq,
     };
     let path = conf.path();
-    let wrote_conf =
-        cniconf::write_atomic(&path, &cniconf::conflist(&n, conf)).map_err(|source| {
-            DaemonError::Io {
+    let conflist = cniconf::conflist(&n, conf);
+    let env = cniconf::subnet_env(&n);
+    let subnet_file = r.subnet_file.clone();
+    let (subnet, mtu) = (n.subnet, n.mtu);
+    let write = move || -> Result<bool, DaemonError> {
+        let wrote_conf =
+            cniconf::write_atomic(&path, &conflist).map_err(|source| DaemonError::Io {
                 what: format!("write {}", path.display()),
                 source,
-            }
-        })?;
-    let wrote_env =
-        cniconf::write_atomic(&r.subnet_file, &cniconf::subnet_env(&n)).map_err(|source| {
-            DaemonError::Io {
-                what: format!("write {}", r.subnet_file.display()),
+            })?;
+        let wrote_env =
+            cniconf::write_atomic(&subnet_file, &env).map_err(|source| DaemonError::Io {
+                what: format!("write {}", subnet_file.display()),
                 source,
-            }
-        })?;
-    if wrote_conf || wrote_env {
-        info!(conflist = %path.display(), subnet = %n.subnet, mtu = n.mtu, "node CNI config written");
+            })?;
+        if wrote_conf || wrote_env {
+            info!(conflist = %path.display(), subnet = %subnet, mtu, "node CNI config written");
+        }
+        Ok(wrote_conf || wrote_env)
+    };
+    tokio::task::spawn_blocking(write)
+        .await
+        .map_err(|e| DaemonError::Io {
+            what: "write the node's CNI files".into(),
+            source: std::io::Error::other(e),
+        })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn options(args: &[&str]) -> Result<StoreOptions, DaemonError> {
+        let cli = Cli::try_parse_from(std::iter::once("ferryd").chain(args.iter().copied()))
+            .expect("flags parse");
+        store_options(&cli.etcd)
     }
-    Ok(wrote_conf || wrote_env)
+
+    #[test]
+    fn etcd_security_flags() {
+        if std::env::var_os(PASSWORD_ENV).is_some() {
+            eprintln!("SKIPPED: {PASSWORD_ENV} is set in the environment");
+            return;
+        }
+        let server_only = options(&["--etcd-cafile", "ca.pem"]).unwrap();
+        let tls = server_only.tls.expect("TLS");
+        assert_eq!((tls.cert, tls.key), (None, None));
+        let mutual = options(&[
+            "--etcd-cafile",
+            "ca.pem",
+            "--etcd-certfile",
+            "c.pem",
+            "--etcd-keyfile",
+            "k.pem",
+        ])
+        .unwrap();
+        assert!(mutual.tls.unwrap().cert.is_some());
+        for bad in [
+            &["--etcd-certfile", "c.pem", "--etcd-keyfile", "k.pem"][..],
+            &["--etcd-cafile", "ca.pem", "--etcd-certfile", "c.pem"],
+            &["--etcd-username", "root"],
+            &["--etcd-password-file", "/nonexistent/ferry-password"],
+        ] {
+            assert!(options(bad).is_err(), "{bad:?} accepted");
+        }
+
+        let dir = std::env::temp_dir().join(format!("ferry-pw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("pw");
+        std::fs::write(&file, "p4ss word\r\n").unwrap();
+        let path = file.to_str().unwrap();
+        let o = options(&["--etcd-username", "root", "--etcd-password-file", path]).unwrap();
+        let auth = o.auth.expect("credentials");
+        assert_eq!(auth.password, Password::new("p4ss word"));
+        assert!(!format!("{auth:?}").contains("p4ss"), "{auth:?}");
+        std::fs::write(&file, "\n").unwrap();
+        assert!(options(&["--etcd-username", "root", "--etcd-password-file", path]).is_err());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }

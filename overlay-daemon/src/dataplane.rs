@@ -1274,7 +1274,7 @@ async fn program_round(batch: &mut Batch, round: &[PeerJob], report: &mut Reconc
 async fn run_ops(batch: &mut Batch, ops: &[BatchOp]) -> Vec<Result<bool, NetopsError>> {
     let mut results = Vec::with_capacity(ops.len());
     for chunk in ops.chunks(Batch::MAX_OPS) {
-        results.extend(batch.run(chunk));
+        results.extend(batch.run(chunk).await);
         tokio::task::yield_now().await;
     }
     let mut delay = Duration::from_millis(2);
@@ -1290,7 +1290,7 @@ async fn run_ops(batch: &mut Batch, ops: &[BatchOp]) -> Vec<Result<bool, NetopsE
         let retry: Vec<BatchOp> = again.iter().map(|&i| ops[i].clone()).collect();
         let mut redone = Vec::with_capacity(retry.len());
         for chunk in retry.chunks(Batch::MAX_OPS) {
-            redone.extend(batch.run(chunk));
+            redone.extend(batch.run(chunk).await);
             tokio::task::yield_now().await;
         }
         for (i, r) in again.into_iter().zip(redone) {

@@ -4,9 +4,9 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use std::sync::Arc;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// The most skipped peers /readyz lists one by one.
 pub const MAX_SKIPPED_LINES: usize = 100;
@@ -31,6 +31,16 @@ struct Inner {
     ready: AtomicBool,
     /// Peers left out of the kernel, one line each, for /readyz.
     skipped: Mutex<Vec<String>>,
+    /// When the lease was last granted or renewed, for how long, and why
+    /// the renewals since have failed.
+    lease: Mutex<Option<LeaseRenewal>>,
+}
+
+struct LeaseRenewal {
+    subnet: String,
+    at: Instant,
+    ttl: Duration,
+    last_error: Option<String>,
 }
 
 impl Default for Metrics {
@@ -108,6 +118,7 @@ impl Metrics {
             invalid_leases,
             ready: AtomicBool::new(false),
             skipped: Mutex::new(Vec::new()),
+            lease: Mutex::new(None),
         }))
     }
 
@@ -169,6 +180,48 @@ impl Metrics {
         self.0.ready.load(Ordering::Relaxed)
     }
 
+    fn lease(&self) -> std::sync::MutexGuard<'_, Option<LeaseRenewal>> {
+        self.0.lease.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// etcd granted or renewed the lease of `subnet` just now, for `ttl`.
+    pub fn lease_renewed(&self, subnet: impl ToString, ttl: Duration) {
+        *self.lease() = Some(LeaseRenewal {
+            subnet: subnet.to_string(),
+            at: Instant::now(),
+            ttl,
+            last_error: None,
+        });
+    }
+
+    /// A renewal (or re-acquisition) of the lease failed with `why`.
+    pub fn lease_renewal_failed(&self, why: impl ToString) {
+        if let Some(l) = self.lease().as_mut() {
+            l.last_error = Some(why.to_string());
+        }
+    }
+
+    /// Why the node is not ready because of its lease: it has not been
+    /// renewed within its TTL, so etcd has (or soon will have) let it expire
+    /// and other nodes may drop this node's routes. `None` while it is fresh.
+    pub fn lease_overdue(&self) -> Option<String> {
+        let lease = self.lease();
+        let l = lease.as_ref()?;
+        let age = l.at.elapsed();
+        (age > l.ttl).then(|| {
+            format!(
+                "the lease of {} was last renewed {}s ago, longer than its TTL of {}s{}",
+                l.subnet,
+                age.as_secs(),
+                l.ttl.as_secs(),
+                l.last_error
+                    .as_ref()
+                    .map(|e| format!("; last renewal error: {e}"))
+                    .unwrap_or_default()
+            )
+        })
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -213,5 +266,20 @@ mod tests {
             lines[MAX_SKIPPED_LINES],
             "… and 150 more skipped peers (see the log)"
         );
+    }
+
+    #[test]
+    fn a_lease_is_overdue_after_its_ttl_with_the_reason() {
+        let m = Metrics::new();
+        assert_eq!(m.lease_overdue(), None, "no lease yet: nothing overdue");
+        m.lease_renewed("10.244.1.0/24", Duration::from_millis(50));
+        assert_eq!(m.lease_overdue(), None);
+        m.lease_renewal_failed("etcd at http://x: no answer");
+        std::thread::sleep(Duration::from_millis(80));
+        let why = m.lease_overdue().expect("overdue after the TTL");
+        assert!(why.contains("10.244.1.0/24"), "{why}");
+        assert!(why.contains("no answer"), "{why}");
+        m.lease_renewed("10.244.1.0/24", Duration::from_secs(60));
+        assert_eq!(m.lease_overdue(), None, "renewed: fresh again");
     }
 }

@@ -20,6 +20,25 @@
 //! Every unary call is bounded by [`StoreOptions::timeout`], so nothing here
 //! hangs on an unreachable etcd. Long-lived watch streams are not bounded
 //! (they are idle by nature); HTTP/2 keep-alive pings detect a dead peer.
+//!
+//! Members: one client per endpoint, not one balanced client over all of
+//! them. A balanced client kept sending about a third of the requests to a
+//! dead member of a 3-member cluster (its balancer counts an endpoint whose
+//! connection failed as ready), and every such failure restarted the
+//! caller's whole attempt. Here a request goes to the member that answered
+//! last; when that member fails (no connection, no answer within the
+//! attempt's share of the timeout, no leader) the same request goes to the
+//! next member at once, and that member answers the following requests. A
+//! member is tried again only when the ones after it fail too. Requests are
+//! retried on another member only when they may not have been carried out
+//! or are safe to repeat: every write here is a compare-guarded transaction
+//! or idempotent, and a lease granted twice expires unused.
+//!
+//! Security modes: plain HTTP, server-only TLS (a CA to verify etcd, no
+//! client certificate), mutual TLS (a CA plus a client certificate and
+//! key), each optionally with etcd's username/password authentication (a
+//! token per member, refreshed when it expires; the password never appears
+//! in `Debug` output or logs).
 
 use crate::lease::{SubnetLease, parse_subnet_key_segment, subnet_key_segment};
 use crate::network::{NetworkConfig, NetworkConfigError};
@@ -31,6 +50,8 @@ use ipnetwork::Ipv4Network;
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// The key prefix when none is configured.
@@ -44,12 +65,41 @@ const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(10);
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(5);
 
-/// PEM files for mutual TLS with etcd (`--cacert`, `--cert`, `--key` of etcdctl).
+/// The least share of [`StoreOptions::timeout`] one member gets for a
+/// request before the next member is asked.
+const MIN_ATTEMPT: Duration = Duration::from_secs(1);
+
+/// PEM files for TLS with etcd (`--cacert`, `--cert`, `--key` of etcdctl):
+/// the CA that signed etcd's certificate, and for mutual TLS a client
+/// certificate with its key (both or neither).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TlsFiles {
     pub ca: PathBuf,
-    pub cert: PathBuf,
-    pub key: PathBuf,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// A secret that never shows in `Debug` output (so never in a log line).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Password(String);
+
+impl Password {
+    pub fn new(secret: impl Into<String>) -> Password {
+        Password(secret.into())
+    }
+}
+
+impl std::fmt::Debug for Password {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Password(<redacted>)")
+    }
+}
+
+/// etcd username/password authentication (`etcdctl --user`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub user: String,
+    pub password: Password,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -59,7 +109,10 @@ pub struct StoreOptions {
     /// Key prefix, e.g. `/ferry` (a trailing `/` is ignored).
     pub prefix: String,
     pub tls: Option<TlsFiles>,
-    /// Bound of connecting and of every single etcd request.
+    /// etcd user authentication, with or without TLS.
+    pub auth: Option<Credentials>,
+    /// Bound of connecting and of every single etcd request (shared among
+    /// the members tried, at least [`MIN_ATTEMPT`] each).
     pub timeout: Duration,
 }
 
@@ -69,6 +122,7 @@ impl Default for StoreOptions {
             endpoints: vec!["http://127.0.0.1:2379".to_string()],
             prefix: DEFAULT_PREFIX.to_string(),
             tls: None,
+            auth: None,
             timeout: Duration::from_secs(5),
         }
     }
@@ -138,14 +192,82 @@ pub enum StoreError {
     },
 }
 
-/// A connection to etcd, cheap to clone (clones share the connection).
+/// A connection to etcd, cheap to clone (clones share the connections).
 #[derive(Clone)]
 pub struct Store {
-    client: Client,
+    members: Arc<Members>,
+    /// The client of the member that answered at connect (for tools and tests).
+    first: Option<Client>,
     prefix: String,
     /// For error messages.
     endpoints: String,
     timeout: Duration,
+}
+
+/// The etcd members (one per endpoint) and which one answered last.
+struct Members {
+    list: Vec<Member>,
+    options: ConnectOptions,
+    /// Index into `list` of the member that answered last.
+    current: AtomicUsize,
+}
+
+struct Member {
+    url: String,
+    /// Made at first use and dropped when the member fails, so a member that
+    /// comes back is reached on a fresh connection (with a fresh token).
+    client: Mutex<Option<Client>>,
+}
+
+impl Members {
+    fn cached(&self, i: usize) -> Option<Client> {
+        self.list[i]
+            .client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Member `i`'s client; connecting (and, with credentials,
+    /// authenticating) when there is none.
+    async fn client(&self, i: usize) -> Result<Client, etcd_client::Error> {
+        if let Some(c) = self.cached(i) {
+            return Ok(c);
+        }
+        let c = Client::connect([self.list[i].url.as_str()], Some(self.options.clone())).await?;
+        *self.list[i]
+            .client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(c.clone());
+        Ok(c)
+    }
+
+    fn forget(&self, i: usize) {
+        *self.list[i]
+            .client
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+/// Whether `e` says the member failed (not the request): the request may go
+/// to another member.
+fn member_failed(e: &etcd_client::Error) -> bool {
+    use tonic::Code;
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            // Unavailable: no connection, no leader ("hasleader" below), or
+            // the member timed out; Unknown/Internal: a broken transport.
+            Code::Unavailable
+                | Code::DeadlineExceeded
+                | Code::Cancelled
+                | Code::Unknown
+                | Code::Internal
+        ),
+        _ => false,
+    }
 }
 
 /// A subnet lease this node holds: the key, its value and the etcd lease the
@@ -192,7 +314,7 @@ struct Entry {
 
 impl Store {
     /// Connects and checks that etcd answers (a read of the config key),
-    /// all within `opts.timeout`.
+    /// each member tried within its share of `opts.timeout`.
     pub async fn connect(opts: &StoreOptions) -> Result<Store, StoreError> {
         if opts.endpoints.is_empty() {
             return Err(StoreError::Options("no etcd endpoints given".into()));
@@ -201,63 +323,106 @@ impl Store {
             return Err(StoreError::Options("timeout must not be 0".into()));
         }
         let endpoints = opts.endpoints.join(",");
+        let attempt = attempt_timeout(opts.timeout, opts.endpoints.len());
         let mut co = ConnectOptions::new()
-            .with_connect_timeout(opts.timeout)
-            .with_keep_alive(KEEPALIVE_INTERVAL, opts.timeout);
-        if let Some(tls) = &opts.tls {
-            if let Some(e) = opts.endpoints.iter().find(|e| !e.starts_with("https://")) {
-                return Err(StoreError::Options(format!(
-                    "TLS files are given but endpoint {e} is not https://"
-                )));
+            .with_connect_timeout(attempt)
+            .with_keep_alive(KEEPALIVE_INTERVAL, opts.timeout)
+            // A member cut off from the others refuses requests (and
+            // watches) instead of serving stale data: the next member is tried.
+            .with_require_leader(true);
+        match &opts.tls {
+            Some(tls) => {
+                if let Some(e) = opts.endpoints.iter().find(|e| !e.starts_with("https://")) {
+                    return Err(StoreError::Options(format!(
+                        "TLS files are given but endpoint {e} is not https://"
+                    )));
+                }
+                let read = |what: &'static str, path: &PathBuf| {
+                    std::fs::read(path).map_err(|source| StoreError::TlsFile {
+                        what,
+                        path: path.clone(),
+                        source,
+                    })
+                };
+                let mut t =
+                    TlsOptions::new().ca_certificate(Certificate::from_pem(read("CA", &tls.ca)?));
+                match (&tls.cert, &tls.key) {
+                    (Some(cert), Some(key)) => {
+                        t = t.identity(Identity::from_pem(
+                            read("certificate", cert)?,
+                            read("key", key)?,
+                        ));
+                    }
+                    (None, None) => {}
+                    _ => {
+                        return Err(StoreError::Options(
+                            "a client certificate needs its key and a key its certificate".into(),
+                        ));
+                    }
+                }
+                co = co.with_tls(t);
             }
-            let read = |what: &'static str, path: &PathBuf| {
-                std::fs::read(path).map_err(|source| StoreError::TlsFile {
-                    what,
-                    path: path.clone(),
-                    source,
-                })
-            };
-            let ca = read("CA", &tls.ca)?;
-            let cert = read("certificate", &tls.cert)?;
-            let key = read("key", &tls.key)?;
-            co = co.with_tls(
-                TlsOptions::new()
-                    .ca_certificate(Certificate::from_pem(ca))
-                    .identity(Identity::from_pem(cert, key)),
-            );
+            None => {
+                if let Some(e) = opts.endpoints.iter().find(|e| e.starts_with("https://")) {
+                    return Err(StoreError::Options(format!(
+                        "endpoint {e} is https:// but no CA file is given to verify it"
+                    )));
+                }
+            }
+        }
+        if let Some(auth) = &opts.auth {
+            if auth.user.is_empty() {
+                return Err(StoreError::Options("the etcd user name is empty".into()));
+            }
+            if opts.tls.is_none() {
+                tracing::warn!(
+                    user = %auth.user,
+                    "etcd authentication over plain http: the password crosses the network unencrypted"
+                );
+            }
+            co = co
+                .with_user(auth.user.clone(), auth.password.0.clone())
+                // Tokens expire (etcd's --auth-token-ttl): get a new one then.
+                .with_auto_token_refresh(true);
         }
         let prefix = opts.prefix.trim_end_matches('/').to_string();
-        let connect = Client::connect(opts.endpoints.clone(), Some(co));
-        let client = match tokio::time::timeout(opts.timeout, connect).await {
-            Ok(Ok(c)) => c,
-            Ok(Err(e)) => {
-                return Err(StoreError::Etcd {
-                    op: "connect",
-                    key: String::new(),
-                    endpoints,
-                    source: Box::new(e),
-                });
-            }
-            Err(_) => {
-                return Err(StoreError::Timeout {
-                    op: "connect",
-                    key: String::new(),
-                    endpoints,
-                    after: opts.timeout,
-                });
-            }
-        };
-        let store = Store {
-            client,
+        let list: Vec<Member> = opts
+            .endpoints
+            .iter()
+            .map(|url| Member {
+                url: url.clone(),
+                client: Mutex::new(None),
+            })
+            .collect();
+        // Nodes start at different members, so they spread their load.
+        let start = start_index(list.len());
+        let members = Arc::new(Members {
+            list,
+            options: co,
+            current: AtomicUsize::new(start),
+        });
+        let mut store = Store {
+            members,
+            first: None,
             prefix,
             endpoints,
             timeout: opts.timeout,
         };
         // The client connects lazily: make sure someone answers.
         let key = store.config_key();
-        let mut kv = store.client.kv_client();
-        let probe = kv.get(key.clone(), Some(GetOptions::new().with_count_only()));
-        store.call("connect (read)", &key, probe).await?;
+        let probe_key = key.clone();
+        store
+            .call("connect (read)", &key, move |c| {
+                let key = probe_key.clone();
+                async move {
+                    c.kv_client()
+                        .get(key, Some(GetOptions::new().with_count_only()))
+                        .await
+                }
+            })
+            .await?;
+        let answered = store.members.current.load(Ordering::Relaxed);
+        store.first = store.members.cached(answered);
         Ok(store)
     }
 
@@ -281,15 +446,25 @@ impl Store {
         format!("{}{}", self.subnets_prefix(), subnet_key_segment(subnet))
     }
 
-    /// The underlying client, for tools and tests.
-    pub fn client(&self) -> &Client {
-        &self.client
+    /// A client of the member that answered last (else of the one that
+    /// answered at connect), for tools and tests.
+    pub fn client(&self) -> Client {
+        let current = self.members.current.load(Ordering::Relaxed);
+        self.members
+            .cached(current)
+            .or_else(|| self.first.clone())
+            .expect("connect made a client of the member that answered")
     }
 
     pub async fn network_config(&self) -> Result<NetworkConfig, StoreError> {
         let key = self.config_key();
-        let mut kv = self.client.kv_client();
-        let resp = self.call("get", &key, kv.get(key.clone(), None)).await?;
+        let k = key.clone();
+        let resp = self
+            .call("get", &key, move |c| {
+                let k = k.clone();
+                async move { c.kv_client().get(k, None).await }
+            })
+            .await?;
         let Some(kv) = resp.kvs().first() else {
             return Err(StoreError::MissingConfig {
                 key,
@@ -307,9 +482,12 @@ impl Store {
             key: key.clone(),
             source,
         })?;
-        let mut kv = self.client.kv_client();
-        self.call("put", &key, kv.put(key.clone(), cfg.to_json(), None))
-            .await?;
+        let (k, value) = (key.clone(), cfg.to_json());
+        self.call("put", &key, move |c| {
+            let (k, value) = (k.clone(), value.clone());
+            async move { c.kv_client().put(k, value, None).await }
+        })
+        .await?;
         Ok(())
     }
 
@@ -356,16 +534,19 @@ impl Store {
             .unwrap_or(i64::MAX)
             .max(1);
         let prefix = self.subnets_prefix();
-        let mut leases = self.client.lease_client();
         let grant = self
-            .call("lease grant", &prefix, leases.grant(ttl_secs, None))
+            .call("lease grant", &prefix, move |c| async move {
+                c.lease_client().grant(ttl_secs, None).await
+            })
             .await?;
         let lease_id = grant.id();
         match self.acquire_with(cfg, me, preferred, lease_id).await {
             Ok(held) => Ok(held),
             Err(e) => {
                 let _ = self
-                    .call("lease revoke", &prefix, leases.revoke(lease_id))
+                    .call("lease revoke", &prefix, move |c| async move {
+                        c.lease_client().revoke(lease_id).await
+                    })
                     .await;
                 Err(e)
             }
@@ -471,8 +652,7 @@ impl Store {
             Some(PutOptions::new().with_lease(held.lease_id)),
         );
         let txn = Txn::new().when([cmp]).and_then([put]);
-        let mut kv = self.client.kv_client();
-        let resp = self.call(op, &held.key, kv.txn(txn)).await?;
+        let resp = self.txn(op, &held.key, txn).await?;
         Ok(resp.succeeded())
     }
 
@@ -481,20 +661,29 @@ impl Store {
     /// or the key was deleted or rewritten by someone else.
     pub async fn renew(&self, held: &HeldLease) -> Result<LeaseState, StoreError> {
         let key = &held.key;
-        let mut leases = self.client.lease_client();
+        let lease_id = held.lease_id;
         // etcd-client sends the first keep-alive itself and reads its answer:
         // a TTL of 0 (the lease is gone) comes back as LeaseKeepAliveError.
-        match tokio::time::timeout(self.timeout, leases.keep_alive(held.lease_id)).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(etcd_client::Error::LeaseKeepAliveError(msg))) => {
-                tracing::warn!(key = %key, lease_id = held.lease_id, %msg, "etcd lease expired");
-                return Ok(LeaseState::Lost);
-            }
-            Ok(Err(e)) => return Err(self.etcd_error("lease keep-alive", key, e)),
-            Err(_) => return Err(self.timeout_error("lease keep-alive", key)),
+        let expired = self
+            .call("lease keep-alive", key, move |c| async move {
+                match c.lease_client().keep_alive(lease_id).await {
+                    Ok(_) => Ok(None),
+                    Err(etcd_client::Error::LeaseKeepAliveError(msg)) => Ok(Some(msg)),
+                    Err(e) => Err(e),
+                }
+            })
+            .await?;
+        if let Some(msg) = expired {
+            tracing::warn!(key = %key, lease_id, %msg, "etcd lease expired");
+            return Ok(LeaseState::Lost);
         }
-        let mut kv = self.client.kv_client();
-        let got = self.call("get", key, kv.get(key.clone(), None)).await?;
+        let k = key.clone();
+        let got = self
+            .call("get", key, move |c| {
+                let k = k.clone();
+                async move { c.kv_client().get(k, None).await }
+            })
+            .await?;
         match got.kvs().first() {
             Some(kv) if kv.lease() == held.lease_id => Ok(LeaseState::Alive),
             Some(kv) => {
@@ -515,17 +704,19 @@ impl Store {
         let txn = Txn::new()
             .when([Compare::lease(key.clone(), CompareOp::Equal, held.lease_id)])
             .and_then([TxnOp::delete(key.clone(), None)]);
-        let mut kv = self.client.kv_client();
-        self.call("delete", key, kv.txn(txn)).await?;
-        let mut leases = self.client.lease_client();
-        match tokio::time::timeout(self.timeout, leases.revoke(held.lease_id)).await {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.code() == tonic::Code::NotFound => {
-                Ok(())
+        self.txn("delete", key, txn).await?;
+        let lease_id = held.lease_id;
+        self.call("lease revoke", key, move |c| async move {
+            match c.lease_client().revoke(lease_id).await {
+                Ok(_) => Ok(()),
+                // Already expired (or revoked by an earlier attempt).
+                Err(etcd_client::Error::GRpcStatus(s)) if s.code() == tonic::Code::NotFound => {
+                    Ok(())
+                }
+                Err(e) => Err(e),
             }
-            Ok(Err(e)) => Err(self.etcd_error("lease revoke", key, e)),
-            Err(_) => Err(self.timeout_error("lease revoke", key)),
-        }
+        })
+        .await
     }
 
     /// Deletes every lease of node `node` (an operator decommissioning a
@@ -547,8 +738,7 @@ impl Store {
                     e.mod_revision,
                 )])
                 .and_then([TxnOp::delete(e.key.clone(), None)]);
-            let mut kv = self.client.kv_client();
-            let resp = self.call("delete", &e.key, kv.txn(txn)).await?;
+            let resp = self.txn("delete", &e.key, txn).await?;
             if resp.succeeded() {
                 freed.push(lease.subnet());
             }
@@ -568,9 +758,17 @@ impl Store {
 
     async fn read_subnets(&self) -> Result<(Vec<Entry>, i64), StoreError> {
         let prefix = self.subnets_prefix();
-        let mut kv = self.client.kv_client();
-        let get = kv.get(prefix.clone(), Some(GetOptions::new().with_prefix()));
-        let resp = self.call("get prefix", &prefix, get).await?;
+        let p = prefix.clone();
+        let resp = self
+            .call("get prefix", &prefix, move |c| {
+                let p = p.clone();
+                async move {
+                    c.kv_client()
+                        .get(p, Some(GetOptions::new().with_prefix()))
+                        .await
+                }
+            })
+            .await?;
         let revision = resp.header().map(|h| h.revision()).unwrap_or_default();
         let entries = resp.kvs().iter().filter_map(entry).collect();
         Ok((entries, revision))
@@ -590,18 +788,71 @@ impl Store {
         }
     }
 
-    /// Runs one etcd request under the timeout, with context on error.
-    async fn call<T>(
+    /// One transaction, on whichever member answers (see [`Self::call`]).
+    async fn txn(
         &self,
         op: &'static str,
         key: &str,
-        fut: impl Future<Output = Result<T, etcd_client::Error>>,
-    ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(self.etcd_error(op, key, e)),
-            Err(_) => Err(self.timeout_error(op, key)),
+        txn: Txn,
+    ) -> Result<etcd_client::TxnResponse, StoreError> {
+        self.call(op, key, move |c| {
+            let txn = txn.clone();
+            async move { c.kv_client().txn(txn).await }
+        })
+        .await
+    }
+
+    /// Runs one etcd request, made by `request` for a member's client: on the
+    /// member that answered last, and when that member fails (see
+    /// [`member_failed`]) or does not answer within its share of the
+    /// timeout, on the next one, until every member was asked once. The
+    /// member that answers is asked first next time.
+    async fn call<T, F, Fut>(
+        &self,
+        op: &'static str,
+        key: &str,
+        mut request: F,
+    ) -> Result<T, StoreError>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let members = &self.members;
+        let n = members.list.len();
+        let first = members.current.load(Ordering::Relaxed);
+        let attempt = attempt_timeout(self.timeout, n);
+        let mut last = None;
+        for k in 0..n {
+            let i = (first + k) % n;
+            let answer = tokio::time::timeout(attempt, async {
+                let client = members.client(i).await?;
+                request(client).await
+            })
+            .await;
+            let failure = match answer {
+                Ok(Ok(v)) => {
+                    if k > 0 {
+                        members.current.store(i, Ordering::Relaxed);
+                        tracing::info!(member = %members.list[i].url, failed = %members.list[first].url, "etcd: switched to another member");
+                    }
+                    return Ok(v);
+                }
+                Ok(Err(e)) if !member_failed(&e) || n == 1 => {
+                    return Err(self.etcd_error(op, key, e));
+                }
+                Ok(Err(e)) => self.etcd_error(op, key, e),
+                Err(_) => StoreError::Timeout {
+                    op,
+                    key: key.to_string(),
+                    endpoints: members.list[i].url.clone(),
+                    after: attempt,
+                },
+            };
+            tracing::debug!(member = %members.list[i].url, error = %failure, "etcd member failed; asking the next");
+            members.forget(i);
+            last = Some(failure);
         }
+        Err(last.unwrap_or_else(|| self.timeout_error(op, key)))
     }
 
     fn etcd_error(&self, op: &'static str, key: &str, e: etcd_client::Error) -> StoreError {
@@ -644,6 +895,21 @@ fn entry(kv: &KeyValue) -> Option<Entry> {
         lease,
         mod_revision: kv.mod_revision(),
     })
+}
+
+/// Each member's share of a request's `timeout` among `members`.
+fn attempt_timeout(timeout: Duration, members: usize) -> Duration {
+    let n = u32::try_from(members.max(1)).unwrap_or(u32::MAX);
+    (timeout / n).max(MIN_ATTEMPT).min(timeout)
+}
+
+/// A member index that differs between processes started together.
+fn start_index(members: usize) -> usize {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    (nanos as usize ^ std::process::id() as usize) % members.max(1)
 }
 
 fn now_unix() -> u64 {
@@ -730,9 +996,12 @@ impl LeaseWatch {
             .with_prefix()
             .with_start_revision(self.revision + 1)
             .with_progress_notify();
-        let mut watch = self.store.client.watch_client();
+        let p = prefix.clone();
         self.store
-            .call("watch", &prefix, watch.watch(prefix.clone(), Some(opts)))
+            .call("watch", &prefix, move |c| {
+                let (p, opts) = (p.clone(), opts.clone());
+                async move { c.watch_client().watch(p, Some(opts)).await }
+            })
             .await
     }
 

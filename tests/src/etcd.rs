@@ -39,11 +39,27 @@ pub fn require_etcd() -> bool {
 pub struct EtcdServer {
     child: Option<Child>,
     dir: PathBuf,
+    /// The member's name, and the cluster it founds (`name=peer-url,...`;
+    /// empty: a cluster of itself).
+    name: String,
+    initial_cluster: String,
     client_port: u16,
     peer_port: u16,
     /// Plain-HTTP listener for `/health` (the client port may speak TLS).
     metrics_port: u16,
     tls: Option<TlsCerts>,
+    /// With `tls`: clients must present a certificate (`--client-cert-auth`).
+    client_cert_auth: bool,
+}
+
+/// How clients talk to a test etcd.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EtcdSecurity {
+    Plain,
+    /// TLS; clients verify the server with the CA, no client certificate.
+    ServerTls,
+    /// TLS, and clients present a certificate signed by the CA.
+    MutualTls,
 }
 
 /// A throwaway CA with a server certificate for 127.0.0.1 and a client
@@ -143,46 +159,24 @@ impl EtcdServer {
     /// Starts etcd and waits until it is healthy. Panics (with etcd's log)
     /// when it cannot; callers check [`require_etcd`] first.
     pub fn start() -> EtcdServer {
-        Self::start_with(None)
+        Self::start_secured(EtcdSecurity::Plain)
     }
 
     /// Like [`start`](Self::start), but clients must speak TLS and present
     /// a certificate signed by a CA made for this server
     /// ([`tls`](Self::tls) has the files for clients).
     pub fn start_tls() -> EtcdServer {
-        Self::start_with(Some(()))
+        Self::start_secured(EtcdSecurity::MutualTls)
     }
 
-    /// The certificates of a [`start_tls`](Self::start_tls) server.
-    pub fn tls(&self) -> Option<&TlsCerts> {
-        self.tls.as_ref()
-    }
-
-    fn start_with(tls: Option<()>) -> EtcdServer {
-        let dir = std::env::temp_dir().join(format!(
-            "ferry-etcd-{}-{}",
-            std::process::id(),
-            crate::unique_index()
-        ));
-        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
-        let mut server = EtcdServer {
-            child: None,
-            dir,
-            client_port: 0,
-            peer_port: 0,
-            metrics_port: 0,
-            tls: None,
-        };
-        if tls.is_some() {
-            server.tls = Some(TlsCerts::generate(&server.dir.join("tls")));
-        }
+    /// Like [`start`](Self::start) with the given client security.
+    pub fn start_secured(security: EtcdSecurity) -> EtcdServer {
+        let mut server = EtcdServer::unstarted(security);
         let mut last = String::new();
         for _ in 0..START_ATTEMPTS {
             let (c, p, m) = free_ports();
-            server.client_port = c;
-            server.peer_port = p;
-            server.metrics_port = m;
-            match server.spawn_and_wait() {
+            server.set_ports(c, p, m);
+            match server.spawn().and_then(|()| server.wait_healthy()) {
                 Ok(()) => return server,
                 Err(why) => {
                     last = why;
@@ -194,6 +188,43 @@ impl EtcdServer {
             }
         }
         panic!("etcd did not start after {START_ATTEMPTS} attempts: {last}");
+    }
+
+    /// The certificates of a [`start_tls`](Self::start_tls) server.
+    pub fn tls(&self) -> Option<&TlsCerts> {
+        self.tls.as_ref()
+    }
+
+    /// A server with its directory (and certificates) made, not started.
+    fn unstarted(security: EtcdSecurity) -> EtcdServer {
+        let dir = std::env::temp_dir().join(format!(
+            "ferry-etcd-{}-{}",
+            std::process::id(),
+            crate::unique_index()
+        ));
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("mkdir {}: {e}", dir.display()));
+        let tls = (security != EtcdSecurity::Plain).then(|| TlsCerts::generate(&dir.join("tls")));
+        EtcdServer {
+            child: None,
+            dir,
+            name: "ferry-test".into(),
+            initial_cluster: String::new(),
+            client_port: 0,
+            peer_port: 0,
+            metrics_port: 0,
+            tls,
+            client_cert_auth: security == EtcdSecurity::MutualTls,
+        }
+    }
+
+    fn set_ports(&mut self, client: u16, peer: u16, metrics: u16) {
+        self.client_port = client;
+        self.peer_port = peer;
+        self.metrics_port = metrics;
+    }
+
+    fn peer_url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.peer_port)
     }
 
     /// `http://127.0.0.1:PORT` (`https://` for a TLS server), for clients.
@@ -236,7 +267,7 @@ impl EtcdServer {
         // between, which is a test failure we report rather than hide.
         let mut last = String::new();
         for _ in 0..3 {
-            match self.spawn_and_wait() {
+            match self.spawn().and_then(|()| self.wait_healthy()) {
                 Ok(()) => return,
                 Err(why) => {
                     last = why;
@@ -246,6 +277,29 @@ impl EtcdServer {
             }
         }
         panic!("etcd did not start again: {last}");
+    }
+
+    /// SIGSTOP: the member hangs (its port still accepts connections, which
+    /// then get no answer), as a member on a frozen or overloaded host.
+    pub fn pause(&self) {
+        self.signal(nix::sys::signal::Signal::SIGSTOP);
+    }
+
+    /// SIGCONT after [`pause`](Self::pause).
+    pub fn resume(&self) {
+        self.signal(nix::sys::signal::Signal::SIGCONT);
+    }
+
+    fn signal(&self, s: nix::sys::signal::Signal) {
+        if let Some(child) = &self.child {
+            let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+            nix::sys::signal::kill(pid, s).unwrap_or_else(|e| panic!("signal etcd: {e}"));
+        }
+    }
+
+    /// True while the process runs (stopped by [`stop`](Self::stop) or not started: false).
+    pub fn running(&self) -> bool {
+        self.child.is_some()
     }
 
     /// True while the etcd process runs and answers `/health`.
@@ -266,10 +320,16 @@ impl EtcdServer {
         self.dir.join("etcd.log")
     }
 
-    fn spawn_and_wait(&mut self) -> Result<(), String> {
+    /// Starts the process (not waiting for it to be healthy).
+    fn spawn(&mut self) -> Result<(), String> {
         let client = self.endpoint();
         let metrics = format!("http://127.0.0.1:{}", self.metrics_port);
-        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let peer = self.peer_url();
+        let initial_cluster = if self.initial_cluster.is_empty() {
+            format!("{}={peer}", self.name)
+        } else {
+            self.initial_cluster.clone()
+        };
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -277,13 +337,13 @@ impl EtcdServer {
             .map_err(|e| format!("open {}: {e}", self.log_path().display()))?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
         let mut cmd = Command::new(ETCD_BIN);
-        cmd.arg("--name=ferry-test")
+        cmd.arg(format!("--name={}", self.name))
             .arg(format!("--data-dir={}", self.data_dir().display()))
             .arg(format!("--listen-client-urls={client}"))
             .arg(format!("--advertise-client-urls={client}"))
             .arg(format!("--listen-peer-urls={peer}"))
             .arg(format!("--initial-advertise-peer-urls={peer}"))
-            .arg(format!("--initial-cluster=ferry-test={peer}"))
+            .arg(format!("--initial-cluster={initial_cluster}"))
             .arg("--initial-cluster-state=new")
             .arg(format!("--listen-metrics-urls={metrics}"))
             .arg("--logger=zap")
@@ -304,12 +364,20 @@ impl EtcdServer {
         }
         if let Some(t) = &self.tls {
             cmd.arg(format!("--cert-file={}", t.server_cert.display()))
-                .arg(format!("--key-file={}", t.server_key.display()))
-                .arg(format!("--trusted-ca-file={}", t.ca.display()))
-                .arg("--client-cert-auth");
+                .arg(format!("--key-file={}", t.server_key.display()));
+            if self.client_cert_auth {
+                cmd.arg(format!("--trusted-ca-file={}", t.ca.display()))
+                    .arg("--client-cert-auth");
+            }
         }
         let child = cmd.spawn().map_err(|e| format!("spawn {ETCD_BIN}: {e}"))?;
         self.child = Some(child);
+        Ok(())
+    }
+
+    /// Waits until the started process answers `/health` (which needs a
+    /// leader, so in a cluster a quorum of members).
+    fn wait_healthy(&mut self) -> Result<(), String> {
         let end = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(child) = self.child.as_mut()
@@ -343,6 +411,50 @@ impl Drop for EtcdServer {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A cluster of real etcd members on loopback, plain HTTP, each with its own
+/// ports and data dir; all gone when dropped.
+pub struct EtcdCluster {
+    pub members: Vec<EtcdServer>,
+}
+
+impl EtcdCluster {
+    /// Starts `size` members together and waits until each is healthy.
+    pub fn start(size: usize) -> EtcdCluster {
+        let mut last = String::new();
+        for _ in 0..START_ATTEMPTS {
+            let mut members: Vec<EtcdServer> = (0..size)
+                .map(|i| {
+                    let mut m = EtcdServer::unstarted(EtcdSecurity::Plain);
+                    m.name = format!("ferry-test-{i}");
+                    let (c, p, x) = free_ports();
+                    m.set_ports(c, p, x);
+                    m
+                })
+                .collect();
+            let initial = members
+                .iter()
+                .map(|m| format!("{}={}", m.name, m.peer_url()))
+                .collect::<Vec<_>>()
+                .join(",");
+            let started = members.iter_mut().try_for_each(|m| {
+                m.initial_cluster = initial.clone();
+                m.spawn()
+            });
+            match started.and_then(|()| members.iter_mut().try_for_each(EtcdServer::wait_healthy)) {
+                Ok(()) => return EtcdCluster { members },
+                // Dropping the members kills them and removes their dirs.
+                Err(why) => last = why,
+            }
+        }
+        panic!("etcd cluster of {size} did not start after {START_ATTEMPTS} attempts: {last}");
+    }
+
+    /// Every member's client URL, in member order.
+    pub fn endpoints(&self) -> Vec<String> {
+        self.members.iter().map(EtcdServer::endpoint).collect()
     }
 }
 

@@ -9,11 +9,16 @@
 //! future. Every request is answered: a failure is mapped back to its
 //! request by sequence number, the others still run.
 //!
-//! The socket is a plain blocking netlink socket, born in the handle's
-//! namespace the way [`NsHandle::new`] makes its own (on a short-lived thread
-//! that entered it). [`Batch::run`] blocks for as long as the kernel works on
-//! the requests, which it would spend on them anyway; callers on an async
-//! runtime keep the batches small ([`Batch::MAX_OPS`]) and yield between them.
+//! The socket is born in the handle's namespace the way [`NsHandle::new`]
+//! makes its own (on a short-lived thread that entered it). [`Batch::run`]
+//! is async: the `sendmsg` takes as long as the kernel works on the requests
+//! (which it would spend on them anyway; callers keep the batches small,
+//! [`Batch::MAX_OPS`], and yield between them), and acks are read without
+//! blocking. When acks are missing, the wait for them is an await on the
+//! socket's readiness (tokio's `AsyncFd`) bounded by a tokio timer, never a
+//! blocking `poll`: on ferryd's single-threaded runtime a blocking wait of up
+//! to the ack timeout stalled every other task, HTTP included. So `run` needs
+//! a tokio runtime with IO and time enabled.
 //!
 //! Lost acks: when the receive buffer overflows the kernel drops acks (the
 //! requests themselves were carried out). Those requests are reported as
@@ -30,8 +35,9 @@ use rtnetlink::packet_route::RouteNetlinkMessage;
 use rtnetlink::sys::{Socket, SocketAddr, protocols::NETLINK_ROUTE};
 use std::io;
 use std::net::IpAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::time::{Duration, Instant};
+use tokio::io::unix::AsyncFd;
 
 /// One idempotent change of the overlay's kernel state.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,11 +166,17 @@ const ACK_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// A netlink socket for batches, acting in one namespace.
 pub struct Batch {
+    /// The socket registered with the runtime's reactor, made at the first
+    /// wait (so a `Batch` can be made outside a runtime). Declared before
+    /// `sock`: it is deregistered before the socket closes.
+    readiness: Option<AsyncFd<SockFd>>,
     sock: Socket,
     netns: String,
     seq: u32,
     send: Vec<u8>,
     recv: Vec<u8>,
+    /// Acks missing this long after the send count as failed.
+    ack_timeout: Duration,
 }
 
 impl std::fmt::Debug for Batch {
@@ -197,12 +209,24 @@ impl NsHandle {
         let _ = sock.set_cap_ack(true);
         set_rcvbuf(&sock, RCVBUF);
         Ok(Batch {
+            readiness: None,
             sock,
             netns: self.netns.clone(),
             seq: 0,
             send: Vec::new(),
             recv: vec![0; SLOTS * SLOT_LEN],
+            ack_timeout: ACK_TIMEOUT,
         })
+    }
+}
+
+/// The batch socket's descriptor, for [`AsyncFd`] (the socket itself stays
+/// owned by the [`Batch`]).
+struct SockFd(RawFd);
+
+impl AsRawFd for SockFd {
+    fn as_raw_fd(&self) -> RawFd {
+        self.0
     }
 }
 
@@ -238,10 +262,14 @@ impl Batch {
     /// order) and returns one result per op, in order: `Ok(true)` done,
     /// `Ok(false)` a delete of something that was not there, `Err` the
     /// kernel's refusal (`errno()` matchable; ENOBUFS also for a lost ack).
-    pub fn run(&mut self, ops: &[BatchOp]) -> Vec<Result<bool>> {
+    ///
+    /// Cancel safety: dropping the future between two buffers loses nothing;
+    /// dropped while waiting for acks, the requests were sent and their late
+    /// acks are ignored by the next run (their sequence numbers are old).
+    pub async fn run(&mut self, ops: &[BatchOp]) -> Vec<Result<bool>> {
         let mut out = Vec::with_capacity(ops.len());
         for chunk in ops.chunks(Self::MAX_OPS) {
-            let codes = self.exchange(chunk);
+            let codes = self.exchange(chunk).await;
             for (op, code) in chunk.iter().zip(codes) {
                 out.push(match code {
                     Ok(0) => Ok(true),
@@ -264,7 +292,7 @@ impl Batch {
 
     /// One buffer out, its acks in: per op the errno of its ack (0 = done),
     /// or the error that kept it from being answered.
-    fn exchange(&mut self, ops: &[BatchOp]) -> Vec<io::Result<i32>> {
+    async fn exchange(&mut self, ops: &[BatchOp]) -> Vec<io::Result<i32>> {
         let first = self.seq.wrapping_add(1);
         self.send.clear();
         for op in ops {
@@ -288,7 +316,7 @@ impl Batch {
             return codes.into_iter().map(|c| c.expect("set")).collect();
         }
         let mut missing = ops.len();
-        let deadline = Instant::now() + ACK_TIMEOUT;
+        let deadline = Instant::now() + self.ack_timeout;
         while missing > 0 {
             match self.recv_acks(first, &mut codes) {
                 Ok(0) => {}
@@ -316,14 +344,11 @@ impl Batch {
                 fail_all(&mut codes, libc::ETIMEDOUT);
                 break;
             }
-            let mut pfd = libc::pollfd {
-                fd: self.sock.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            };
-            let ms = (deadline - now).as_millis().min(100) as libc::c_int;
-            // SAFETY: one valid pollfd.
-            unsafe { libc::poll(&mut pfd, 1, ms) };
+            if let Err(e) = self.wait_readable(deadline - now).await {
+                let errno = e.raw_os_error().unwrap_or(libc::EIO);
+                fail_all(&mut codes, errno);
+                break;
+            }
         }
         codes.into_iter().map(|c| c.expect("set")).collect()
     }
@@ -391,6 +416,29 @@ impl Batch {
         }
     }
 
+    /// Waits (without blocking the thread) until a datagram or an error is
+    /// queued, or `at_most` passed; either way the caller looks again.
+    async fn wait_readable(&mut self, at_most: Duration) -> io::Result<()> {
+        let fd = self.sock.as_raw_fd();
+        let readiness = match &mut self.readiness {
+            Some(r) => r,
+            none => {
+                // SAFETY: `fd` is `self.sock`'s, which stays open and the
+                // same until after `readiness` is dropped (field order).
+                let r = unsafe {
+                    AsyncFd::register_with_interest(SockFd(fd), tokio::io::Interest::READABLE)
+                };
+                none.insert(r.map_err(|e| e.into_parts().1)?)
+            }
+        };
+        if let Ok(ready) = tokio::time::timeout(at_most, readiness.readable()).await {
+            // Cleared before the caller reads: what arrives after that read
+            // makes the socket ready again.
+            ready?.clear_ready();
+        }
+        Ok(())
+    }
+
     /// The socket's pending error (SO_ERROR, which clears it).
     fn take_error(&self) -> Option<i32> {
         let mut v: libc::c_int = 0;
@@ -426,6 +474,77 @@ fn parse_ack(b: &[u8]) -> Option<(u32, i32)> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    /// A batch socket whose requests go to another user socket (`peer`),
+    /// which never answers: every ack is missing, as when the kernel is late.
+    fn unanswered_batch() -> Option<(Batch, Socket)> {
+        if !nix::unistd::Uid::effective().is_root() {
+            // Sending to a user port of NETLINK_ROUTE needs CAP_NET_ADMIN.
+            assert!(std::env::var_os("CI").is_none(), "needs root");
+            eprintln!("SKIPPED: needs root");
+            return None;
+        }
+        let mut peer = Socket::new(NETLINK_ROUTE).expect("netlink socket");
+        let peer_addr = peer.bind_auto().expect("bind");
+        let mut sock = Socket::new(NETLINK_ROUTE).expect("netlink socket");
+        sock.bind_auto().expect("bind");
+        sock.connect(&SocketAddr::new(peer_addr.port_number(), 0))
+            .expect("connect to the peer");
+        let batch = Batch {
+            readiness: None,
+            sock,
+            netns: "test".into(),
+            seq: 0,
+            send: Vec::new(),
+            recv: vec![0; SLOTS * SLOT_LEN],
+            ack_timeout: Duration::from_millis(600),
+        };
+        Some((batch, peer))
+    }
+
+    /// Waiting for acks must not hold the runtime's only thread: the other
+    /// tasks (ferryd's HTTP server, its etcd client) keep running.
+    #[test]
+    fn waiting_for_acks_leaves_the_runtime_to_other_tasks() {
+        let Some((mut batch, _peer)) = unanswered_batch() else {
+            return;
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let ticks = Arc::new(AtomicU32::new(0));
+        let results = rt.block_on(async {
+            let t = ticks.clone();
+            let ticker = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    t.fetch_add(1, Ordering::Relaxed);
+                }
+            });
+            tokio::task::yield_now().await;
+            let op = BatchOp::DeleteNeighbour {
+                ifindex: 1,
+                ip: "192.0.2.1".parse().unwrap(),
+            };
+            let started = Instant::now();
+            let results = batch.run(&[op]).await;
+            let waited = started.elapsed();
+            ticker.abort();
+            assert!(waited >= Duration::from_millis(500), "{waited:?}");
+            results
+        });
+        let err = results[0].as_ref().expect_err("no ack came");
+        assert!(err.is_errno(libc::ETIMEDOUT), "{err}");
+        let ticks = ticks.load(Ordering::Relaxed);
+        // About 60 in 600 ms; none when the wait blocks the thread.
+        assert!(
+            ticks >= 20,
+            "the runtime ran other tasks only {ticks} times"
+        );
+    }
 
     #[test]
     fn parses_an_ack() {
