@@ -421,7 +421,10 @@ mod tests {
             1,
         );
         let v: Value = serde_json::from_str(&not_ready).unwrap();
-        assert_eq!((v["ready"].as_bool(), v["subnet"].is_null()), (Some(false), true));
+        assert_eq!(
+            (v["ready"].as_bool(), v["subnet"].is_null()),
+            (Some(false), true)
+        );
         assert_eq!(v["reason"], "starting");
     }
 

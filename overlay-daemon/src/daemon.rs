@@ -432,7 +432,11 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
     };
     // A file left by an earlier ferryd must not speak for this one.
     ready_file
-        .publish(false, None, "ferryd is starting: no subnet lease yet".into())
+        .publish(
+            false,
+            None,
+            "ferryd is starting: no subnet lease yet".into(),
+        )
         .await;
 
     let store = retry("connect to etcd", &metrics, || async {
@@ -642,7 +646,11 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
 
     info!("stopping; the data path stays as it is");
     ready_file
-        .publish(false, Some(node.held.lease.subnet()), "ferryd stopped".into())
+        .publish(
+            false,
+            Some(node.held.lease.subnet()),
+            "ferryd stopped".into(),
+        )
         .await;
     if r.release_on_exit {
         match store.release(&node.held).await {

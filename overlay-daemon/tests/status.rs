@@ -147,8 +147,5 @@ fn status_is_not_ready_once_ferryd_is_gone() {
     lab.stop_ferryd(0, nix::sys::signal::Signal::SIGTERM);
     let e = status(&lab, 0).expect("not ready once ferryd stopped");
     assert_eq!(e["code"], 50, "{e}");
-    assert!(
-        e["msg"].as_str().unwrap().contains("ferryd stopped"),
-        "{e}"
-    );
+    assert!(e["msg"].as_str().unwrap().contains("ferryd stopped"), "{e}");
 }

@@ -118,7 +118,10 @@ pub fn check(path: &Path, ipam_subnets: &[ipnetwork::IpNetwork]) -> Result<(), C
         ));
     }
     let subnet = w.subnet.ok_or_else(|| {
-        not_available(path, "says ready but names no subnet: not ferryd's readiness file")
+        not_available(
+            path,
+            "says ready but names no subnet: not ferryd's readiness file",
+        )
     })?;
     if !ipam_subnets.is_empty() && !ipam_subnets.contains(&subnet) {
         return Err(not_available(
@@ -223,7 +226,9 @@ fn read(path: &Path) -> Result<String, CniError> {
 /// The subnets the IPAM section of a config hands out: host-local's
 /// `ranges[][].subnet` and its older top-level `subnet`. Unparseable
 /// entries are left to the IPAM plugin to refuse.
-pub fn ipam_subnets(ipam: Option<&serde_json::Map<String, serde_json::Value>>) -> Vec<ipnetwork::IpNetwork> {
+pub fn ipam_subnets(
+    ipam: Option<&serde_json::Map<String, serde_json::Value>>,
+) -> Vec<ipnetwork::IpNetwork> {
     let Some(ipam) = ipam else {
         return Vec::new();
     };
