@@ -65,6 +65,9 @@ pub struct CniConfOptions {
     pub bridge: String,
     /// ferry-ipam's dataDir; `None` keeps its default (/var/lib/cni/networks).
     pub ipam_data_dir: Option<PathBuf>,
+    /// Where ferryd publishes its readiness ([`readiness_json`]), named in
+    /// ferry-bridge's `readinessFile` so STATUS reads it; `None`: no key.
+    pub readiness_file: Option<PathBuf>,
 }
 
 impl Default for CniConfOptions {
@@ -75,6 +78,7 @@ impl Default for CniConfOptions {
             network_name: "ferry".into(),
             bridge: "cni0".into(),
             ipam_data_dir: None,
+            readiness_file: None,
         }
     }
 }
@@ -127,9 +131,65 @@ pub fn conflist(n: &NodeNetwork, o: &CniConfOptions) -> String {
             "capabilities": { "bandwidth": true },
         }],
     });
+    let mut doc = doc;
+    if let Some(ready) = &o.readiness_file {
+        doc["plugins"][0]["readinessFile"] = json!(ready);
+    }
     let mut s = serde_json::to_string_pretty(&doc).expect("conflist serializes");
     s.push('\n');
     s
+}
+
+/// What ferryd publishes in its readiness file for ferry-bridge's STATUS
+/// (plugins/bridge/src/readiness.rs reads it): ready or not and why, the
+/// node's subnet, and until when the statement holds, in CLOCK_BOOTTIME
+/// milliseconds of boot `boot_id`, so a ferryd that died without cleaning
+/// up stops being "ready" by itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Readiness {
+    pub ready: bool,
+    pub subnet: Option<Ipv4Network>,
+    pub reason: String,
+    pub boot_id: String,
+    pub valid_until_boottime_ms: u64,
+}
+
+/// The readiness file's text (format version 1, one line of JSON).
+pub fn readiness_json(r: &Readiness, updated_unix: u64) -> String {
+    let mut s = json!({
+        "version": 1,
+        "ready": r.ready,
+        "subnet": r.subnet.map(|s| s.to_string()),
+        "bootId": r.boot_id,
+        "validUntilBoottimeMs": r.valid_until_boottime_ms,
+        "reason": r.reason,
+        "updatedUnix": updated_unix,
+    })
+    .to_string();
+    s.push('\n');
+    s
+}
+
+/// CLOCK_BOOTTIME now, in milliseconds: the clock of the readiness file's
+/// expiry (monotonic, counts suspend, shared by every process of a boot).
+pub fn boottime_ms() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    if rc != 0 {
+        return 0;
+    }
+    (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
+}
+
+/// This boot's ID, or "" when /proc does not say.
+pub fn boot_id() -> String {
+    read_regular(Path::new("/proc/sys/kernel/random/boot_id"))
+        .map(|t| t.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// flannel's subnet.env shape with FERRY_ names, for scripts and tools.
@@ -317,6 +377,55 @@ mod tests {
                 .contains("FERRY_MTU=1400")
         );
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn conflist_names_the_readiness_file_only_when_there_is_one() {
+        let o = CniConfOptions {
+            readiness_file: Some("/run/ferry/ready".into()),
+            ..Default::default()
+        };
+        let v: Value = serde_json::from_str(&conflist(&node(), &o)).unwrap();
+        assert_eq!(v["plugins"][0]["readinessFile"], "/run/ferry/ready");
+        assert!(v["plugins"][1].get("readinessFile").is_none());
+        let v: Value =
+            serde_json::from_str(&conflist(&node(), &CniConfOptions::default())).unwrap();
+        assert!(v["plugins"][0].get("readinessFile").is_none());
+    }
+
+    #[test]
+    fn readiness_file_format() {
+        let r = Readiness {
+            ready: true,
+            subnet: Some("10.244.3.0/24".parse().unwrap()),
+            reason: String::new(),
+            boot_id: boot_id(),
+            valid_until_boottime_ms: boottime_ms() + 30_000,
+        };
+        let text = readiness_json(&r, 1_700_000_000);
+        assert!(text.ends_with('\n') && text.len() < 512, "{text}");
+        let v: Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["version"], 1);
+        assert_eq!(v["ready"], true);
+        assert_eq!(v["subnet"], "10.244.3.0/24");
+        assert_eq!(v["bootId"].as_str().unwrap().len(), 36, "{text}");
+        assert!(v["validUntilBoottimeMs"].as_u64().unwrap() > boottime_ms());
+        assert_eq!(v["updatedUnix"], 1_700_000_000u64);
+        let not_ready = readiness_json(
+            &Readiness {
+                ready: false,
+                subnet: None,
+                reason: "starting".into(),
+                ..r
+            },
+            1,
+        );
+        let v: Value = serde_json::from_str(&not_ready).unwrap();
+        assert_eq!(
+            (v["ready"].as_bool(), v["subnet"].is_null()),
+            (Some(false), true)
+        );
+        assert_eq!(v["reason"], "starting");
     }
 
     #[test]

@@ -147,6 +147,12 @@ pub struct RunArgs {
         default_value = "/run/ferry/subnet.env"
     )]
     pub subnet_file: PathBuf,
+    /// Where ferryd publishes whether the node is ready (lease held and
+    /// renewed, peers programmed) for ferry-bridge's STATUS; the conflist
+    /// names it (`readinessFile`). Default: `ready` beside --subnet-file
+    /// (/run/ferry/ready).
+    #[arg(long, env = "FERRY_READY_FILE")]
+    pub ready_file: Option<PathBuf>,
     /// Masquerade pod traffic that leaves the cluster network.
     #[arg(long, env = "FERRY_IP_MASQ", default_value_t = true, action = clap::ArgAction::Set)]
     pub ip_masq: bool,
@@ -415,13 +421,23 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
     let opts = store_options(a)?;
     let node_name = r.node_name.clone().unwrap_or_else(hostname);
     let ttl = Duration::from_secs(r.lease_ttl.max(3));
+    let mut ready_file = ReadyFile::new(r, ttl)?;
     let conf = CniConfOptions {
         conf_dir: r.cni_conf_dir.clone(),
         file_name: r.cni_conf_name.clone(),
         network_name: r.network_name.clone(),
         bridge: r.bridge.clone(),
         ipam_data_dir: r.ipam_data_dir.clone(),
+        readiness_file: Some(ready_file.path.clone()),
     };
+    // A file left by an earlier ferryd must not speak for this one.
+    ready_file
+        .publish(
+            false,
+            None,
+            "ferryd is starting: no subnet lease yet".into(),
+        )
+        .await;
 
     let store = retry("connect to etcd", &metrics, || async {
         Ok(Store::connect(&opts).await?)
@@ -500,6 +516,8 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
     let mut pass_at: Option<PendingPass> = None;
     schedule(&mut pass_at, Dirty::Leases, Duration::ZERO);
     const DEBOUNCE: Duration = Duration::from_millis(20);
+    // Why the node is not ready beyond what the metrics say (a lost lease).
+    let mut lease_lost: Option<String> = None;
 
     loop {
         let due = pass_at.map(|p| p.due).unwrap_or(resync_at);
@@ -531,9 +549,13 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
                         warn!(subnet = %node.held.lease.subnet(), "lease lost; acquiring again");
                         metrics.set_lease_held(false);
                         metrics.set_ready(false);
+                        let why = format!("the lease of {} was lost; acquiring one again", node.held.lease.subnet());
+                        ready_file.publish(false, Some(node.held.lease.subnet()), why.clone()).await;
+                        lease_lost = Some(why);
                         let me = SubnetLease { renewed_at: now_unix(), ..node.held.lease.clone() };
                         match store.acquire(&node.cfg, &me, Some(node.held.lease.subnet()), ttl).await {
                             Ok(held) => {
+                                lease_lost = None;
                                 metrics.lease_acquired();
                                 metrics.set_lease_held(true);
                                 metrics.lease_renewed(held.lease.subnet(), ttl);
@@ -616,9 +638,20 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
             _ = sigterm.recv() => break,
             _ = tokio::signal::ctrl_c() => break,
         }
+        let (ready, why) = node_readiness(&metrics, lease_lost.as_deref());
+        ready_file
+            .publish(ready, Some(node.held.lease.subnet()), why)
+            .await;
     }
 
     info!("stopping; the data path stays as it is");
+    ready_file
+        .publish(
+            false,
+            Some(node.held.lease.subnet()),
+            "ferryd stopped".into(),
+        )
+        .await;
     if r.release_on_exit {
         match store.release(&node.held).await {
             Ok(()) => info!(subnet = %node.held.lease.subnet(), "lease released"),
@@ -626,6 +659,116 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
         }
     }
     Ok(())
+}
+
+/// Whether the node can take pods, and why not: the lease held and renewed
+/// within its TTL (as /readyz says) and every peer that can be programmed
+/// programmed.
+fn node_readiness(metrics: &Metrics, lease_lost: Option<&str>) -> (bool, String) {
+    if let Some(why) = lease_lost {
+        return (false, why.to_string());
+    }
+    if let Some(why) = metrics.lease_overdue() {
+        return (false, why);
+    }
+    if metrics.is_ready() {
+        return (true, String::new());
+    }
+    (
+        false,
+        "the overlay is not programmed yet (first pass pending, or a pass failed: see /readyz and the log)".into(),
+    )
+}
+
+/// ferryd's readiness file: what ferry-bridge's STATUS reads. Every
+/// statement in it holds for [`ReadyFile::validity`] only and is renewed
+/// when a third of that has passed (the loop wakes at least every resync
+/// interval), so a ferryd killed without cleaning up stops being "ready" by
+/// itself, at most that long after.
+struct ReadyFile {
+    path: PathBuf,
+    boot_id: String,
+    validity: Duration,
+    /// What the file says now (`None`: unknown, e.g. the last write failed).
+    published: Option<cniconf::Readiness>,
+    /// The last write error, logged once until a write succeeds.
+    failing: Option<String>,
+}
+
+impl ReadyFile {
+    fn new(r: &RunArgs, ttl: Duration) -> Result<ReadyFile, DaemonError> {
+        let path = r.ready_file.clone().unwrap_or_else(|| {
+            r.subnet_file
+                .parent()
+                .unwrap_or(std::path::Path::new("."))
+                .join("ready")
+        });
+        // The conflist names it for plugins run from any directory.
+        let path = std::path::absolute(&path).map_err(|source| DaemonError::Io {
+            what: format!("resolve --ready-file {}", path.display()),
+            source,
+        })?;
+        // Never longer than the lease: a daemon that stopped renewing it
+        // cannot vouch for it.
+        let validity = (Duration::from_secs(r.resync_interval.max(1)) * 3)
+            .max(Duration::from_secs(15))
+            .min(ttl);
+        Ok(ReadyFile {
+            path,
+            boot_id: cniconf::boot_id(),
+            validity,
+            published: None,
+            failing: None,
+        })
+    }
+
+    /// Writes the node's readiness when it changed or the file is a third
+    /// of the way to its expiry; a failed write is logged (once) and retried
+    /// at the next call.
+    async fn publish(&mut self, ready: bool, subnet: Option<Ipv4Network>, reason: String) {
+        let now = cniconf::boottime_ms();
+        let validity = self.validity.as_millis() as u64;
+        let fresh = self.published.as_ref().is_some_and(|p| {
+            p.ready == ready
+                && p.subnet == subnet
+                && p.reason == reason
+                && p.valid_until_boottime_ms > now + validity * 2 / 3
+        });
+        if fresh {
+            return;
+        }
+        let want = cniconf::Readiness {
+            ready,
+            subnet,
+            reason,
+            boot_id: self.boot_id.clone(),
+            valid_until_boottime_ms: now + validity,
+        };
+        let text = cniconf::readiness_json(&want, now_unix());
+        let path = self.path.clone();
+        let written = tokio::task::spawn_blocking(move || cniconf::write_atomic(&path, &text))
+            .await
+            .unwrap_or_else(|e| Err(std::io::Error::other(e)));
+        match written {
+            Ok(_) => {
+                if self.published.as_ref().map(|p| p.ready) != Some(want.ready) {
+                    info!(ready = want.ready, reason = %want.reason, file = %self.path.display(), "readiness published");
+                }
+                if let Some(e) = self.failing.take() {
+                    info!(file = %self.path.display(), "readiness file written again (was: {e})");
+                }
+                self.published = Some(want);
+            }
+            Err(e) => {
+                self.published = None;
+                let e = e.to_string();
+                if self.failing.as_ref() != Some(&e) {
+                    warn!(file = %self.path.display(), "write the readiness file: {e}; retrying");
+                    self.failing = Some(e);
+                }
+            }
+        }
+    }
 }
 
 /// A reconcile pass waiting to run.

@@ -165,6 +165,24 @@ impl BridgeConf {
     }
 }
 
+/// `readinessFile`: where ferryd publishes whether the node is ready (the
+/// conflist ferryd writes names it). STATUS reads it; a config without it
+/// (written by hand, no ferryd) keeps STATUS as it was. Only this key is
+/// parsed for STATUS, so a STATUS never fails on the rest of the config.
+pub fn readiness_file(conf: &NetConf) -> Result<Option<std::path::PathBuf>, CniError> {
+    #[derive(Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct StatusWire {
+        #[serde(default)]
+        readiness_file: Option<String>,
+    }
+    let w: StatusWire = conf.plugin_config()?;
+    w.readiness_file
+        .as_deref()
+        .map(crate::readiness::validate_path)
+        .transpose()
+}
+
 /// The interface carrying the gateway address of VLAN `vlan` on `bridge`.
 pub fn vlan_gateway_name(bridge: &str, vlan: u16) -> String {
     format!("{bridge}.{vlan}")

@@ -22,6 +22,7 @@
 
 pub mod config;
 pub mod masq;
+pub mod readiness;
 pub mod spoofchk;
 
 use config::{BridgeConf, first_host, format_mac, vlan_gateway_name};
@@ -198,6 +199,11 @@ impl Plugin for Bridge {
     }
 
     fn status(&self, args: &CmdArgs, conf: &NetConf) -> Result<(), CniError> {
+        // The node first (ferryd's lease and readiness, when the config
+        // names where ferryd publishes it), then the addresses left.
+        if let Some(path) = config::readiness_file(conf)? {
+            readiness::check(&path, &readiness::ipam_subnets(conf.ipam.as_ref()))?;
+        }
         exec_ipam(Command::Status, args, conf).map(|_| ())
     }
 }

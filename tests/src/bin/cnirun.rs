@@ -3,8 +3,12 @@
 //! getting the previous one's result as `prevResult`; the final result is
 //! cached so CHECK and DEL get it too; DEL runs the plugins in reverse order.
 //!
+//! STATUS runs every plugin in order, as libcni's GetStatusNetworkList does
+//! (the container arguments are ignored; pass "" "").
+//!
 //! ```text
 //! CNI_PATH=/opt/cni/bin cnirun add /etc/cni/net.d/10-ferry.conflist /run/netns/pod1 pod1 [eth0]
+//! CNI_PATH=/opt/cni/bin cnirun status /etc/cni/net.d/10-ferry.conflist "" ""
 //! ```
 
 use clap::{Parser, ValueEnum};
@@ -20,6 +24,7 @@ enum Verb {
     Add,
     Check,
     Del,
+    Status,
 }
 
 #[derive(Debug, Parser)]
@@ -78,6 +83,7 @@ fn run(cli: &Cli) -> Result<Option<Value>, CniError> {
         Verb::Add => Command::Add,
         Verb::Check => Command::Check,
         Verb::Del => Command::Del,
+        Verb::Status => Command::Status,
     };
     let args = CmdArgs {
         command,
@@ -128,6 +134,20 @@ fn run(cli: &Cli) -> Result<Option<Value>, CniError> {
                 exec_plugin(&plugin_type(i), command, &args, &conf)?;
             }
             let _ = std::fs::remove_file(&cache);
+            Ok(None)
+        }
+        Verb::Status => {
+            // No container: STATUS is about the network, not a pod.
+            let args = CmdArgs {
+                container_id: String::new(),
+                netns: None,
+                ifname: String::new(),
+                ..args
+            };
+            for i in 0..list.plugins.len() {
+                let conf = list.plugin_config(i, version, &runtime_config, None);
+                exec_plugin(&plugin_type(i), command, &args, &conf)?;
+            }
             Ok(None)
         }
     }
