@@ -82,7 +82,25 @@ pub fn boot_id() -> Option<String> {
 /// among them, this config is stale (the node's lease changed).
 pub fn check(path: &Path, ipam_subnets: &[ipnetwork::IpNetwork]) -> Result<(), CniError> {
     let text = read(path)?;
-    let w: Wire = serde_json::from_str(&text)
+    judge(
+        path,
+        &text,
+        ipam_subnets,
+        boot_id().as_deref(),
+        boottime_ms(),
+    )
+}
+
+/// What the file's `text` says, for this boot (`boot`) at `now`
+/// ([`boottime_ms`]): the part of [`check`] that reads no file or clock.
+pub fn judge(
+    path: &Path,
+    text: &str,
+    ipam_subnets: &[ipnetwork::IpNetwork],
+    boot: Option<&str>,
+    now: u64,
+) -> Result<(), CniError> {
+    let w: Wire = serde_json::from_str(text)
         .map_err(|e| not_available(path, format_args!("is not ferryd's readiness file: {e}")))?;
     if w.version != 1 {
         return Err(not_available(
@@ -90,7 +108,7 @@ pub fn check(path: &Path, ipam_subnets: &[ipnetwork::IpNetwork]) -> Result<(), C
             format_args!("has version {}; this plugin reads version 1", w.version),
         ));
     }
-    if let Some(mine) = boot_id()
+    if let Some(mine) = boot
         && w.boot_id != mine
     {
         return Err(not_available(
@@ -107,7 +125,6 @@ pub fn check(path: &Path, ipam_subnets: &[ipnetwork::IpNetwork]) -> Result<(), C
             format_args!("says ferryd is not ready: {}", truncate(&w.reason)),
         ));
     }
-    let now = boottime_ms();
     if now >= w.valid_until_boottime_ms {
         return Err(not_available(
             path,
