@@ -14,11 +14,13 @@
 //! inspect and create entries only.
 
 use ferry_tests::{
-    BridgeNet, Outside, PluginOutput, TestNetns, TestPod, bin, require_root, run_plugin_in,
-    unique_index,
+    BridgeNet, Outside, PluginOutput, TestNetns, TestPod, bin, in_netns_cmd, kill_child,
+    require_root, run_plugin_in, unique_index, wait_until,
 };
 use serde_json::{Value, json};
+use std::io::BufRead;
 use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -164,6 +166,16 @@ impl Drop for Client {
     }
 }
 
+/// A child process killed (and reaped) when the test ends, also by a panic.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        kill_child(&self.0);
+        let _ = self.0.wait();
+    }
+}
+
 fn port() -> u16 {
     21000 + (std::process::id() % 20000) as u16 + (unique_index() % 1000) as u16
 }
@@ -268,9 +280,10 @@ fn udp_host_port_follows_the_pod_that_takes_it_over() {
 
 /// The flush is only the mapping's: flows to another port of the node, TCP
 /// to the hostPort, and UDP to the hostPort that is routed through the node
-/// (to a pod's own address, not to the node) keep their entries, the same
-/// ones (same conntrack id), through the DEL of one pod and the ADD of
-/// another on that hostPort. The flow to the hostPort itself is flushed.
+/// (to a pod's own address, not to the node) keep their entries through the
+/// DEL of one pod and the ADD of another on that hostPort: the kernel
+/// reports no DESTROY for them (`conntrack -E`). The flow to the hostPort
+/// itself is flushed by both, and ends up DNATed to the new pod.
 #[test]
 fn unrelated_flows_keep_their_conntrack_entries() {
     if !require_root() {
@@ -292,6 +305,58 @@ fn unrelated_flows_keep_their_conntrack_entries() {
         .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
         .find(|ip: &IpAddr| ip.is_ipv4())
         .expect("an IPv4 address for pod B");
+
+    // Every entry deleted from now on, as the kernel reports it. Events are
+    // on (the test's own namespace: its sysctl is the test's to set) and
+    // the listener subscribed before any flow starts: an entry created
+    // without a listener may never report its end.
+    net.host
+        .exec("sysctl", &["-qw", "net.netfilter.nf_conntrack_events=1"]);
+    let mut cmd = Command::new("conntrack");
+    cmd.args(["-E", "-e", "DESTROY", "-f", "ipv4"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    in_netns_cmd(&mut cmd, net.host.netns());
+    let mut events = KillOnDrop(cmd.spawn().expect("run conntrack -E"));
+    let destroyed = Arc::new(Mutex::new(Vec::<String>::new()));
+    let reader = {
+        let (stdout, destroyed) = (events.0.stdout.take().unwrap(), destroyed.clone());
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                destroyed.lock().unwrap().push(line);
+            }
+        })
+    };
+    // The listener is subscribed once it reports the deletion of a marker
+    // entry (TEST-NET-2 addresses, nothing else uses them here).
+    let marker = "dst=198.51.100.2 ";
+    let listening = wait_until(Duration::from_secs(10), || {
+        let _ = net.host.try_exec(
+            "conntrack",
+            &[
+                "-I",
+                "-p",
+                "udp",
+                "-s",
+                "198.51.100.1",
+                "-d",
+                "198.51.100.2",
+                "--sport",
+                "9",
+                "--dport",
+                "9",
+                "-t",
+                "30",
+            ],
+        );
+        let _ = net
+            .host
+            .try_exec("conntrack", &["-D", "-d", "198.51.100.2"]);
+        std::thread::sleep(Duration::from_millis(100));
+        destroyed.lock().unwrap().iter().any(|l| l.contains(marker))
+    });
+    assert!(listening, "conntrack -E never reported the marker entry");
 
     // Three clients, each from its own source port: the hostPort (the
     // mapping's flow), another port of the node, and the hostPort number on
@@ -354,14 +419,61 @@ fn unrelated_flows_keep_their_conntrack_entries() {
     bridge_del(&net, &a);
     std::thread::sleep(Duration::from_millis(200));
     portmap(&net, "ADD", &b, &pm_conf(&net, &mappings, &rb)).ok_json();
-    std::thread::sleep(Duration::from_millis(200));
+    std::thread::sleep(Duration::from_millis(300));
+    drop(events);
+    let _ = reader.join();
+    let destroyed: Vec<String> = destroyed
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|l| !l.contains(marker))
+        .cloned()
+        .collect();
+    let destroyed = destroyed.join("\n");
+
     let after = ids();
-    assert_eq!(after.1, before.1, "the flow to another port was flushed");
-    assert_eq!(after.2, before.2, "the routed flow to a pod address was flushed");
-    assert_eq!(after.3, before.3, "the TCP entry to the hostPort was flushed");
-    assert_ne!(
-        after.0, before.0,
-        "the mapping's own flow kept its entry (not flushed)"
+    assert_eq!(after.1, before.1, "the flow to another port lost its entry");
+    assert_eq!(
+        after.2, before.2,
+        "the routed flow to a pod address lost its entry"
+    );
+    assert_eq!(after.3, before.3, "the TCP entry to the hostPort is gone");
+    let mapped_flow = format!(
+        "src={} dst={} sport={sport} dport={hp} ",
+        out.out_v4, out.host_v4
+    );
+    let lines: Vec<&str> = destroyed.lines().collect();
+    // DEL deletes the entry DNATed to A; ADD the one made in between (to
+    // the node itself, unNATed).
+    let a_v4 = ra["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .split('/')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&mapped_flow) && l.contains(&format!("src={a_v4} "))),
+        "DEL did not delete the flow's entry DNATed to pod A:\n{destroyed}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains(&mapped_flow) && !l.contains(&format!("src={a_v4} "))),
+        "ADD did not delete the flow's entry made while no pod held the port:\n{destroyed}"
+    );
+    assert!(
+        lines.iter().all(|l| l.contains(&mapped_flow)),
+        "an unrelated entry was deleted:\n{destroyed}"
+    );
+    // And the flow is now B's.
+    let now = ct_list(&net.host, "udp", hp);
+    assert!(
+        now.iter().any(|l| l.contains(&mapped_flow)
+            && l.contains(&format!("src={b_v4} dst={} sport=8080 ", out.out_v4))),
+        "the flow is not DNATed to pod B: {now:?}"
     );
     drop((mapped, other_port, routed));
     portmap(&net, "DEL", &b, &pm_conf(&net, &mappings, &rb)).ok_empty();
