@@ -286,9 +286,12 @@ fn dump(sock: &Socket, family: u8, filter: Option<(u8, Option<u16>)>) -> Result<
 
 /// The positive errno of an NLMSG_ERROR message (0 for an ack).
 fn errno_of(m: &[u8]) -> Result<i32> {
-    let raw = m
-        .get(16..20)
-        .ok_or_else(|| fail("parse answer for", io::Error::from(io::ErrorKind::InvalidData)))?;
+    let raw = m.get(16..20).ok_or_else(|| {
+        fail(
+            "parse answer for",
+            io::Error::from(io::ErrorKind::InvalidData),
+        )
+    })?;
     Ok(-i32::from_ne_bytes(raw.try_into().expect("4 bytes")))
 }
 
@@ -647,9 +650,7 @@ mod tests {
         let bare = dump_request(AF_INET, None).unwrap();
         assert_eq!(
             bare,
-            [
-                20, 0, 0, 0, 1, 1, 1, 3, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0
-            ]
+            [20, 0, 0, 0, 1, 1, 1, 3, 1, 0, 0, 0, 0, 0, 0, 0, 2, 0, 0, 0]
         );
         let f = dump_request(AF_INET6, Some((UDP, Some(5000)))).unwrap();
         assert_eq!(&f[16..20], &[10, 0, 0, 0]);
@@ -696,7 +697,14 @@ mod tests {
             translated_to: Some("10.2.2.2:5001".parse().unwrap()),
             ..f.clone()
         };
-        for g in [&other_port, &tcp, &other_dst, &excepted, &nowhere, &other_pod] {
+        for g in [
+            &other_port,
+            &tcp,
+            &other_dst,
+            &excepted,
+            &nowhere,
+            &other_pod,
+        ] {
             assert!(!g.matches(&e), "{g:?}");
         }
         let this_pod = FlowFilter {
