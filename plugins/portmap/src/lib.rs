@@ -700,4 +700,102 @@ mod tests {
         let p = pod_addrs(&r, "eth1");
         assert!(p.v4.is_none() && p.v6.is_some());
     }
+
+    /// The UDP DNATs are read back from the very elements ADD writes (and
+    /// DEL finds): TCP ones and masquerade ranges are not conntrack's
+    /// business here.
+    #[test]
+    fn udp_dnats_from_the_pods_elements() {
+        let conf = json!({"cniVersion": "1.0.0", "name": "n", "type": "ferry-portmap",
+            "runtimeConfig": {"portMappings": [
+                {"hostPort": 5353, "containerPort": 53, "protocol": "udp"},
+                {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
+                {"hostPort": 5000, "containerPort": 50, "protocol": "udp", "hostIP": "192.0.2.7"}]}});
+        let pm = PortmapConf::load(&NetConf::from_value(conf).unwrap()).unwrap();
+        let pod = PodAddrs {
+            v4: Some("10.88.0.5/24".parse().unwrap()),
+            v6: Some("fd00::5/64".parse().unwrap()),
+        };
+        let mut got: Vec<UdpDnat> = rules::elements(&pm, &pod, "hp-x n/c/eth0")
+            .iter()
+            .filter_map(|e| udp_dnat(&e.set, &e.elem))
+            .collect();
+        got.sort_by_key(|d| (d.host_port, d.v4));
+        assert_eq!(
+            got,
+            vec![
+                UdpDnat {
+                    host_ip: Some("192.0.2.7".parse().unwrap()),
+                    v4: true,
+                    host_port: 5000,
+                    target: "10.88.0.5:50".parse().unwrap(),
+                },
+                UdpDnat {
+                    host_ip: None,
+                    v4: false,
+                    host_port: 5353,
+                    target: "[fd00::5]:53".parse().unwrap(),
+                },
+                UdpDnat {
+                    host_ip: None,
+                    v4: true,
+                    host_port: 5353,
+                    target: "10.88.0.5:53".parse().unwrap(),
+                },
+            ]
+        );
+        // A malformed element is not a DNAT.
+        let bad = SetElement {
+            key: vec![17, 0, 0, 0, 0x13],
+            data: Some(vec![10, 88, 0, 5, 0, 53, 0, 0]),
+            ..Default::default()
+        };
+        assert_eq!(udp_dnat(rules::MAP_V4, &bad), None);
+    }
+
+    /// What each phase deletes: ADD every flow to the hostPort on the
+    /// node's addresses of the family but a hostIP another pod holds the
+    /// port on; DEL only the flows DNATed to the pod.
+    #[test]
+    fn flow_filters_per_phase() {
+        let wildcard = UdpDnat {
+            host_ip: None,
+            v4: true,
+            host_port: 5353,
+            target: "10.88.0.5:53".parse().unwrap(),
+        };
+        let pinned = UdpDnat {
+            host_ip: Some("192.0.2.7".parse().unwrap()),
+            v4: true,
+            host_port: 5000,
+            target: "10.88.0.5:50".parse().unwrap(),
+        };
+        let local: Vec<IpNetwork> = ["127.0.0.0/8", "192.0.2.7/32", "198.18.0.1/32", "::1/128"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        let held = vec![
+            ("192.0.2.7".parse().unwrap(), 5353),
+            ("192.0.2.7".parse().unwrap(), 9999),
+        ];
+        let add = flow_filters(
+            &[wildcard.clone(), pinned.clone()],
+            Phase::Add,
+            &local,
+            &held,
+        );
+        assert_eq!(add[0].dst, local[..3].to_vec());
+        assert_eq!(add[0].dst_except, vec![held[0].0]);
+        assert_eq!(add[0].translated_to, None);
+        assert_eq!(
+            add[1].dst,
+            vec!["192.0.2.7/32".parse::<IpNetwork>().unwrap()]
+        );
+        assert!(add[1].dst_except.is_empty());
+        let del = flow_filters(&[wildcard, pinned], Phase::Del, &local, &held);
+        assert!(del.iter().all(|f| f.dst_except.is_empty()));
+        assert_eq!(del[0].translated_to, Some("10.88.0.5:53".parse().unwrap()));
+        assert_eq!(del[1].translated_to, Some("10.88.0.5:50".parse().unwrap()));
+        assert!(del.iter().all(|f| f.proto == conntrack::UDP));
+    }
 }
