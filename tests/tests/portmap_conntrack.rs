@@ -176,6 +176,87 @@ impl Drop for KillOnDrop {
     }
 }
 
+/// `conntrack -E -e DESTROY` in a test's host namespace: every IPv4 entry
+/// deleted while it runs, as the kernel reports it. Events are switched on
+/// (the test's own namespace: its sysctl is the test's to set), and it must
+/// run before the flows start: an entry created while nobody listened may
+/// never report its end.
+struct DestroyEvents {
+    child: KillOnDrop,
+    lines: Arc<Mutex<Vec<String>>>,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The marker entry's destination (TEST-NET-2, used by nothing else here).
+const MARKER: &str = "dst=198.51.100.2 ";
+
+impl DestroyEvents {
+    fn start(ns: &TestNetns) -> DestroyEvents {
+        ns.exec("sysctl", &["-qw", "net.netfilter.nf_conntrack_events=1"]);
+        let mut cmd = Command::new("conntrack");
+        cmd.args(["-E", "-e", "DESTROY", "-f", "ipv4"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null());
+        in_netns_cmd(&mut cmd, ns.netns());
+        let mut child = KillOnDrop(cmd.spawn().expect("run conntrack -E"));
+        let lines = Arc::new(Mutex::new(Vec::<String>::new()));
+        let reader = {
+            let (stdout, lines) = (child.0.stdout.take().unwrap(), lines.clone());
+            std::thread::spawn(move || {
+                for line in std::io::BufReader::new(stdout).lines() {
+                    let Ok(line) = line else { break };
+                    lines.lock().unwrap().push(line);
+                }
+            })
+        };
+        // Subscribed once it reports the deletion of a marker entry.
+        let listening = wait_until(Duration::from_secs(10), || {
+            let _ = ns.try_exec(
+                "conntrack",
+                &[
+                    "-I",
+                    "-p",
+                    "udp",
+                    "-s",
+                    "198.51.100.1",
+                    "-d",
+                    "198.51.100.2",
+                    "--sport",
+                    "9",
+                    "--dport",
+                    "9",
+                    "-t",
+                    "30",
+                ],
+            );
+            let _ = ns.try_exec("conntrack", &["-D", "-d", "198.51.100.2"]);
+            std::thread::sleep(Duration::from_millis(100));
+            lines.lock().unwrap().iter().any(|l| l.contains(MARKER))
+        });
+        assert!(listening, "conntrack -E never reported the marker entry");
+        DestroyEvents {
+            child,
+            lines,
+            reader: Some(reader),
+        }
+    }
+
+    /// Stops listening; the deletions reported (markers left out).
+    fn stop(mut self) -> Vec<String> {
+        kill_child(&self.child.0);
+        if let Some(r) = self.reader.take() {
+            let _ = r.join();
+        }
+        self.lines
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| !l.contains(MARKER))
+            .cloned()
+            .collect()
+    }
+}
+
 fn port() -> u16 {
     21000 + (std::process::id() % 20000) as u16 + (unique_index() % 1000) as u16
 }
@@ -306,57 +387,8 @@ fn unrelated_flows_keep_their_conntrack_entries() {
         .find(|ip: &IpAddr| ip.is_ipv4())
         .expect("an IPv4 address for pod B");
 
-    // Every entry deleted from now on, as the kernel reports it. Events are
-    // on (the test's own namespace: its sysctl is the test's to set) and
-    // the listener subscribed before any flow starts: an entry created
-    // without a listener may never report its end.
-    net.host
-        .exec("sysctl", &["-qw", "net.netfilter.nf_conntrack_events=1"]);
-    let mut cmd = Command::new("conntrack");
-    cmd.args(["-E", "-e", "DESTROY", "-f", "ipv4"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    in_netns_cmd(&mut cmd, net.host.netns());
-    let mut events = KillOnDrop(cmd.spawn().expect("run conntrack -E"));
-    let destroyed = Arc::new(Mutex::new(Vec::<String>::new()));
-    let reader = {
-        let (stdout, destroyed) = (events.0.stdout.take().unwrap(), destroyed.clone());
-        std::thread::spawn(move || {
-            for line in std::io::BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                destroyed.lock().unwrap().push(line);
-            }
-        })
-    };
-    // The listener is subscribed once it reports the deletion of a marker
-    // entry (TEST-NET-2 addresses, nothing else uses them here).
-    let marker = "dst=198.51.100.2 ";
-    let listening = wait_until(Duration::from_secs(10), || {
-        let _ = net.host.try_exec(
-            "conntrack",
-            &[
-                "-I",
-                "-p",
-                "udp",
-                "-s",
-                "198.51.100.1",
-                "-d",
-                "198.51.100.2",
-                "--sport",
-                "9",
-                "--dport",
-                "9",
-                "-t",
-                "30",
-            ],
-        );
-        let _ = net
-            .host
-            .try_exec("conntrack", &["-D", "-d", "198.51.100.2"]);
-        std::thread::sleep(Duration::from_millis(100));
-        destroyed.lock().unwrap().iter().any(|l| l.contains(marker))
-    });
-    assert!(listening, "conntrack -E never reported the marker entry");
+    // Listening before any flow starts (see DestroyEvents).
+    let events = DestroyEvents::start(&net.host);
 
     // Three clients, each from its own source port: the hostPort (the
     // mapping's flow), another port of the node, and the hostPort number on
@@ -420,16 +452,7 @@ fn unrelated_flows_keep_their_conntrack_entries() {
     std::thread::sleep(Duration::from_millis(200));
     portmap(&net, "ADD", &b, &pm_conf(&net, &mappings, &rb)).ok_json();
     std::thread::sleep(Duration::from_millis(300));
-    drop(events);
-    let _ = reader.join();
-    let destroyed: Vec<String> = destroyed
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|l| !l.contains(marker))
-        .cloned()
-        .collect();
-    let destroyed = destroyed.join("\n");
+    let destroyed = events.stop().join("\n");
 
     let after = ids();
     assert_eq!(after.1, before.1, "the flow to another port lost its entry");
@@ -478,4 +501,87 @@ fn unrelated_flows_keep_their_conntrack_entries() {
     drop((mapped, other_port, routed));
     portmap(&net, "DEL", &b, &pm_conf(&net, &mappings, &rb)).ok_empty();
     bridge_del(&net, &b);
+}
+
+/// A hostIP mapping wins over a mapping on every address: when pod B takes
+/// the port on every address, the flows pod X's hostIP mapping holds keep
+/// their entries (and X keeps answering them), while a flow to another of
+/// the node's addresses, made before B's mapping existed, is flushed and
+/// reaches B within 1 s.
+#[test]
+fn a_host_ip_mapping_keeps_its_flows_when_another_pod_maps_the_port_everywhere() {
+    if !require_root() {
+        return;
+    }
+    let net = BridgeNet::new(true);
+    let out = Outside::new(&net);
+    // A second address of the node on the uplink.
+    let second: IpAddr = match out.host_v4 {
+        IpAddr::V4(a) => std::net::Ipv4Addr::from(u32::from(a) + 2).into(),
+        IpAddr::V6(_) => unreachable!(),
+    };
+    net.host.exec(
+        "ip",
+        &["addr", "add", &format!("{second}/24"), "dev", "uplink"],
+    );
+    let (x, b) = (TestPod::new(), TestPod::new());
+    let hp = port();
+    let pinned = json!([{"hostPort": hp, "containerPort": 8080, "protocol": "udp",
+                         "hostIP": out.host_v4.to_string()}]);
+    let everywhere = json!([{"hostPort": hp, "containerPort": 8080, "protocol": "udp"}]);
+    let rx = bridge_add(&net, &x);
+    portmap(&net, "ADD", &x, &pm_conf(&net, &pinned, &rx)).ok_json();
+    let rb = bridge_add(&net, &b);
+    serve_udp(&x.ns, 8080, "pod-x");
+    serve_udp(&b.ns, 8080, "pod-b");
+    let events = DestroyEvents::start(&net.host);
+
+    let start = Instant::now();
+    let sport = hp.wrapping_add(3000).max(1024);
+    let to_x = Client::start(
+        &out.ns,
+        SocketAddr::new(out.out_v4, sport),
+        SocketAddr::new(out.host_v4, hp),
+    );
+    let to_second = Client::start(
+        &out.ns,
+        SocketAddr::new(out.out_v4, sport + 1),
+        SocketAddr::new(second, hp),
+    );
+    assert!(
+        to_x.first_answer_from("pod-x", start, Duration::from_secs(5))
+            .is_some(),
+        "pod X never answered on its hostIP"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+
+    portmap(&net, "ADD", &b, &pm_conf(&net, &everywhere, &rb)).ok_json();
+    let added = Instant::now();
+    let got = to_second.first_answer_from("pod-b", added, Duration::from_secs(3));
+    let at = got.expect("pod B never answered on the node's other address");
+    assert!(
+        at - added < Duration::from_secs(1),
+        "pod B answered only {:?} after its ADD",
+        at - added
+    );
+    assert!(
+        to_x.first_answer_from("pod-x", Instant::now(), Duration::from_secs(2))
+            .is_some(),
+        "pod X stopped answering on its hostIP"
+    );
+    let destroyed = events.stop().join("\n");
+    let flow_x = format!("src={} dst={} sport={sport} ", out.out_v4, out.host_v4);
+    assert!(
+        !destroyed.contains(&flow_x),
+        "the hostIP mapping's flow lost its entry:\n{destroyed}"
+    );
+    assert!(
+        destroyed.contains(&format!("dst={second} sport={} dport={hp} ", sport + 1)),
+        "the flow to the other address was not flushed:\n{destroyed}"
+    );
+    drop((to_x, to_second));
+    portmap(&net, "DEL", &b, &pm_conf(&net, &everywhere, &rb)).ok_empty();
+    portmap(&net, "DEL", &x, &pm_conf(&net, &pinned, &rx)).ok_empty();
+    bridge_del(&net, &b);
+    bridge_del(&net, &x);
 }
