@@ -348,6 +348,7 @@ fn udp_host_port_follows_the_pod_that_takes_it_over() {
         let at = got.unwrap_or_else(|| {
             panic!("{fam}: pod B never answered within 3 s of its ADD; conntrack:\n{entries}")
         });
+        eprintln!("{fam}: pod B answered {:?} after its ADD", at - added);
         assert!(
             at - added < Duration::from_secs(1),
             "{fam}: pod B answered only {:?} after its ADD",
