@@ -21,7 +21,8 @@ fi
 PKGS=(iproute2 nftables iputils-ping jq containernetworking-plugins etcd-server
       protobuf-compiler iperf3 openssl
       build-essential iptables    # a C linker; iptables for the reference plugins in the differential tests and bench
-      containerd runc podman busybox-static curl)   # tests/tests/runtimes.rs and cri.rs: real runtimes, the test image, hostPort checks
+      containerd runc podman busybox-static curl    # tests/tests/runtimes.rs and cri.rs: real runtimes, the test image, hostPort checks
+      conntrack)   # tests/tests/portmap_conntrack.rs: creates and inspects entries (ferry itself uses netlink)
 missing=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -15,6 +15,7 @@
 mod addr;
 mod batch;
 mod bridge_vlan;
+pub mod conntrack;
 mod error;
 mod handle;
 mod link;

@@ -17,17 +17,28 @@
 //! and removed in one. A pod without mappings costs nothing, not even a
 //! lookup on ADD; DEL of a pod without state costs one dump of the table's
 //! sets and one per hostports set.
+//!
+//! UDP mappings also clean conntrack ([`flush_stale_flows`]): a UDP client
+//! that keeps sending keeps its entry, and the DNAT the entry recorded, for
+//! ever. After ADD the entries of flows to the hostPort that are not yet the
+//! new mapping's (made before it existed, or DNATed to a pod gone without a
+//! flush) are deleted, and after DEL those DNATed to the pod: through
+//! ctnetlink, only UDP entries whose original destination is the hostPort
+//! on an address the mapping captures. A pod without UDP mappings costs no
+//! conntrack work at all.
 
 pub mod config;
 pub mod rules;
 
 use config::PortmapConf;
 use ferry_cni::{CmdArgs, CniError, CniResult, ErrorCode, NetConf, Plugin};
+use ferry_netops::conntrack::{self, FlowFilter};
 use ferry_netops::nft::{self, NftFamily, SetElement};
-use ferry_netops::to_cni;
+use ferry_netops::{NetopsError, RouteKind, to_cni};
+use ipnetwork::IpNetwork;
 use rules::{PodAddrs, TABLE};
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// Plugin-specific error codes (≥ 100).
 pub mod codes {
@@ -278,6 +289,181 @@ fn switched_on(iface: &str) -> SetElement {
     }
 }
 
+/// A UDP hostPort DNAT, as one of the DNAT map elements says it: which
+/// conntrack entries are its flows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UdpDnat {
+    /// The hostIP; `None`: every address of the node.
+    pub host_ip: Option<IpAddr>,
+    pub v4: bool,
+    pub host_port: u16,
+    /// The pod's address and containerPort.
+    pub target: SocketAddr,
+}
+
+/// The UDP DNAT among a pod's elements, read back from the element itself
+/// (key `[hostIP .] proto . port`, data `address . port`); anything else
+/// (TCP, SCTP, masquerade sets, a malformed element) is `None`.
+pub fn udp_dnat(set: &str, e: &SetElement) -> Option<UdpDnat> {
+    let (with_ip, v4) = match set {
+        rules::MAP_V4 => (false, true),
+        rules::MAP_V6 => (false, false),
+        rules::MAP_HOSTIP_V4 => (true, true),
+        rules::MAP_HOSTIP_V6 => (true, false),
+        _ => return None,
+    };
+    let ip = |b: &[u8]| -> Option<IpAddr> {
+        match b.len() {
+            4 => Some(Ipv4Addr::from(<[u8; 4]>::try_from(b).ok()?).into()),
+            16 => Some(Ipv6Addr::from(<[u8; 16]>::try_from(b).ok()?).into()),
+            _ => None,
+        }
+    };
+    let w = if v4 { 4 } else { 16 };
+    let (host_ip, rest) = if with_ip {
+        (Some(ip(e.key.get(..w)?)?), e.key.get(w..)?)
+    } else {
+        (None, e.key.as_slice())
+    };
+    if rest.len() != 8 || rest[0] != conntrack::UDP {
+        return None;
+    }
+    let data = e.data.as_deref()?;
+    if data.len() != w + 4 {
+        return None;
+    }
+    Some(UdpDnat {
+        host_ip,
+        v4,
+        host_port: u16::from_be_bytes([rest[4], rest[5]]),
+        target: SocketAddr::new(ip(&data[..w])?, u16::from_be_bytes([data[w], data[w + 1]])),
+    })
+}
+
+/// When the flush runs, which decides what is stale.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// After ADD: every flow to the hostPort is now the pod's, except those
+    /// to a hostIP another pod holds the same port on (its mapping wins).
+    Add,
+    /// After DEL: the flows DNATed to the pod.
+    Del,
+}
+
+/// The node's own addresses as the kernel's `local` routes say them, the
+/// destinations `fib daddr type local` (the hostPort chains' condition)
+/// matches, for the families asked.
+fn local_prefixes(v4: bool, v6: bool) -> Result<Vec<IpNetwork>, NetopsError> {
+    ferry_netops::block_on(async {
+        let h = ferry_netops::NsHandle::host()?;
+        let mut out = Vec::new();
+        if v4 {
+            for e in h.route_entries::<Ipv4Addr>().await? {
+                if e.kind == RouteKind::Local {
+                    out.push(IpNetwork::V4(e.route.dst));
+                }
+            }
+        }
+        if v6 {
+            for e in h.route_entries::<Ipv6Addr>().await? {
+                if e.kind == RouteKind::Local {
+                    out.push(IpNetwork::V6(e.route.dst));
+                }
+            }
+        }
+        Ok(out)
+    })
+}
+
+/// The hostIPs other pods hold a UDP `port` on (their hostIP mapping wins
+/// over a mapping on every address, so those flows are theirs).
+fn held_host_ips(dnats: &[UdpDnat], owner: &rules::Owner) -> Result<Vec<(IpAddr, u16)>, CniError> {
+    let mut out = Vec::new();
+    for (map, v4) in [(rules::MAP_HOSTIP_V4, true), (rules::MAP_HOSTIP_V6, false)] {
+        if !dnats.iter().any(|d| d.host_ip.is_none() && d.v4 == v4) {
+            continue;
+        }
+        for e in nft::set_elements(NftFamily::Inet, TABLE, map).map_err(to_cni)? {
+            if let Some(d) = udp_dnat(map, &e)
+                && !owner.owns(&e)
+                && let Some(ip) = d.host_ip
+            {
+                out.push((ip, d.host_port));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The conntrack filters of `dnats` at `phase`.
+fn flow_filters(
+    dnats: &[UdpDnat],
+    phase: Phase,
+    local: &[IpNetwork],
+    held: &[(IpAddr, u16)],
+) -> Vec<FlowFilter> {
+    dnats
+        .iter()
+        .map(|d| FlowFilter {
+            proto: conntrack::UDP,
+            dst_port: d.host_port,
+            dst: match d.host_ip {
+                Some(ip) => vec![IpNetwork::from(ip)],
+                None => local
+                    .iter()
+                    .filter(|n| n.is_ipv4() == d.v4)
+                    .copied()
+                    .collect(),
+            },
+            dst_except: match (phase, d.host_ip) {
+                (Phase::Add, None) => held
+                    .iter()
+                    .filter(|(ip, port)| *port == d.host_port && ip.is_ipv4() == d.v4)
+                    .map(|(ip, _)| *ip)
+                    .collect(),
+                _ => Vec::new(),
+            },
+            translated_to: match phase {
+                Phase::Add => None,
+                Phase::Del => Some(d.target),
+            },
+        })
+        .collect()
+}
+
+/// Deletes the conntrack entries of the flows `dnats` are (ADD) or were
+/// (DEL) responsible for, in the node's namespace (where the plugin runs).
+/// The mapping is in place (or gone) whatever happens here, so a failure
+/// is a warning on stderr, as the reference portmap's: the pod starts, and
+/// the runtime's log says why an old UDP flow may still go elsewhere.
+fn flush_stale_flows(dnats: &[UdpDnat], owner: &rules::Owner, phase: Phase) {
+    if dnats.is_empty() {
+        return;
+    }
+    let run = || -> Result<usize, CniError> {
+        let any = |v4: bool| dnats.iter().any(|d| d.host_ip.is_none() && d.v4 == v4);
+        let local = if any(true) || any(false) {
+            local_prefixes(any(true), any(false)).map_err(to_cni)?
+        } else {
+            Vec::new()
+        };
+        let held = match phase {
+            Phase::Add => held_host_ips(dnats, owner)?,
+            Phase::Del => Vec::new(),
+        };
+        conntrack::delete_flows(&flow_filters(dnats, phase, &local, &held)).map_err(to_cni)
+    };
+    if let Err(e) = run() {
+        let ports: Vec<String> = dnats.iter().map(|d| d.host_port.to_string()).collect();
+        eprintln!(
+            "ferry-portmap: warning: could not delete stale conntrack entries of UDP hostPort(s) \
+             {}: {}",
+            ports.join(", "),
+            e.msg
+        );
+    }
+}
+
 impl Plugin for Portmap {
     fn add(&self, args: &CmdArgs, conf: &NetConf) -> Result<CniResult, CniError> {
         let result = prev_result(conf)?;
@@ -323,6 +509,11 @@ impl Plugin for Portmap {
         if !nft::chain_exists(NftFamily::Inet, TABLE, &rules::base_marker(&pm)).map_err(to_cni)? {
             nft::apply_script(&rules::base_script(&pm)).map_err(to_cni)?;
         }
+        // Parsed from the elements: no kernel work for a pod without UDP.
+        let udp: Vec<UdpDnat> = wanted
+            .iter()
+            .filter_map(|e| udp_dnat(&e.set, &e.elem))
+            .collect();
         // The common case: one batch of new elements.
         let mut old = Vec::new();
         let mut last = None;
@@ -332,6 +523,9 @@ impl Plugin for Portmap {
                     if let Some(iface) = &localnet {
                         set_route_localnet(iface, "1")?;
                     }
+                    // After the elements are in, so that the packets that
+                    // follow the flush meet the new DNAT.
+                    flush_stale_flows(&udp, &owner, Phase::Add);
                     return Ok(result);
                 }
                 Err(e) => e,
@@ -405,6 +599,10 @@ impl Plugin for Portmap {
                     off.push(iface);
                 }
             }
+            let udp: Vec<UdpDnat> = owned
+                .iter()
+                .flat_map(|(set, elems)| elems.iter().filter_map(|e| udp_dnat(set, e)))
+                .collect();
             // A racing DEL may remove some of them between the dump and the
             // batch (ENOENT, nothing applied): look again.
             match b.commit() {
@@ -412,6 +610,9 @@ impl Plugin for Portmap {
                     for iface in off {
                         switch_localnet_off(&iface)?;
                     }
+                    // After the elements are gone: a flushed flow's next
+                    // packet no longer meets the pod's DNAT.
+                    flush_stale_flows(&udp, &owner, Phase::Del);
                     return Ok(());
                 }
                 Err(e) if e.is_errno(libc::ENOENT) => last = Some(e),
@@ -498,5 +699,103 @@ mod tests {
         assert_eq!(p.v6.unwrap().to_string(), "fd00::5/64");
         let p = pod_addrs(&r, "eth1");
         assert!(p.v4.is_none() && p.v6.is_some());
+    }
+
+    /// The UDP DNATs are read back from the very elements ADD writes (and
+    /// DEL finds): TCP ones and masquerade ranges are not conntrack's
+    /// business here.
+    #[test]
+    fn udp_dnats_from_the_pods_elements() {
+        let conf = json!({"cniVersion": "1.0.0", "name": "n", "type": "ferry-portmap",
+            "runtimeConfig": {"portMappings": [
+                {"hostPort": 5353, "containerPort": 53, "protocol": "udp"},
+                {"hostPort": 8080, "containerPort": 80, "protocol": "tcp"},
+                {"hostPort": 5000, "containerPort": 50, "protocol": "udp", "hostIP": "192.0.2.7"}]}});
+        let pm = PortmapConf::load(&NetConf::from_value(conf).unwrap()).unwrap();
+        let pod = PodAddrs {
+            v4: Some("10.88.0.5/24".parse().unwrap()),
+            v6: Some("fd00::5/64".parse().unwrap()),
+        };
+        let mut got: Vec<UdpDnat> = rules::elements(&pm, &pod, "hp-x n/c/eth0")
+            .iter()
+            .filter_map(|e| udp_dnat(&e.set, &e.elem))
+            .collect();
+        got.sort_by_key(|d| (d.host_port, d.v4));
+        assert_eq!(
+            got,
+            vec![
+                UdpDnat {
+                    host_ip: Some("192.0.2.7".parse().unwrap()),
+                    v4: true,
+                    host_port: 5000,
+                    target: "10.88.0.5:50".parse().unwrap(),
+                },
+                UdpDnat {
+                    host_ip: None,
+                    v4: false,
+                    host_port: 5353,
+                    target: "[fd00::5]:53".parse().unwrap(),
+                },
+                UdpDnat {
+                    host_ip: None,
+                    v4: true,
+                    host_port: 5353,
+                    target: "10.88.0.5:53".parse().unwrap(),
+                },
+            ]
+        );
+        // A malformed element is not a DNAT.
+        let bad = SetElement {
+            key: vec![17, 0, 0, 0, 0x13],
+            data: Some(vec![10, 88, 0, 5, 0, 53, 0, 0]),
+            ..Default::default()
+        };
+        assert_eq!(udp_dnat(rules::MAP_V4, &bad), None);
+    }
+
+    /// What each phase deletes: ADD every flow to the hostPort on the
+    /// node's addresses of the family but a hostIP another pod holds the
+    /// port on; DEL only the flows DNATed to the pod.
+    #[test]
+    fn flow_filters_per_phase() {
+        let wildcard = UdpDnat {
+            host_ip: None,
+            v4: true,
+            host_port: 5353,
+            target: "10.88.0.5:53".parse().unwrap(),
+        };
+        let pinned = UdpDnat {
+            host_ip: Some("192.0.2.7".parse().unwrap()),
+            v4: true,
+            host_port: 5000,
+            target: "10.88.0.5:50".parse().unwrap(),
+        };
+        let local: Vec<IpNetwork> = ["127.0.0.0/8", "192.0.2.7/32", "198.18.0.1/32", "::1/128"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        let held = vec![
+            ("192.0.2.7".parse().unwrap(), 5353),
+            ("192.0.2.7".parse().unwrap(), 9999),
+        ];
+        let add = flow_filters(
+            &[wildcard.clone(), pinned.clone()],
+            Phase::Add,
+            &local,
+            &held,
+        );
+        assert_eq!(add[0].dst, local[..3].to_vec());
+        assert_eq!(add[0].dst_except, vec![held[0].0]);
+        assert_eq!(add[0].translated_to, None);
+        assert_eq!(
+            add[1].dst,
+            vec!["192.0.2.7/32".parse::<IpNetwork>().unwrap()]
+        );
+        assert!(add[1].dst_except.is_empty());
+        let del = flow_filters(&[wildcard, pinned], Phase::Del, &local, &held);
+        assert!(del.iter().all(|f| f.dst_except.is_empty()));
+        assert_eq!(del[0].translated_to, Some("10.88.0.5:53".parse().unwrap()));
+        assert_eq!(del[1].translated_to, Some("10.88.0.5:50".parse().unwrap()));
+        assert!(del.iter().all(|f| f.proto == conntrack::UDP));
     }
 }
