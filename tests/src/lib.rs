@@ -21,6 +21,7 @@ pub mod cri;
 pub mod etcd;
 pub mod iperf;
 pub mod lab;
+pub mod portmap;
 pub mod runtime;
 
 /// How long one plugin invocation may take before the test fails.

@@ -13,9 +13,10 @@
 //! "outside" namespace. `conntrack` (Debian's conntrack package) is used to
 //! inspect and create entries only.
 
+use ferry_tests::portmap::{bridge_add, bridge_del};
 use ferry_tests::{
-    BridgeNet, Outside, PluginOutput, TestNetns, TestPod, bin, in_netns_cmd, kill_child,
-    require_root, run_plugin_in, unique_index, wait_until,
+    BridgeNet, Outside, PluginOutput, TestNetns, TestPod, in_netns_cmd, kill_child, require_root,
+    unique_index, wait_until,
 };
 use serde_json::{Value, json};
 use std::io::BufRead;
@@ -25,61 +26,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-fn bridge_conf(net: &BridgeNet) -> Value {
-    let mut c = net.conf("1.0.0");
-    c["hairpinMode"] = json!(true);
-    c
-}
-
-fn bridge_add(net: &BridgeNet, pod: &TestPod) -> Value {
-    net.call(
-        "ADD",
-        &pod.id,
-        Some(&pod.ns.path_str()),
-        "eth0",
-        &bridge_conf(net),
-    )
-    .ok_json()
-}
-
-fn bridge_del(net: &BridgeNet, pod: &TestPod) {
-    net.call(
-        "DEL",
-        &pod.id,
-        Some(&pod.ns.path_str()),
-        "eth0",
-        &bridge_conf(net),
-    )
-    .ok_empty();
-}
-
-fn pm_conf(net: &BridgeNet, mappings: &Value, prev: &Value) -> Value {
-    json!({
-        "cniVersion": "1.0.0",
-        "name": net.name,
-        "type": "ferry-portmap",
-        "capabilities": {"portMappings": true},
-        "runtimeConfig": {"portMappings": mappings},
-        "prevResult": prev,
-    })
-}
-
-fn portmap(net: &BridgeNet, cmd: &str, pod: &TestPod, conf: &Value) -> PluginOutput {
-    run_plugin_in(
-        &net.host,
-        &bin("ferry-portmap"),
-        cmd,
-        &[
-            ("CNI_CONTAINERID", Some(&pod.id)),
-            ("CNI_NETNS", Some(&pod.ns.path_str())),
-            ("CNI_IFNAME", Some("eth0")),
-        ],
-        &conf.to_string(),
-    )
-}
-
 /// A UDP server on `port` (both families) in `ns` answering every datagram
 /// with `tag`; it lives as long as the test process (a detached thread).
+/// The portmap config of the chain for `mappings`, after `prev`.
+fn pm_conf(net: &BridgeNet, mappings: &Value, prev: &Value) -> Value {
+    ferry_tests::portmap::pm_conf(net, mappings.clone(), Some(prev), json!({}))
+}
+
+/// ferry-portmap `cmd` for `pod`, with its namespace.
+fn portmap(net: &BridgeNet, cmd: &str, pod: &TestPod, conf: &Value) -> PluginOutput {
+    ferry_tests::portmap::portmap(net, cmd, &pod.id, Some(&pod.ns.path_str()), conf)
+}
+
 fn serve_udp(ns: &TestNetns, port: u16, tag: &'static str) {
     let sock = ferry_netops::in_netns(ns.netns(), || {
         UdpSocket::bind(SocketAddr::new("::".parse().unwrap(), port))

@@ -6,83 +6,20 @@
 //! As in portmap.rs, every test builds its own fake host, pods and outside
 //! in namespaces it creates; all of it vanishes on drop.
 
-use ferry_tests::{
-    BridgeNet, Outside, PluginOutput, TestNetns, TestPod, bin, require_root, run_plugin_in,
-};
+use ferry_tests::portmap::{bridge_add, bridge_del, pod_ip, portmap, ruleset, sa, serve, tcp_from};
+use ferry_tests::{BridgeNet, Outside, TestNetns, TestPod, require_root};
 use serde_json::{Value, json};
-use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, TcpListener};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
-fn bridge_conf(net: &BridgeNet) -> Value {
-    let mut c = net.conf("1.0.0");
-    c["hairpinMode"] = json!(true);
-    c
-}
-
-fn bridge_add(net: &BridgeNet, pod: &TestPod) -> Value {
-    net.call(
-        "ADD",
-        &pod.id,
-        Some(&pod.ns.path_str()),
-        "eth0",
-        &bridge_conf(net),
-    )
-    .ok_json()
-}
-
-fn bridge_del(net: &BridgeNet, pod: &TestPod) {
-    net.call(
-        "DEL",
-        &pod.id,
-        Some(&pod.ns.path_str()),
-        "eth0",
-        &bridge_conf(net),
-    )
-    .ok_empty();
-}
-
-fn pm_conf(net: &BridgeNet, mappings: Value, prev: Option<&Value>) -> Value {
-    let mut c = json!({
-        "cniVersion": "1.0.0",
-        "name": net.name,
-        "type": "ferry-portmap",
-        "capabilities": {"portMappings": true},
-        "runtimeConfig": {"portMappings": mappings},
-    });
-    if let Some(p) = prev {
-        c["prevResult"] = p.clone();
-    }
-    c
-}
-
-fn portmap(
-    net: &BridgeNet,
-    cmd: &str,
-    id: &str,
-    netns: Option<&str>,
-    conf: &Value,
-) -> PluginOutput {
-    run_plugin_in(
-        &net.host,
-        &bin("ferry-portmap"),
-        cmd,
-        &[
-            ("CNI_CONTAINERID", Some(id)),
-            ("CNI_NETNS", netns),
-            ("CNI_IFNAME", Some("eth0")),
-        ],
-        &conf.to_string(),
-    )
-}
-
-fn ruleset(ns: &TestNetns) -> String {
-    ns.exec("nft", &["list", "ruleset"])
-}
-
 /// Every element of ferry's hostports sets and maps, one per line, with its
 /// comment (`nft -j` would be exact too, but the text is what people read).
+/// The portmap config of the chain, without extra keys.
+fn pm_conf(net: &BridgeNet, mappings: Value, prev: Option<&Value>) -> Value {
+    ferry_tests::portmap::pm_conf(net, mappings, prev, json!({}))
+}
+
 fn hostport_elements(ns: &TestNetns) -> Vec<String> {
     let out = ns
         .try_exec("nft", &["-j", "list", "table", "inet", "ferry"])
@@ -103,57 +40,6 @@ fn hostport_elements(ns: &TestNetns) -> Vec<String> {
         }
     }
     lines
-}
-
-/// The first address of a family in a bridge result.
-fn pod_ip(result: &Value, v4: bool) -> IpAddr {
-    result["ips"]
-        .as_array()
-        .expect("ips")
-        .iter()
-        .filter_map(|ip| ip["address"].as_str()?.split('/').next()?.parse().ok())
-        .find(|ip: &IpAddr| ip.is_ipv4() == v4)
-        .expect("an address of the family")
-}
-
-/// A TCP server on `port` (both families) in `ns` answering "<tag> <peer>".
-fn serve(ns: &TestNetns, port: u16, tag: &'static str) {
-    let tcp = ferry_netops::in_netns(ns.netns(), || {
-        TcpListener::bind(SocketAddr::new("::".parse().unwrap(), port))
-    })
-    .expect("bind the server");
-    std::thread::spawn(move || {
-        for mut s in tcp.incoming().flatten() {
-            let peer = s.peer_addr().map(|p| p.ip().to_canonical());
-            let _ = write!(
-                s,
-                "{tag} {}",
-                peer.map(|p| p.to_string()).unwrap_or_default()
-            );
-        }
-    });
-}
-
-fn tcp_from(ns: &TestNetns, dst: SocketAddr) -> Option<String> {
-    ferry_netops::in_netns(ns.netns(), || {
-        let mut last = Err(std::io::Error::other("no try"));
-        for _ in 0..4 {
-            last = TcpStream::connect_timeout(&dst, Duration::from_millis(700));
-            if last.is_ok() {
-                break;
-            }
-        }
-        let mut s = last?;
-        s.set_read_timeout(Some(Duration::from_secs(2)))?;
-        let mut out = String::new();
-        s.read_to_string(&mut out)?;
-        Ok(out)
-    })
-    .ok()
-}
-
-fn sa(ip: IpAddr, port: u16) -> SocketAddr {
-    SocketAddr::new(ip, port)
 }
 
 /// `n` TCP mappings from hostPorts `first..first+n` to container port 8080.
