@@ -170,26 +170,11 @@ pub fn readiness_json(r: &Readiness, updated_unix: u64) -> String {
     s
 }
 
-/// CLOCK_BOOTTIME now, in milliseconds: the clock of the readiness file's
-/// expiry (monotonic, counts suspend, shared by every process of a boot).
-pub fn boottime_ms() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    if rc != 0 {
-        return 0;
-    }
-    (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
-}
+pub use ferry_netops::boot::boottime_ms;
 
 /// This boot's ID, or "" when /proc does not say.
 pub fn boot_id() -> String {
-    read_regular(Path::new("/proc/sys/kernel/random/boot_id"))
-        .map(|t| t.trim().to_string())
-        .unwrap_or_default()
+    ferry_netops::boot::boot_id().unwrap_or_default()
 }
 
 /// flannel's subnet.env shape with FERRY_ names, for scripts and tools.

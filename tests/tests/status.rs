@@ -90,24 +90,10 @@ impl Net {
     }
 }
 
-fn boottime_ms() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: a valid timespec to write.
-    assert_eq!(
-        unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) },
-        0
-    );
-    ts.tv_sec as u64 * 1000 + ts.tv_nsec as u64 / 1_000_000
-}
+use ferry_netops::boot::boottime_ms;
 
 fn boot_id() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/random/boot_id")
-        .unwrap()
-        .trim()
-        .to_string()
+    ferry_netops::boot::boot_id().expect("the kernel's boot_id")
 }
 
 /// What ferryd writes (overlay-daemon/src/cniconf.rs `readiness_json`).

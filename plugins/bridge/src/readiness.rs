@@ -53,27 +53,7 @@ fn not_available(path: &Path, what: impl std::fmt::Display) -> CniError {
     )
 }
 
-/// CLOCK_BOOTTIME now, in milliseconds.
-pub fn boottime_ms() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec; CLOCK_BOOTTIME exists on
-    // every kernel ferry supports.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
-    if rc != 0 {
-        return 0;
-    }
-    (ts.tv_sec as u64) * 1000 + (ts.tv_nsec as u64) / 1_000_000
-}
-
-/// This boot's ID (`/proc/sys/kernel/random/boot_id`), when readable.
-pub fn boot_id() -> Option<String> {
-    let text = std::fs::read_to_string("/proc/sys/kernel/random/boot_id").ok()?;
-    let id = text.trim();
-    (!id.is_empty()).then(|| id.to_string())
-}
+pub use ferry_netops::boot::{boot_id, boottime_ms};
 
 /// Reads the readiness file at `path` and says whether the node can take
 /// pods: `Ok` when ferryd published "ready" in this boot and the file has

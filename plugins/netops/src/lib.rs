@@ -14,6 +14,7 @@
 
 mod addr;
 mod batch;
+pub mod boot;
 mod bridge_vlan;
 pub mod conntrack;
 mod error;
