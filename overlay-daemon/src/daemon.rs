@@ -175,6 +175,20 @@ pub struct RunArgs {
     /// Give the subnet back on SIGTERM. Off by default: a restart keeps it.
     #[arg(long, env = "FERRY_RELEASE_ON_EXIT")]
     pub release_on_exit: bool,
+    /// Seconds between gc sweeps, which release what runtimes left behind
+    /// without a DEL (see the README); 0 turns the sweep off.
+    #[arg(long, env = "FERRY_GC_INTERVAL", default_value_t = 60)]
+    pub gc_interval: u64,
+    /// Seconds a leftover must be old (a reservation since ADD, an orphan
+    /// since the sweep first saw it) before the sweep releases it.
+    #[arg(long, env = "FERRY_GC_GRACE", default_value_t = 60)]
+    pub gc_grace: u64,
+    /// Log what the sweep would release, change nothing.
+    #[arg(long, env = "FERRY_GC_DRY_RUN")]
+    pub gc_dry_run: bool,
+    /// Where the sweep finds the DEL chain's plugins (a runtime's CNI_PATH).
+    #[arg(long, env = "FERRY_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -422,6 +436,19 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
         bridge: r.bridge.clone(),
         ipam_data_dir: r.ipam_data_dir.clone(),
     };
+
+    if r.gc_interval > 0 {
+        tokio::spawn(crate::gc::run(
+            crate::gc::GcOptions {
+                conflist: conf.path(),
+                cni_bin_dir: r.cni_bin_dir.clone(),
+                grace: Duration::from_secs(r.gc_grace),
+                dry_run: r.gc_dry_run,
+            },
+            Duration::from_secs(r.gc_interval),
+            metrics.clone(),
+        ));
+    }
 
     let store = retry("connect to etcd", &metrics, || async {
         Ok(Store::connect(&opts).await?)
