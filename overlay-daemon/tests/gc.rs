@@ -575,3 +575,43 @@ fn churn_with_adds_in_flight() {
     );
     assert_eq!(metric_sum(&lab, "ferry_gc_errors_total"), 0.0);
 }
+
+/// State no reservation explains: the pod's address was released by
+/// something else (ferry-ipam reclaims a gone namespace's address by
+/// itself when its range is full; an operator may delete a record) while
+/// its ifb, hostPort elements and macspoofchk chain stayed. They are
+/// removed once the sweep has seen them for the grace period.
+#[test]
+fn orphans_without_a_reservation_are_removed() {
+    if !can_run() {
+        return;
+    }
+    let lab = node(1, 2, &[]);
+    let conflist = spoofchk_conflist(&lab);
+    let ns = TestNetns::new();
+    let id = format!("gcorphan{}", std::process::id());
+    let ip = add(&lab, &conflist, &ns.path_str(), &id, &full_runtime_config());
+    drop(ns);
+    let store = lab.nodes[0].dir.join("ipam").join("ferry");
+    std::fs::remove_file(store.join(ip.to_string())).expect("remove the record");
+    let s = node_state(&lab);
+    assert!(!s.reservations.contains_key(&IpAddr::V4(ip)));
+    assert!(s.links.iter().any(|(k, _)| k == "ifb") && !s.nft_comments.is_empty());
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let s = node_state(&lab);
+            !s.mentions(&id) && s.spoof_chains.is_empty()
+        }),
+        "{:#?}\n{}",
+        node_state(&lab),
+        lab.ferryd_log(0)
+    );
+    let log = lab.ferryd_log(0);
+    assert!(
+        log.lines().any(|l| l.contains("gc: released")
+            && l.contains(&id)
+            && !l.contains("kind=reservation")),
+        "{log}"
+    );
+    assert!(metric_sum(&lab, "ferry_gc_released_total") >= 1.0);
+}
