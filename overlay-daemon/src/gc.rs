@@ -8,8 +8,10 @@
 //!    links ferry's plugins made (owner in the alias) and ferry-portmap's
 //!    nftables elements (owner in the comment). Then release the lock.
 //! 2. A reservation is stale when its recorded netns no longer exists or now
-//!    holds another namespace (device/inode recorded at ADD differ) and it
-//!    was written more than the grace period ago.
+//!    holds another namespace (device/inode recorded at ADD differ), it was
+//!    written more than the grace period ago, and the pod's host veth is
+//!    gone too (a veth pair dies with its namespace: a pod whose veth is
+//!    there is alive, whatever its path looks like from ferryd's mounts).
 //! 3. An orphan is a host veth on ferry's bridge (alias `ferry-bridge:`), an
 //!    ifb (alias `ferry-bandwidth:`) or a hostPort element (comment `hp-<tag>
 //!    <network>/<container>/<ifname>`) of this network whose attachment has
@@ -36,7 +38,7 @@ use ferry_cni::{CniArgs, CniError};
 use ferry_ipam::record::{Meta, Record};
 use ferry_ipam::store::Store as IpamStore;
 use ferry_netops::nft::{self, NftFamily};
-use ferry_netops::{NsHandle, block_on};
+use ferry_netops::{Link, LinkOwner, NsHandle, block_on};
 use serde_json::{Map, Value};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::Read;
@@ -299,6 +301,22 @@ impl Sweeper {
             orphans: BTreeMap::new(),
         };
         let store = IpamStore::open_existing(&conf.data_dir, &conf.network).map_err(store_err)?;
+        let links = block_on(async {
+            let host = NsHandle::host()?;
+            host.links().await
+        })?;
+        // The host ends of pod veths, by alias: a pod whose veth is there
+        // has a live namespace (the pair dies with it), however its netns
+        // path looks from here (a ferryd that does not see the runtime's
+        // mounts or PIDs must never take every pod for dead).
+        let veth_aliases: BTreeSet<&str> = links
+            .iter()
+            .filter(|l| l.kind.as_deref() == Some("veth"))
+            .filter_map(|l| l.alias.as_deref())
+            .collect();
+        let veth_alive = |(id, ifname): &Attachment| {
+            veth_aliases.contains(LinkOwner::new("ferry-bridge", &conf.network, id, ifname).alias())
+        };
         let now = SystemTime::now();
         if let Some(store) = &store {
             let mut stale: BTreeMap<Attachment, Stale> = BTreeMap::new();
@@ -318,7 +336,7 @@ impl Sweeper {
                     .and_then(|t| now.duration_since(t).ok())
                     .is_some_and(|age| age >= self.opts.grace);
                 match (why, meta) {
-                    (Some(why), Some(meta)) if old => {
+                    (Some(why), Some(meta)) if old && !veth_alive(&att) => {
                         stale.entry(att.clone()).or_insert(Stale {
                             attachment: att.clone(),
                             meta,
@@ -334,28 +352,29 @@ impl Sweeper {
             stale.retain(|att, _| !snap.held.contains(att));
             snap.stale = stale.into_values().collect();
         }
-        self.find_orphans(conf, &mut snap)?;
+        self.find_orphans(conf, &links, &mut snap)?;
         drop(store);
         Ok(snap)
     }
 
-    fn find_orphans(&self, conf: &NodeConf, snap: &mut Snapshot) -> Result<(), GcError> {
+    fn find_orphans(
+        &self,
+        conf: &NodeConf,
+        links: &[Link],
+        snap: &mut Snapshot,
+    ) -> Result<(), GcError> {
         let explained = |att: &Attachment, snap: &Snapshot| {
             snap.held.contains(att)
                 || snap.held_ids.contains(&att.0)
                 || snap.stale.iter().any(|s| s.attachment == *att)
         };
-        let links = block_on(async {
-            let host = NsHandle::host()?;
-            host.links().await
-        })?;
         let bridge = conf
             .bridge
             .as_deref()
             .and_then(|b| links.iter().find(|l| l.name == b))
             .map(|l| l.index);
         let mut found = Vec::new();
-        for l in &links {
+        for l in links {
             let Some(alias) = &l.alias else { continue };
             let kind = l.kind.as_deref();
             if kind == Some("veth") && bridge.is_some() && l.controller == bridge {

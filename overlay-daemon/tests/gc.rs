@@ -347,9 +347,10 @@ fn a_path_that_now_holds_another_namespace_is_released() {
     let path = format!("/proc/{}/fd/{high}", std::process::id());
     let id = format!("gcreused{}", std::process::id());
     let ip = add(&lab, &conflist, &path, &id, &json!({}));
-    // The path now holds the second namespace; the first lives on (its
-    // veth too) through `first`, so only the identity tells.
+    // The path now holds the second namespace (the path exists, so only
+    // the identity tells), and the first one is gone, its veth with it.
     assert!(unsafe { libc::dup2(second.as_fd().as_raw_fd(), high) } == high);
+    drop(first);
     assert!(
         wait_until(Duration::from_secs(20), || !node_state(&lab).mentions(&id)),
         "{:#?}\n{}",
@@ -362,7 +363,6 @@ fn a_path_that_now_holds_another_namespace_is_released() {
         lab.ferryd_log(0)
     );
     assert!(!node_state(&lab).reservations.contains_key(&IpAddr::V4(ip)));
-    drop(first);
     drop(second);
 }
 
@@ -614,4 +614,30 @@ fn orphans_without_a_reservation_are_removed() {
         "{log}"
     );
     assert!(metric_sum(&lab, "ferry_gc_released_total") >= 1.0);
+}
+
+/// A pod whose netns path ferryd cannot see (another mount or PID
+/// namespace; here: the path's fd closed while the namespace lives on) but
+/// whose veth is there is alive: its reservation is kept, however old.
+#[test]
+fn a_pod_whose_path_is_gone_but_whose_veth_lives_is_kept() {
+    if !can_run() {
+        return;
+    }
+    let lab = node(1, 1, &[]);
+    let conflist = lab.conflist(0);
+    let pod = NetNs::new_anonymous().expect("netns");
+    let high = 5000 + std::process::id() as i32 % 1000;
+    assert!(unsafe { libc::dup2(pod.as_fd().as_raw_fd(), high) } == high);
+    let path = format!("/proc/{}/fd/{high}", std::process::id());
+    let id = format!("gchidden{}", std::process::id());
+    let ip = add(&lab, &conflist, &path, &id, &json!({}));
+    // The path goes; the namespace (held by `pod`) and its veth stay.
+    drop(unsafe { OwnedFd::from_raw_fd(high) });
+    assert!(!std::path::Path::new(&path).exists());
+    std::thread::sleep(Duration::from_secs(5));
+    let s = node_state(&lab);
+    assert_eq!(s.reservations.get(&IpAddr::V4(ip)), Some(&id), "{s:#?}");
+    assert!(released_in_log(&lab).is_empty(), "{}", lab.ferryd_log(0));
+    drop(pod);
 }
