@@ -20,7 +20,8 @@
 //!    its veth before its reservation is visible, and never takes that long).
 //! 4. For each, the node conflist's DEL chain runs for that container ID and
 //!    ifname, in reverse plugin order with an empty CNI_NETNS and no
-//!    prevResult, as a runtime's second DEL does: every plugin's own DEL
+//!    prevResult, as a runtime's second DEL does (each plugin with a clean
+//!    environment and a timeout): every plugin's own DEL
 //!    removes its state (address, veth, macspoofchk chain, ifb, hostPort
 //!    elements), checking ownership as it always does. The sweep itself
 //!    never deletes a kernel object.
@@ -32,7 +33,7 @@
 
 use crate::metrics::Metrics;
 use ferry_cni::config::NetConfList;
-use ferry_cni::delegate::exec_plugin;
+use ferry_cni::delegate::find_plugin;
 use ferry_cni::skel::{CmdArgs, Command};
 use ferry_cni::{CniArgs, CniError};
 use ferry_ipam::record::{Meta, Record};
@@ -352,7 +353,17 @@ impl Sweeper {
             stale.retain(|att, _| !snap.held.contains(att));
             snap.stale = stale.into_values().collect();
         }
-        self.find_orphans(conf, &links, &mut snap)?;
+        if store.is_some() {
+            self.find_orphans(conf, &links, &mut snap)?;
+        } else {
+            // No store at all (a new or moved dataDir): nothing proves that
+            // a pod's objects have lost their reservation.
+            tracing::debug!(
+                "gc: no ferry-ipam store at {}/{}: orphans not looked for",
+                conf.data_dir.display(),
+                conf.network
+            );
+        }
         drop(store);
         Ok(snap)
     }
@@ -453,10 +464,82 @@ impl Sweeper {
                 .unwrap_or_default()
                 .to_string();
             let stdin = conf.list.plugin_config(i, version, &runtime_config, None);
-            exec_plugin(&plugin_type, Command::Del, &args, &stdin)?;
+            run_del(&plugin_type, &args, &stdin)?;
         }
         Ok(())
     }
+}
+
+/// How long one plugin's DEL may take before the sweep kills it.
+const PLUGIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Runs one plugin's DEL as libcni does (the CNI_* variables, the config on
+/// stdin, an error as JSON on stdout), but with a clean environment: the
+/// plugin gets PATH and the CNI variables, never ferryd's own (an etcd
+/// password may be among them); and with a timeout, so a plugin that hangs
+/// cannot stop the sweep.
+fn run_del(plugin_type: &str, args: &CmdArgs, stdin: &Value) -> Result<(), CniError> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let bin = find_plugin(plugin_type, &args.path)?;
+    let input = serde_json::to_vec(stdin)?;
+    let mut cmd = std::process::Command::new(&bin);
+    cmd.env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("CNI_COMMAND", Command::Del.as_str())
+        .env("CNI_CONTAINERID", &args.container_id)
+        .env("CNI_IFNAME", &args.ifname)
+        .env("CNI_ARGS", &args.raw_args)
+        .env("CNI_PATH", args.path_string())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    let failed = |what: &str, e: std::io::Error| {
+        CniError::io(format!("{what} plugin {}", bin.display())).with_details(e)
+    };
+    let mut child = cmd.spawn().map_err(|e| failed("failed to execute", e))?;
+    let mut child_stdin = child.stdin.take().expect("stdin is piped");
+    let mut child_stdout = child.stdout.take().expect("stdout is piped");
+    // From threads, so a plugin that answers before reading, or writes
+    // much, cannot deadlock the sweep.
+    let writer = std::thread::spawn(move || child_stdin.write_all(&input));
+    let reader = std::thread::spawn(move || {
+        let mut out = Vec::new();
+        let _ = child_stdout.read_to_end(&mut out);
+        out
+    });
+    let deadline = Instant::now() + PLUGIN_TIMEOUT;
+    let status = loop {
+        match child
+            .try_wait()
+            .map_err(|e| failed("failed to wait for", e))?
+        {
+            Some(status) => break status,
+            None if Instant::now() >= deadline => {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(CniError::try_again_later(format!(
+                    "plugin {plugin_type} did not finish DEL within {PLUGIN_TIMEOUT:?}: killed"
+                )));
+            }
+            None => std::thread::sleep(Duration::from_millis(5)),
+        }
+    };
+    let _ = writer.join();
+    let stdout = reader.join().unwrap_or_default();
+    if status.success() {
+        return Ok(());
+    }
+    Err(CniError::from_reply(&stdout).unwrap_or_else(|| {
+        CniError::new(
+            ferry_cni::error::ErrorCode::Internal,
+            format!("plugin {plugin_type} failed ({status})"),
+        )
+        .with_details(String::from_utf8_lossy(&stdout).trim())
+    }))
 }
 
 /// The sweep, every `interval`, each pass on a blocking thread so HTTP and

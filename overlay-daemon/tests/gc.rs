@@ -6,7 +6,7 @@
 use ferry_netops::NetNs;
 use ferry_tests::etcd::require_etcd;
 use ferry_tests::lab::Lab;
-use ferry_tests::{TestNetns, bin, in_netns_cmd, require_root, reservations, wait_until};
+use ferry_tests::{TestNetns, bin, in_netns_cmd, require_root, wait_until};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
@@ -159,10 +159,20 @@ impl NodeState {
 
 fn node_state(lab: &Lab) -> NodeState {
     let ns = &lab.nodes[0].ns;
-    let reservations = reservations(&lab.nodes[0].dir.join("ipam").join("ferry"))
-        .into_iter()
-        .map(|(ip, r)| (ip, r.container_id))
-        .collect();
+    // Read under the store's lock (a plain directory read races with the
+    // sweep's releases).
+    let reservations =
+        ferry_ipam::store::Store::open_existing(&lab.nodes[0].dir.join("ipam"), "ferry")
+            .expect("open the store")
+            .map(|store| {
+                store
+                    .records()
+                    .expect("records")
+                    .into_iter()
+                    .filter_map(|(ip, r)| Some((ip, r.owner()?.id.clone())))
+                    .collect()
+            })
+            .unwrap_or_default();
     let mut links = BTreeSet::new();
     for l in ns.ip_json(&["-d", "link", "show"]).as_array().unwrap() {
         let kind = l["linkinfo"]["info_kind"].as_str().unwrap_or("");
