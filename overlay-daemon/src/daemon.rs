@@ -804,6 +804,41 @@ mod tests {
     }
 
     #[test]
+    fn gc_flags_and_defaults() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("ferryd").chain(args.iter().copied()))
+                .expect("flags parse")
+                .run
+        };
+        if [
+            "FERRY_GC_INTERVAL",
+            "FERRY_GC_GRACE",
+            "FERRY_GC_DRY_RUN",
+            "FERRY_CNI_BIN_DIR",
+        ]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some())
+        {
+            eprintln!("SKIPPED: a FERRY_GC_* variable is set in the environment");
+            return;
+        }
+        let d = parse(&[]);
+        assert_eq!((d.gc_interval, d.gc_grace, d.gc_dry_run), (60, 60, false));
+        assert_eq!(d.cni_bin_dir, PathBuf::from("/opt/cni/bin"));
+        let r = parse(&[
+            "--gc-interval",
+            "0",
+            "--gc-grace",
+            "5",
+            "--gc-dry-run",
+            "--cni-bin-dir",
+            "/usr/lib/cni",
+        ]);
+        assert_eq!((r.gc_interval, r.gc_grace, r.gc_dry_run), (0, 5, true));
+        assert_eq!(r.cni_bin_dir, PathBuf::from("/usr/lib/cni"));
+    }
+
+    #[test]
     fn etcd_security_flags() {
         if std::env::var_os(PASSWORD_ENV).is_some() {
             eprintln!("SKIPPED: {PASSWORD_ENV} is set in the environment");
