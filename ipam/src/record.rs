@@ -133,13 +133,14 @@ impl Meta {
         if self.netns.is_empty() {
             return None;
         }
-        match netns_identity(Path::new(&self.netns)) {
-            None if !Path::new(&self.netns).exists() => {
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(&self.netns).map(|m| (m.dev(), m.ino())) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 Some(format!("netns {} no longer exists", self.netns))
             }
-            // Exists but unreadable: no proof.
-            None => None,
-            Some((dev, ino))
+            // There but unreadable (EACCES, …): no proof.
+            Err(_) => None,
+            Ok((dev, ino))
                 if self.netns_ino != 0 && (dev, ino) != (self.netns_dev, self.netns_ino) =>
             {
                 Some(format!(
@@ -147,7 +148,7 @@ impl Meta {
                     self.netns, self.netns_dev, self.netns_ino
                 ))
             }
-            Some(_) => None,
+            Ok(_) => None,
         }
     }
 }
