@@ -76,20 +76,44 @@ fn fs_read(p: &Path) -> Result<String, IpamError> {
     Ok(text)
 }
 
+/// The staleness evidence and pod identity recorded with an ADD's
+/// reservations: the netns path and what it holds now, the boot, and the
+/// Kubernetes pod from CNI_ARGS (only values fit to record; see
+/// [`record::valid_pod_arg`]).
+pub fn add_meta(args: &CmdArgs, boot_id: Option<&str>) -> Meta {
+    let netns = args.netns.as_deref();
+    let (netns_dev, netns_ino) = netns.and_then(record::netns_identity).unwrap_or((0, 0));
+    let pod_arg = |key: &str| match args.args.get(key) {
+        Some(v) if record::valid_pod_arg(v) => v.to_string(),
+        Some(v) => {
+            eprintln!(
+                "ferry-ipam: CNI_ARGS {key} not recorded: {} bytes, or control characters",
+                v.len()
+            );
+            String::new()
+        }
+        None => String::new(),
+    };
+    Meta {
+        netns: netns
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        boot_id: boot_id.unwrap_or_default().to_string(),
+        netns_dev,
+        netns_ino,
+        pod_namespace: pod_arg("K8S_POD_NAMESPACE"),
+        pod_name: pod_arg("K8S_POD_NAME"),
+        pod_infra_container_id: pod_arg("K8S_POD_INFRA_CONTAINER_ID"),
+    }
+}
+
 impl Ipam {
     fn add_inner(&self, args: &CmdArgs, conf: &NetConf) -> Result<CniResult, IpamError> {
         let cfg = IpamConfig::from_netconf(conf)?;
         let requested = config::requested_ips(conf, &args.args)?;
         let dns = read_dns(&cfg)?;
         let mut store = Store::open(&cfg.data_dir, &conf.name)?;
-        let meta = Meta {
-            netns: args
-                .netns
-                .as_ref()
-                .map(|p| p.to_string_lossy().into_owned())
-                .unwrap_or_default(),
-            boot_id: store.boot_id().unwrap_or_default().to_string(),
-        };
+        let meta = add_meta(args, store.boot_id());
         let ips = store.allocate(
             &cfg.ranges,
             &args.container_id,

@@ -52,12 +52,105 @@ impl std::fmt::Display for Owner {
 }
 
 /// ferry's staleness evidence. Absent on host-local's records.
+///
+/// Besides the netns path it records what the path held at ADD (the nsfs
+/// device and inode), so a path that now holds another namespace (a reused
+/// `/proc/<pid>/ns/net`, a re-created bind mount) is provably stale, and the
+/// Kubernetes pod it was made for (`K8S_POD_*` in CNI_ARGS), for logs and
+/// tools. Every field is optional: records written before these fields
+/// existed, or by a ferry that did not know them, read as before, and older
+/// readers ignore the new keys.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Meta {
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub netns: String,
     #[serde(rename = "bootID", default, skip_serializing_if = "String::is_empty")]
     pub boot_id: String,
+    /// `st_dev` of the namespace `netns` named at ADD (0: unknown).
+    #[serde(rename = "netnsDev", default, skip_serializing_if = "is_zero")]
+    pub netns_dev: u64,
+    /// `st_ino` of that namespace (0: unknown).
+    #[serde(rename = "netnsIno", default, skip_serializing_if = "is_zero")]
+    pub netns_ino: u64,
+    /// CNI_ARGS `K8S_POD_NAMESPACE`, when the runtime sent a valid one.
+    #[serde(
+        rename = "podNamespace",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub pod_namespace: String,
+    /// CNI_ARGS `K8S_POD_NAME`.
+    #[serde(rename = "podName", default, skip_serializing_if = "String::is_empty")]
+    pub pod_name: String,
+    /// CNI_ARGS `K8S_POD_INFRA_CONTAINER_ID`.
+    #[serde(
+        rename = "podInfraContainerID",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub pod_infra_container_id: String,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// The longest `K8S_POD_*` value recorded (a Kubernetes name is at most 253
+/// bytes; an infra container ID is 64 hex digits).
+pub const MAX_POD_ARG: usize = 253;
+
+/// A `K8S_POD_*` value fit to record: non-empty, at most [`MAX_POD_ARG`]
+/// bytes, no control characters (it ends up in logs and in JSON read by
+/// tools). Anything else is not recorded.
+pub fn valid_pod_arg(v: &str) -> bool {
+    !v.is_empty() && v.len() <= MAX_POD_ARG && !v.chars().any(char::is_control)
+}
+
+/// The identity (`st_dev`, `st_ino`) of what `path` names now, following
+/// the magic links of `/proc` (stat never opens, so nothing can block).
+/// `None` when it does not exist or cannot be read.
+pub fn netns_identity(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path).ok()?;
+    Some((m.dev(), m.ino()))
+}
+
+impl Meta {
+    /// The pod as `namespace/name` (or whichever part is known), for logs.
+    pub fn pod(&self) -> Option<String> {
+        match (self.pod_namespace.as_str(), self.pod_name.as_str()) {
+            ("", "") => None,
+            ("", n) => Some(n.to_string()),
+            (ns, "") => Some(format!("{ns}/?")),
+            (ns, n) => Some(format!("{ns}/{n}")),
+        }
+    }
+
+    /// Why the namespace this record was made for is provably gone: its
+    /// path no longer exists, or it now holds another namespace. `None`
+    /// without a recorded path, and while the same namespace is there.
+    pub fn netns_gone(&self) -> Option<String> {
+        if self.netns.is_empty() {
+            return None;
+        }
+        use std::os::unix::fs::MetadataExt;
+        match std::fs::metadata(&self.netns).map(|m| (m.dev(), m.ino())) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Some(format!("netns {} no longer exists", self.netns))
+            }
+            // There but unreadable (EACCES, …): no proof.
+            Err(_) => None,
+            Ok((dev, ino))
+                if self.netns_ino != 0 && (dev, ino) != (self.netns_dev, self.netns_ino) =>
+            {
+                Some(format!(
+                    "netns {} now holds another namespace (dev {dev} inode {ino}, was dev {} inode {})",
+                    self.netns, self.netns_dev, self.netns_ino
+                ))
+            }
+            Ok(_) => None,
+        }
+    }
 }
 
 /// The JSON-content form (used when xattrs are unavailable).
@@ -141,10 +234,7 @@ impl Record {
                 {
                     return Some(format!("written in boot {}", m.boot_id));
                 }
-                if !m.netns.is_empty() && !Path::new(&m.netns).exists() {
-                    return Some(format!("netns {} no longer exists", m.netns));
-                }
-                None
+                m.netns_gone()
             }
         }
     }
@@ -168,6 +258,7 @@ mod tests {
         let meta = Meta {
             netns: "/".into(),
             boot_id: BOOT.into(),
+            ..Default::default()
         };
         let x = serde_json::to_vec(&meta).unwrap();
         let json = br#"{"containerID":"c3","ifname":"net1","netns":"/","bootID":"b"}"#;
@@ -225,6 +316,7 @@ mod tests {
                     meta: Some(Meta {
                         netns: "/".into(),
                         boot_id: "b".into(),
+                        ..Default::default()
                     }),
                 },
             ),
@@ -281,6 +373,7 @@ mod tests {
             meta: Some(Meta {
                 netns: netns.into(),
                 boot_id: boot.into(),
+                ..Default::default()
             }),
         };
         let cases = [
@@ -308,6 +401,98 @@ mod tests {
         }
         // Without a known boot ID, boot evidence proves nothing.
         assert_eq!(held("/", "other").stale_reason(None), None);
+    }
+
+    #[test]
+    fn a_path_holding_another_namespace_is_stale() {
+        let path = "/proc/self/ns/net";
+        let (dev, ino) = netns_identity(Path::new(path)).expect("stat own netns");
+        let held = |dev: u64, ino: u64| Record::Held {
+            owner: Owner::new("c", "eth0"),
+            meta: Some(Meta {
+                netns: path.into(),
+                boot_id: BOOT.into(),
+                netns_dev: dev,
+                netns_ino: ino,
+                ..Default::default()
+            }),
+        };
+        assert_eq!(held(dev, ino).stale_reason(Some(BOOT)), None);
+        // Unknown identity (an older record): only the path's absence proves.
+        assert_eq!(held(0, 0).stale_reason(Some(BOOT)), None);
+        let why = held(dev, ino + 1)
+            .stale_reason(Some(BOOT))
+            .unwrap_or_default();
+        assert!(why.contains("another namespace"), "{why}");
+    }
+
+    #[test]
+    fn new_evidence_rides_in_both_forms_and_old_readers_keep_working() {
+        let meta = Meta {
+            netns: "/var/run/netns/x".into(),
+            boot_id: BOOT.into(),
+            netns_dev: 4,
+            netns_ino: 4026532000,
+            pod_namespace: "default".into(),
+            pod_name: "web-0".into(),
+            pod_infra_container_id: "abc".into(),
+        };
+        let x = serde_json::to_vec(&meta).unwrap();
+        // xattr form: the content stays host-local's.
+        assert_eq!(
+            Record::parse(b"c1\r\neth0", Some(&x)),
+            Record::Held {
+                owner: Owner::new("c1", "eth0"),
+                meta: Some(meta.clone()),
+            }
+        );
+        // JSON-content form.
+        let json = serde_json::to_vec(&JsonRecord {
+            container_id: "c1".into(),
+            ifname: "eth0".into(),
+            meta: meta.clone(),
+        })
+        .unwrap();
+        assert_eq!(
+            Record::parse(&json, None),
+            Record::Held {
+                owner: Owner::new("c1", "eth0"),
+                meta: Some(meta.clone()),
+            }
+        );
+        // What a ferry without these fields wrote still reads, and what this
+        // one writes reads with a reader that knows only netns and bootID.
+        #[derive(Deserialize)]
+        struct OldMeta {
+            netns: String,
+            #[serde(rename = "bootID")]
+            boot_id: String,
+        }
+        let old: OldMeta = serde_json::from_slice(&x).unwrap();
+        assert_eq!(
+            (old.netns.as_str(), old.boot_id.as_str()),
+            ("/var/run/netns/x", BOOT)
+        );
+        let old_x = br#"{"netns":"/x","bootID":"b"}"#;
+        assert_eq!(
+            serde_json::from_slice::<Meta>(old_x).unwrap(),
+            Meta {
+                netns: "/x".into(),
+                boot_id: "b".into(),
+                ..Default::default()
+            }
+        );
+        assert_eq!(meta.pod().as_deref(), Some("default/web-0"));
+    }
+
+    #[test]
+    fn pod_args_are_bounded_and_printable() {
+        assert!(valid_pod_arg("kube-system"));
+        assert!(valid_pod_arg(&"a".repeat(MAX_POD_ARG)));
+        assert!(!valid_pod_arg(&"a".repeat(MAX_POD_ARG + 1)));
+        assert!(!valid_pod_arg(""));
+        assert!(!valid_pod_arg("a\nb"));
+        assert!(!valid_pod_arg("\u{1b}[31mred"));
     }
 
     #[test]

@@ -979,6 +979,20 @@ impl Store {
         Ok(out)
     }
 
+    /// When the reservation file of `ip` was written (its mtime; a record is
+    /// never rewritten, only replaced), without following a symlink.
+    pub fn record_written(&self, ip: IpAddr) -> Option<std::time::SystemTime> {
+        let st = fstatat(
+            &self.dir.fd,
+            ip.to_string().as_str(),
+            AtFlags::AT_SYMLINK_NOFOLLOW,
+        )
+        .ok()?;
+        let secs = u64::try_from(st.st_mtime).ok()?;
+        let nanos = u32::try_from(st.st_mtime_nsec).ok()?;
+        Some(std::time::UNIX_EPOCH + std::time::Duration::new(secs, nanos))
+    }
+
     /// Every reservation, for inspection and tests.
     pub fn records(&self) -> Result<Vec<(IpAddr, Record)>> {
         Ok(self
@@ -1150,6 +1164,7 @@ mod tests {
         Meta {
             netns: "/".into(),
             boot_id: current_boot_id().unwrap_or_default(),
+            ..Default::default()
         }
     }
 

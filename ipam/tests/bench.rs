@@ -15,6 +15,7 @@ fn meta() -> Meta {
     Meta {
         netns: "/".into(),
         boot_id: current_boot_id().unwrap_or_default(),
+        ..Default::default()
     }
 }
 

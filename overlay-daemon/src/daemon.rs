@@ -181,6 +181,20 @@ pub struct RunArgs {
     /// Give the subnet back on SIGTERM. Off by default: a restart keeps it.
     #[arg(long, env = "FERRY_RELEASE_ON_EXIT")]
     pub release_on_exit: bool,
+    /// Seconds between gc sweeps, which release what runtimes left behind
+    /// without a DEL (see the README); 0 turns the sweep off.
+    #[arg(long, env = "FERRY_GC_INTERVAL", default_value_t = 60)]
+    pub gc_interval: u64,
+    /// Seconds a leftover must be old (a reservation since ADD, an orphan
+    /// since the sweep first saw it) before the sweep releases it.
+    #[arg(long, env = "FERRY_GC_GRACE", default_value_t = 60)]
+    pub gc_grace: u64,
+    /// Log what the sweep would release, change nothing.
+    #[arg(long, env = "FERRY_GC_DRY_RUN")]
+    pub gc_dry_run: bool,
+    /// Where the sweep finds the DEL chain's plugins (a runtime's CNI_PATH).
+    #[arg(long, env = "FERRY_CNI_BIN_DIR", default_value = "/opt/cni/bin")]
+    pub cni_bin_dir: PathBuf,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -438,6 +452,19 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
             "ferryd is starting: no subnet lease yet".into(),
         )
         .await;
+
+    if r.gc_interval > 0 {
+        tokio::spawn(crate::gc::run(
+            crate::gc::GcOptions {
+                conflist: conf.path(),
+                cni_bin_dir: r.cni_bin_dir.clone(),
+                grace: Duration::from_secs(r.gc_grace),
+                dry_run: r.gc_dry_run,
+            },
+            Duration::from_secs(r.gc_interval),
+            metrics.clone(),
+        ));
+    }
 
     let store = retry("connect to etcd", &metrics, || async {
         Ok(Store::connect(&opts).await?)
@@ -917,6 +944,41 @@ mod tests {
         let cli = Cli::try_parse_from(std::iter::once("ferryd").chain(args.iter().copied()))
             .expect("flags parse");
         store_options(&cli.etcd)
+    }
+
+    #[test]
+    fn gc_flags_and_defaults() {
+        let parse = |args: &[&str]| {
+            Cli::try_parse_from(std::iter::once("ferryd").chain(args.iter().copied()))
+                .expect("flags parse")
+                .run
+        };
+        if [
+            "FERRY_GC_INTERVAL",
+            "FERRY_GC_GRACE",
+            "FERRY_GC_DRY_RUN",
+            "FERRY_CNI_BIN_DIR",
+        ]
+        .iter()
+        .any(|v| std::env::var_os(v).is_some())
+        {
+            eprintln!("SKIPPED: a FERRY_GC_* variable is set in the environment");
+            return;
+        }
+        let d = parse(&[]);
+        assert_eq!((d.gc_interval, d.gc_grace, d.gc_dry_run), (60, 60, false));
+        assert_eq!(d.cni_bin_dir, PathBuf::from("/opt/cni/bin"));
+        let r = parse(&[
+            "--gc-interval",
+            "0",
+            "--gc-grace",
+            "5",
+            "--gc-dry-run",
+            "--cni-bin-dir",
+            "/usr/lib/cni",
+        ]);
+        assert_eq!((r.gc_interval, r.gc_grace, r.gc_dry_run), (0, 5, true));
+        assert_eq!(r.cni_bin_dir, PathBuf::from("/usr/lib/cni"));
     }
 
     #[test]

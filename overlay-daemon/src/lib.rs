@@ -11,11 +11,13 @@
 //!   kernel to it.
 //! - [`cniconf`]: the node's conflist and subnet.env.
 //! - [`http`]: /healthz, /readyz, /metrics.
+//! - [`gc`]: the sweep that cleans up after runtimes that sent no DEL.
 //! - [`daemon`]: ties them together.
 
 pub mod cniconf;
 pub mod daemon;
 pub mod dataplane;
+pub mod gc;
 pub mod http;
 pub mod lease;
 pub mod metrics;

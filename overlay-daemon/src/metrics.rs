@@ -2,6 +2,7 @@
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -28,6 +29,9 @@ struct Inner {
     pub lease_acquisitions: Counter,
     pub peer_conflicts: Gauge,
     pub invalid_leases: Gauge,
+    /// The gc sweep's releases by kind, and its failures.
+    pub gc_released: Family<Vec<(String, String)>, Counter>,
+    pub gc_errors: Counter,
     ready: AtomicBool,
     /// Peers left out of the kernel, one line each, for /readyz.
     skipped: Mutex<Vec<String>>,
@@ -62,6 +66,18 @@ impl Metrics {
         let lease_acquisitions = Counter::default();
         let peer_conflicts = Gauge::default();
         let invalid_leases = Gauge::default();
+        let gc_released = Family::<Vec<(String, String)>, Counter>::default();
+        let gc_errors = Counter::default();
+        registry.register(
+            "gc_released",
+            "Leftovers of pods whose runtime sent no DEL, released by the gc sweep (one DEL chain each), by kind: reservation (its netns is gone), veth, ifb, nft (orphans no reservation explains)",
+            gc_released.clone(),
+        );
+        registry.register(
+            "gc_errors",
+            "gc sweep passes or DEL chains that failed (retried by the next pass)",
+            gc_errors.clone(),
+        );
         registry.register(
             "lease_held",
             "1 while this node holds its subnet lease in etcd",
@@ -116,6 +132,8 @@ impl Metrics {
             lease_acquisitions,
             peer_conflicts,
             invalid_leases,
+            gc_released,
+            gc_errors,
             ready: AtomicBool::new(false),
             skipped: Mutex::new(Vec::new()),
             lease: Mutex::new(None),
@@ -143,6 +161,16 @@ impl Metrics {
     pub fn repaired(&self, changed: usize) {
         self.0.entries_changed.inc_by(changed as u64);
         self.0.repairs.inc_by(changed as u64);
+    }
+    /// One attachment released by the gc sweep.
+    pub fn gc_released(&self, kind: &str) {
+        self.0
+            .gc_released
+            .get_or_create(&vec![("kind".to_string(), kind.to_string())])
+            .inc();
+    }
+    pub fn gc_error(&self) {
+        self.0.gc_errors.inc();
     }
     pub fn etcd_error(&self) {
         self.0.etcd_errors.inc();

@@ -208,6 +208,19 @@ impl NsHandle {
             })
     }
 
+    /// Every link of the namespace (one dump).
+    pub async fn links(&self) -> Result<Vec<Link>> {
+        let mut stream = self.handle.link().get().execute();
+        let mut out = Vec::new();
+        loop {
+            match stream.try_next().await {
+                Ok(Some(msg)) => out.push(Link::from_message(msg)),
+                Ok(None) => return Ok(out),
+                Err(e) => return Err(self.err("list links", "all", e)),
+            }
+        }
+    }
+
     /// The link with ifindex `index`, or `None`.
     pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>> {
         let req = self.handle.link().get().match_index(index);
