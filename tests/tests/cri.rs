@@ -18,7 +18,7 @@ use ferry_tests::iperf::{Iperf3Server, iperf3_for};
 use ferry_tests::runtime::{note, require_runtime};
 use ferry_tests::{host_veth_name, wait_until};
 use k8s_cri::v1::{PodSandboxState, Protocol};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 /// Root, etcd, containerd and the tools the tests run, or a loud skip.
@@ -112,6 +112,35 @@ fn run_pod_sandbox_two_pods_reach_each_other_and_the_gateway() {
         assert!(p.netns.ip_link_is_up("lo"), "{}: lo is down", p.name);
     }
     assert_ne!(pods[0].ip, pods[1].ip);
+    // ferry-ipam recorded the pod's CNI_ARGS with each reservation (what the
+    // gc sweep's log lines and `ferryd doctor` name a pod by).
+    let evidence = ferry_ipam::store::Store::open_existing(
+        node.store.parent().expect("dataDir"),
+        &node.store.file_name().expect("network").to_string_lossy(),
+    )
+    .expect("open the store")
+    .expect("the store exists")
+    .records()
+    .expect("read the records");
+    for p in &pods {
+        let meta = evidence
+            .iter()
+            .find_map(|(ip, r)| match r {
+                ferry_ipam::record::Record::Held { meta, .. } if *ip == IpAddr::from(p.ip) => {
+                    meta.clone()
+                }
+                _ => None,
+            })
+            .unwrap_or_else(|| panic!("{}: no ferry evidence with {}", p.name, p.ip));
+        assert_eq!(meta.pod_namespace, ferry_tests::cri::POD_NAMESPACE);
+        assert_eq!(meta.pod_name, p.name);
+        assert_eq!(meta.pod_infra_container_id, p.id);
+        assert_ne!(
+            (meta.netns_dev, meta.netns_ino),
+            (0, 0),
+            "the namespace's identity"
+        );
+    }
     let mtu = node.conflist()["plugins"][0]["mtu"]
         .as_u64()
         .expect("ferryd sets the MTU");
