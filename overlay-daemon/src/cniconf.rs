@@ -65,6 +65,9 @@ pub struct CniConfOptions {
     pub bridge: String,
     /// ferry-ipam's dataDir; `None` keeps its default (/var/lib/cni/networks).
     pub ipam_data_dir: Option<PathBuf>,
+    /// The CNI call log every plugin appends to (`cniLog` in each plugin's
+    /// config); `None` writes no key, and the plugins log nothing.
+    pub cni_log: Option<PathBuf>,
 }
 
 impl Default for CniConfOptions {
@@ -75,6 +78,7 @@ impl Default for CniConfOptions {
             network_name: "ferry".into(),
             bridge: "cni0".into(),
             ipam_data_dir: None,
+            cni_log: None,
         }
     }
 }
@@ -127,6 +131,12 @@ pub fn conflist(n: &NodeNetwork, o: &CniConfOptions) -> String {
             "capabilities": { "bandwidth": true },
         }],
     });
+    let mut doc = doc;
+    if let (Some(log), Some(plugins)) = (&o.cni_log, doc["plugins"].as_array_mut()) {
+        for p in plugins {
+            p[ferry_cni::calllog::PATH_KEY] = json!(log);
+        }
+    }
     let mut s = serde_json::to_string_pretty(&doc).expect("conflist serializes");
     s.push('\n');
     s
@@ -257,6 +267,15 @@ mod tests {
         assert_eq!(bridge["ipMasqExclude"][0], "10.244.0.0/16");
         assert_eq!(bridge["ipam"]["ranges"][0][0]["subnet"], "10.244.3.0/24");
         assert_eq!(bridge["ipam"]["dataDir"], "/tmp/x");
+        assert!(bridge.get("cniLog").is_none(), "no log asked: no key");
+        let logged = CniConfOptions {
+            cni_log: Some("/run/ferry/cni.log".into()),
+            ..o
+        };
+        let v: Value = serde_json::from_str(&conflist(&node(), &logged)).unwrap();
+        for p in v["plugins"].as_array().unwrap() {
+            assert_eq!(p["cniLog"], "/run/ferry/cni.log", "every plugin logs: {p}");
+        }
     }
 
     #[test]

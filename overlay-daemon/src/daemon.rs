@@ -147,6 +147,11 @@ pub struct RunArgs {
         default_value = "/run/ferry/subnet.env"
     )]
     pub subnet_file: PathBuf,
+    /// The CNI call log every plugin appends to (written into the conflist;
+    /// an empty value turns it off). ferryd counts it on /metrics and
+    /// `ferryd doctor` shows its last failures.
+    #[arg(long, env = "FERRY_CNI_LOG", default_value = "/run/ferry/cni.log")]
+    pub cni_log: PathBuf,
     /// Masquerade pod traffic that leaves the cluster network.
     #[arg(long, env = "FERRY_IP_MASQ", default_value_t = true, action = clap::ArgAction::Set)]
     pub ip_masq: bool,
@@ -340,6 +345,11 @@ async fn remove_node(a: &EtcdArgs, node: &str) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// The CNI call log's path, `None` when turned off (an empty value).
+pub fn cni_log_path(r: &RunArgs) -> Option<PathBuf> {
+    (!r.cni_log.as_os_str().is_empty()).then(|| r.cni_log.clone())
+}
+
 /// Retries `op` until it succeeds, with capped exponential backoff, counting
 /// each failure. Used for the steps the daemon cannot go on without.
 async fn retry<T, F, Fut>(what: &str, metrics: &Metrics, mut op: F) -> T
@@ -421,7 +431,14 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
         network_name: r.network_name.clone(),
         bridge: r.bridge.clone(),
         ipam_data_dir: r.ipam_data_dir.clone(),
+        cni_log: cni_log_path(r),
     };
+    let mut cni_log = conf.cni_log.as_ref().map(|p| {
+        if let Some(dir) = p.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        crate::metrics::CniLogTail::new(p)
+    });
 
     let store = retry("connect to etcd", &metrics, || async {
         Ok(Store::connect(&opts).await?)
@@ -582,6 +599,9 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
                         Ok(k) => kernel = Some(k),
                         Err(e) => warn!("reopen the kernel event monitor: {e}"),
                     }
+                }
+                if let Some(tail) = cni_log.as_mut() {
+                    tail.poll(&metrics);
                 }
                 // The files are part of the desired state too: a conflist
                 // deleted or edited by hand comes back.
