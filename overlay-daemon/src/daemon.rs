@@ -107,6 +107,18 @@ pub enum Command {
     },
     /// Prints the cluster network config and every node's lease.
     Show,
+    /// Checks this node's pod network (read-only) and explains what is
+    /// wrong: takes the daemon's flags before the subcommand. Exit 0 all
+    /// OK, 1 a FAIL, 2 doctor could not run.
+    Doctor {
+        /// `{"checks":[{"name","status","detail","hint"}]}` on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Also send a few packets to each peer's pod gateway from a
+        /// short-lived namespace and say where the path breaks.
+        #[arg(long)]
+        probe: bool,
+    },
     /// Deletes a decommissioned node's lease: every other node removes its
     /// routes, neighbours and fdb entries at once.
     RemoveNode {
@@ -223,11 +235,15 @@ pub fn main() -> i32 {
             return 1;
         }
     };
+    if let Some(Command::Doctor { json, probe }) = &cli.command {
+        return rt.block_on(crate::doctor::main(&cli.etcd, &cli.run, *json, *probe));
+    }
     let result = rt.block_on(async {
         match &cli.command {
             Some(Command::SetNetwork { json }) => set_network(&cli.etcd, json).await,
             Some(Command::Show) => show(&cli.etcd).await,
             Some(Command::RemoveNode { node }) => remove_node(&cli.etcd, node).await,
+            Some(Command::Doctor { .. }) => unreachable!("handled above"),
             None => run(&cli.etcd, &cli.run).await,
         }
     });
@@ -240,7 +256,7 @@ pub fn main() -> i32 {
     }
 }
 
-fn store_options(a: &EtcdArgs) -> Result<StoreOptions, DaemonError> {
+pub fn store_options(a: &EtcdArgs) -> Result<StoreOptions, DaemonError> {
     let tls = match (&a.etcd_cafile, &a.etcd_certfile, &a.etcd_keyfile) {
         (None, None, None) => None,
         (Some(ca), cert, key) if cert.is_some() == key.is_some() => Some(TlsFiles {

@@ -11,11 +11,14 @@
 //!   kernel to it.
 //! - [`cniconf`]: the node's conflist and subnet.env.
 //! - [`http`]: /healthz, /readyz, /metrics.
+//! - [`doctor`]: `ferryd doctor`, read-only checks of the node ([`doctor_probe`]: `--probe`).
 //! - [`daemon`]: ties them together.
 
 pub mod cniconf;
 pub mod daemon;
 pub mod dataplane;
+pub mod doctor;
+pub mod doctor_probe;
 pub mod http;
 pub mod lease;
 pub mod metrics;

@@ -208,6 +208,20 @@ impl NsHandle {
             })
     }
 
+    /// Every link of the namespace (one dump).
+    pub async fn links(&self) -> Result<Vec<Link>> {
+        let mut stream = self.handle.link().get().execute();
+        let mut out = Vec::new();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(|e| self.err("list links", "all", e))?
+        {
+            out.push(Link::from_message(msg));
+        }
+        Ok(out)
+    }
+
     /// The link with ifindex `index`, or `None`.
     pub async fn link_by_index(&self, index: u32) -> Result<Option<Link>> {
         let req = self.handle.link().get().match_index(index);
