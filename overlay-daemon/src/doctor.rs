@@ -861,7 +861,7 @@ fn check_sysctls(
     conflist: Option<&Conflist>,
     rep: &mut Report,
 ) {
-    match sysctl("net.ipv4.ip_forward").as_deref() {
+    match sysctl("net/ipv4/ip_forward").as_deref() {
         Some("1") => rep.ok("sysctl.ip_forward", "net.ipv4.ip_forward = 1"),
         v => rep.push(
             "sysctl.ip_forward",
@@ -871,7 +871,7 @@ fn check_sysctls(
         ),
     }
     // The effective rp_filter of a device is the larger of `all` and its own.
-    let all: u8 = sysctl("net.ipv4.conf.all.rp_filter")
+    let all: u8 = sysctl("net/ipv4/conf/all/rp_filter")
         .and_then(|v| v.parse().ok())
         .unwrap_or(0);
     let mut devices = vec![underlay.name.clone(), r.bridge.clone()];
@@ -882,7 +882,7 @@ fn check_sysctls(
     }
     let mut strict = Vec::new();
     for d in devices.iter().filter(|d| by_name.contains_key(d.as_str())) {
-        let own: u8 = sysctl(&format!("net.ipv4.conf.{d}.rp_filter"))
+        let own: u8 = sysctl(&format!("net/ipv4/conf/{d}/rp_filter"))
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         if all.max(own) == 1 {
@@ -899,13 +899,13 @@ fn check_sysctls(
             "sysctl -w net.ipv4.conf.all.rp_filter=2 and net.ipv4.conf.<dev>.rp_filter=2 (loose)",
         );
     }
-    match sysctl("net.bridge.bridge-nf-call-iptables") {
+    match sysctl("net/bridge/bridge-nf-call-iptables") {
         None => rep.ok(
             "sysctl.br_netfilter",
             "br_netfilter not loaded: bridged pod traffic skips iptables (kube-proxy in iptables mode needs it)",
         ),
         Some(v) => {
-            let v6 = sysctl("net.bridge.bridge-nf-call-ip6tables").unwrap_or_default();
+            let v6 = sysctl("net/bridge/bridge-nf-call-ip6tables").unwrap_or_default();
             let hairpin = conflist.map(|c| c.hairpin).unwrap_or(false);
             if !hairpin {
                 rep.push(

@@ -123,7 +123,7 @@ async fn run_probe(
     let result = async {
         // The host end answers ARP for everything (the namespace's default
         // route has no gateway) and takes the probe's answers.
-        ferry_netops::sysctl::write(&format!("net.ipv4.conf.{host_name}.proxy_arp"), "1")
+        ferry_netops::sysctl::write(&format!("net/ipv4/conf/{host_name}/proxy_arp"), "1")
             .map_err(|e| format!("proxy_arp on {host_name}: {e}"))?;
         h.replace_route(&RouteSpec {
             dst: IpNetwork::V4(Ipv4Network::new(src, 32).expect("/32")),
