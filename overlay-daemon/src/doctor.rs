@@ -196,7 +196,7 @@ pub async fn run(a: &EtcdArgs, r: &RunArgs, probe: bool) -> Result<Report, Strin
     check_sysctls(r, vx, &underlay, &by_name, conflist.as_ref(), &mut rep);
     let bridge = check_bridge(&h, r, local_subnet, pod_mtu, &links, &by_name, &mut rep).await;
     let live = check_pods(r, &links, bridge, &mut rep);
-    check_nft(r, local_subnet, conflist.as_ref(), &live, &mut rep);
+    check_nft(r, bridge, local_subnet, conflist.as_ref(), &live, &mut rep);
     check_pitfalls(&underlay, conflist.as_ref(), &cluster, &mut rep);
     check_cni_log(r, &mut rep);
     if probe {
@@ -861,8 +861,14 @@ fn check_sysctls(
     conflist: Option<&Conflist>,
     rep: &mut Report,
 ) {
+    let no_pod_yet = !by_name.contains_key(r.bridge.as_str());
     match sysctl("net/ipv4/ip_forward").as_deref() {
         Some("1") => rep.ok("sysctl.ip_forward", "net.ipv4.ip_forward = 1"),
+        // ferry-bridge turns it on at the first pod's ADD (isGateway).
+        Some(v) if no_pod_yet => rep.ok(
+            "sysctl.ip_forward",
+            format!("net.ipv4.ip_forward = {v}; no pod yet (no {}): the first ADD turns it on", r.bridge),
+        ),
         v => rep.push(
             "sysctl.ip_forward",
             Status::Fail,
@@ -1149,6 +1155,7 @@ fn check_pods(r: &RunArgs, links: &[Link], bridge: Option<u32>, rep: &mut Report
 
 fn check_nft(
     r: &RunArgs,
+    bridge: Option<u32>,
     local: Option<Ipv4Network>,
     conflist: Option<&Conflist>,
     live: &LivePods,
@@ -1157,6 +1164,10 @@ fn check_nft(
     use ferry_netops::nft::{self, NftFamily};
     let table = ferry_bridge::masq::TABLE;
     match (local, conflist) {
+        (_, Some(c)) if c.ip_masq && bridge.is_none() => rep.ok(
+            "nft.masquerade",
+            format!("no pod yet (no {}): the first ADD creates the masquerade", r.bridge),
+        ),
         (Some(subnet), Some(c)) if c.ip_masq => {
             let elements = nft::map_elements(NftFamily::Inet, table, "masq-v4").unwrap_or_default();
             let key = subnet.network().octets().to_vec();

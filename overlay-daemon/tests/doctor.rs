@@ -395,3 +395,57 @@ fn probe_pinpoints_a_peer_without_its_fdb_entry_and_leaves_nothing() {
     let routes_after = lab.nodes[0].ns.exec("ip", &["-4", "route", "show", "table", "all"]);
     assert_eq!(routes_after, routes_before);
 }
+
+/// `cargo test -p ferryd --test doctor -- --ignored --nocapture
+/// doctor_with_1000_peers`: how long doctor takes on a node with 1000 peers
+/// programmed (printed, not asserted: the machine's load decides it).
+#[test]
+#[ignore]
+fn doctor_with_1000_peers() {
+    if !can_run() {
+        return;
+    }
+    const PEERS: u32 = 1000;
+    let mut lab = Lab::new(
+        r#"{"network":"10.128.0.0/9","subnetLen":24,"backend":{"type":"vxlan","vni":1}}"#,
+    );
+    lab.add_node();
+    lab.assert_all_ready(READY);
+    ferry_netops::in_netns(lab.underlay.netns(), || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async {
+            let mut c = etcd_client::Client::connect([etcd_endpoint()], None)
+                .await
+                .expect("connect to the lab's etcd");
+            for i in 0..PEERS {
+                let (a, b) = (i / 200, i % 200);
+                let node = format!("peer{i}");
+                let v = serde_json::json!({
+                    "node": node,
+                    "publicIp": format!("172.16.{a}.{}", b + 1),
+                    "backend": "vxlan",
+                    "vtepMac": ferryd::lease::Mac::derived(&node).to_string(),
+                });
+                // 10.200.0.0/24 … 10.203.231.0/24: inside 10.128.0.0/9, away from n1's.
+                let key = format!("/ferry/network/subnets/10.{}.{}.0-24", 200 + i / 250, i % 250);
+                c.put(key, v.to_string(), None).await.expect("put lease");
+            }
+        });
+        Ok(())
+    })
+    .unwrap();
+    let programmed = wait_until(Duration::from_secs(120), || {
+        lab.metric(0, "ferry_peers_programmed") == Some(f64::from(PEERS))
+    });
+    assert!(programmed, "{}", lab.ferryd_log(0));
+    for _ in 0..5 {
+        let t = Instant::now();
+        let d = doctor(&lab, 0, &[]);
+        let took = t.elapsed();
+        assert!(d.not_ok_except(&[]).is_empty(), "{}", d.raw);
+        assert!(d.detail("peers.routes").contains("1000 of 1000"), "{}", d.raw);
+        eprintln!("ferry: doctor with {PEERS} peers took {took:?}");
+    }
+}
