@@ -66,7 +66,13 @@ pub struct Report {
 }
 
 impl Report {
-    pub(crate) fn push(&mut self, name: &str, status: Status, detail: impl Into<String>, hint: &str) {
+    pub(crate) fn push(
+        &mut self,
+        name: &str,
+        status: Status,
+        detail: impl Into<String>,
+        hint: &str,
+    ) {
         self.checks.push(Check {
             name: name.into(),
             status,
@@ -93,7 +99,12 @@ impl Report {
     pub fn text(&self) -> String {
         let mut s = String::new();
         for c in &self.checks {
-            s.push_str(&format!("{:<4}  {:<22} {}\n", c.status.as_str(), c.name, c.detail));
+            s.push_str(&format!(
+                "{:<4}  {:<22} {}\n",
+                c.status.as_str(),
+                c.name,
+                c.detail
+            ));
             if !c.hint.is_empty() {
                 s.push_str(&format!("      {:<22} hint: {}\n", "", c.hint));
             }
@@ -166,10 +177,7 @@ pub async fn run(a: &EtcdArgs, r: &RunArgs, probe: bool) -> Result<Report, Strin
     check_ferryd(r, &mut rep);
 
     // The kernel, one dump per kind.
-    let links = h
-        .links()
-        .await
-        .map_err(|e| format!("list links: {e}"))?;
+    let links = h.links().await.map_err(|e| format!("list links: {e}"))?;
     let routes = h
         .route_entries::<Ipv4Addr>()
         .await
@@ -429,10 +437,7 @@ fn check_files(
         if conf.mtu != Some(u64::from(pod_mtu)) {
             wrong.push(format!("mtu {:?} (expected {pod_mtu})", conf.mtu));
         }
-        if !conf
-            .masq_exclude
-            .contains(&IpNetwork::V4(c.cfg.network))
-        {
+        if !conf.masq_exclude.contains(&IpNetwork::V4(c.cfg.network)) {
             wrong.push(format!(
                 "ipMasqExclude {:?} lacks the network {}",
                 conf.masq_exclude, c.cfg.network
@@ -465,8 +470,10 @@ fn http_get(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut s = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT).ok()?;
     s.set_read_timeout(Some(HTTP_TIMEOUT)).ok()?;
     s.set_write_timeout(Some(HTTP_TIMEOUT)).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: ferryd\r\nConnection: close\r\n\r\n").as_bytes())
-        .ok()?;
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: ferryd\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .ok()?;
     let mut buf = Vec::new();
     let _ = s.take(1 << 20).read_to_end(&mut buf);
     let text = String::from_utf8_lossy(&buf);
@@ -549,11 +556,21 @@ async fn check_device(
     let vx = match h.vxlan_by_name(&name).await {
         Ok(Some(v)) => v,
         Ok(None) => {
-            rep.push("overlay.device", Status::Fail, format!("{name} does not exist"), &hint);
+            rep.push(
+                "overlay.device",
+                Status::Fail,
+                format!("{name} does not exist"),
+                &hint,
+            );
             return None;
         }
         Err(e) => {
-            rep.push("overlay.device", Status::Fail, format!("{name}: {e}"), &hint);
+            rep.push(
+                "overlay.device",
+                Status::Fail,
+                format!("{name}: {e}"),
+                &hint,
+            );
             return None;
         }
     };
@@ -576,7 +593,10 @@ async fn check_device(
     if let Some(m) = pod_mtu
         && vx.mtu != m
     {
-        wrong.push(format!("MTU {} (want {m} = {} − overhead)", vx.mtu, underlay.mtu));
+        wrong.push(format!(
+            "MTU {} (want {m} = {} − overhead)",
+            vx.mtu, underlay.mtu
+        ));
     }
     if vx.learning != Some(false) {
         wrong.push("learning is on".to_string());
@@ -652,7 +672,12 @@ async fn check_peers(
 ) -> HashMap<Ipv4Network, &'static str> {
     let mut broken = HashMap::new();
     let Some(c) = cluster else {
-        for name in ["peers.routes", "peers.neighbours", "peers.fdb", "routes.stale"] {
+        for name in [
+            "peers.routes",
+            "peers.neighbours",
+            "peers.fdb",
+            "routes.stale",
+        ] {
             rep.push(
                 name,
                 Status::Warn,
@@ -695,7 +720,18 @@ async fn check_peers(
                 continue;
             }
             total += 1;
-            tunnel_checks(p, vx, &ferry, &have_neigh, &have_fdb, &mut bad_route, &mut bad_neigh, &mut bad_fdb, &mut tunnelled, &mut broken);
+            tunnel_checks(
+                p,
+                vx,
+                &ferry,
+                &have_neigh,
+                &have_fdb,
+                &mut bad_route,
+                &mut bad_neigh,
+                &mut bad_fdb,
+                &mut tunnelled,
+                &mut broken,
+            );
             continue;
         };
         total += 1;
@@ -708,7 +744,11 @@ async fn check_peers(
                 Some(r) if r.gw == Some(public) && r.oif == underlay.index => {}
                 Some(r) => {
                     broken.insert(p.subnet(), "route");
-                    bad_route.push(format!("{who}: route {} (want via {public} dev {})", r.describe(), underlay.name))
+                    bad_route.push(format!(
+                        "{who}: route {} (want via {public} dev {})",
+                        r.describe(),
+                        underlay.name
+                    ))
                 }
                 None => {
                     broken.insert(p.subnet(), "route");
@@ -717,13 +757,36 @@ async fn check_peers(
             }
             continue;
         }
-        tunnel_checks(p, vx, &ferry, &have_neigh, &have_fdb, &mut bad_route, &mut bad_neigh, &mut bad_fdb, &mut tunnelled, &mut broken);
+        tunnel_checks(
+            p,
+            vx,
+            &ferry,
+            &have_neigh,
+            &have_fdb,
+            &mut bad_route,
+            &mut bad_neigh,
+            &mut bad_fdb,
+            &mut tunnelled,
+            &mut broken,
+        );
     }
     let hint_route = "ferryd puts it back within a pass; if it keeps vanishing, find who deletes it (ip monitor route)";
     report_entries(rep, "peers.routes", total, &bad_route, hint_route);
     if vx.is_some() {
-        report_entries(rep, "peers.neighbours", tunnelled, &bad_neigh, "ferryd rewrites it (permanent, the peer's VTEP MAC); check ferryd runs");
-        report_entries(rep, "peers.fdb", tunnelled, &bad_fdb, "ferryd rewrites it (bridge fdb … dst <peer node IP>); check ferryd runs");
+        report_entries(
+            rep,
+            "peers.neighbours",
+            tunnelled,
+            &bad_neigh,
+            "ferryd rewrites it (permanent, the peer's VTEP MAC); check ferryd runs",
+        );
+        report_entries(
+            rep,
+            "peers.fdb",
+            tunnelled,
+            &bad_fdb,
+            "ferryd rewrites it (bridge fdb … dst <peer node IP>); check ferryd runs",
+        );
     } else {
         rep.ok("peers.neighbours", "backend host-gw: none needed");
         rep.ok("peers.fdb", "backend host-gw: none needed");
@@ -770,7 +833,10 @@ fn tunnel_checks(
         Some(r) if r.gw == Some(gw0) && r.oif == vx && r.onlink => {}
         Some(r) => {
             broken.insert(p.subnet(), "route");
-            bad_route.push(format!("{who}: route {} (want via {gw0} onlink dev #{vx})", r.describe()))
+            bad_route.push(format!(
+                "{who}: route {} (want via {gw0} onlink dev #{vx})",
+                r.describe()
+            ))
         }
         None => {
             broken.insert(p.subnet(), "route");
@@ -798,7 +864,11 @@ fn tunnel_checks(
     }
     if !have_fdb.contains(&(mac, p.public_ip)) {
         broken.entry(p.subnet()).or_insert("fdb entry");
-        bad_fdb.push(format!("{who}: no fdb entry {} dst {}", mac_str(&mac), p.public_ip));
+        bad_fdb.push(format!(
+            "{who}: no fdb entry {} dst {}",
+            mac_str(&mac),
+            p.public_ip
+        ));
     }
 }
 
@@ -831,11 +901,16 @@ fn check_foreign(
                 .get(&e.route.oif)
                 .map(|l| l.name.clone())
                 .unwrap_or(format!("#{}", e.route.oif));
-            e.route.describe().replace(&format!("dev #{}", e.route.oif), &format!("dev {dev}"))
+            e.route
+                .describe()
+                .replace(&format!("dev #{}", e.route.oif), &format!("dev {dev}"))
         })
         .collect();
     if foreign.is_empty() {
-        rep.ok("routes.foreign", format!("no foreign routes inside {network}"));
+        rep.ok(
+            "routes.foreign",
+            format!("no foreign routes inside {network}"),
+        );
     } else {
         rep.push(
             "routes.foreign",
@@ -850,7 +925,9 @@ fn check_foreign(
 }
 
 fn sysctl(key: &str) -> Option<String> {
-    ferry_netops::sysctl::read(key).ok().map(|v| v.trim().to_string())
+    ferry_netops::sysctl::read(key)
+        .ok()
+        .map(|v| v.trim().to_string())
 }
 
 fn check_sysctls(
@@ -867,12 +944,18 @@ fn check_sysctls(
         // ferry-bridge turns it on at the first pod's ADD (isGateway).
         Some(v) if no_pod_yet => rep.ok(
             "sysctl.ip_forward",
-            format!("net.ipv4.ip_forward = {v}; no pod yet (no {}): the first ADD turns it on", r.bridge),
+            format!(
+                "net.ipv4.ip_forward = {v}; no pod yet (no {}): the first ADD turns it on",
+                r.bridge
+            ),
         ),
         v => rep.push(
             "sysctl.ip_forward",
             Status::Fail,
-            format!("net.ipv4.ip_forward = {}: the node does not route pod traffic", v.unwrap_or("unreadable")),
+            format!(
+                "net.ipv4.ip_forward = {}: the node does not route pod traffic",
+                v.unwrap_or("unreadable")
+            ),
             "sysctl -w net.ipv4.ip_forward=1 (and persist it in /etc/sysctl.d)",
         ),
     }
@@ -896,12 +979,18 @@ fn check_sysctls(
         }
     }
     if strict.is_empty() {
-        rep.ok("sysctl.rp_filter", format!("not strict on {}", devices.join(", ")));
+        rep.ok(
+            "sysctl.rp_filter",
+            format!("not strict on {}", devices.join(", ")),
+        );
     } else {
         rep.push(
             "sysctl.rp_filter",
             Status::Fail,
-            format!("strict reverse-path filtering on {}: asymmetric pod traffic is dropped", strict.join(", ")),
+            format!(
+                "strict reverse-path filtering on {}: asymmetric pod traffic is dropped",
+                strict.join(", ")
+            ),
             "sysctl -w net.ipv4.conf.all.rp_filter=2 and net.ipv4.conf.<dev>.rp_filter=2 (loose)",
         );
     }
@@ -962,10 +1051,16 @@ async fn check_bridge(
             .iter()
             .any(|a| a.ip() == IpAddr::V4(gw) && a.prefix() == subnet.prefix())
         {
-            wrong.push(format!("does not hold the gateway {gw}/{}", subnet.prefix()));
+            wrong.push(format!(
+                "does not hold the gateway {gw}/{}",
+                subnet.prefix()
+            ));
         }
     }
-    let ports: Vec<&Link> = links.iter().filter(|l| l.controller == Some(br.index)).collect();
+    let ports: Vec<&Link> = links
+        .iter()
+        .filter(|l| l.controller == Some(br.index))
+        .collect();
     if let Some(m) = pod_mtu {
         let off: Vec<String> = ports
             .iter()
@@ -973,7 +1068,10 @@ async fn check_bridge(
             .map(|p| format!("{} mtu {}", p.name, p.mtu))
             .collect();
         if !off.is_empty() {
-            wrong.push(format!("ports with an MTU other than the pods' {m}: {}", off.join(", ")));
+            wrong.push(format!(
+                "ports with an MTU other than the pods' {m}: {}",
+                off.join(", ")
+            ));
         }
         if br.mtu > m {
             wrong.push(format!("MTU {} above the pods' {m}", br.mtu));
@@ -1011,7 +1109,9 @@ fn read_reservations(dir: &Path) -> Vec<Reservation> {
     let mut out = Vec::new();
     for e in entries.flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
-        let Ok(ip) = name.parse::<IpAddr>() else { continue };
+        let Ok(ip) = name.parse::<IpAddr>() else {
+            continue;
+        };
         if ip.to_string() != name {
             continue;
         }
@@ -1086,12 +1186,22 @@ fn check_pods(r: &RunArgs, links: &[Link], bridge: Option<u32>, rep: &mut Report
     let mut live = LivePods::new();
     let mut explained: HashSet<String> = HashSet::new();
     for res in &reservations {
-        let owner = ferry_netops::LinkOwner::new("ferry-bridge", &r.network_name, &res.container, &res.ifname);
+        let owner = ferry_netops::LinkOwner::new(
+            "ferry-bridge",
+            &r.network_name,
+            &res.container,
+            &res.ifname,
+        );
         explained.insert(owner.alias().to_string());
         explained.insert(
-            ferry_netops::LinkOwner::new("ferry-bandwidth", &r.network_name, &res.container, &res.ifname)
-                .alias()
-                .to_string(),
+            ferry_netops::LinkOwner::new(
+                "ferry-bandwidth",
+                &r.network_name,
+                &res.container,
+                &res.ifname,
+            )
+            .alias()
+            .to_string(),
         );
         let ns_ok = res.netns.is_empty() || ferry_netops::NetNs::open(&res.netns).is_ok();
         if !ns_ok {
@@ -1102,7 +1212,10 @@ fn check_pods(r: &RunArgs, links: &[Link], bridge: Option<u32>, rep: &mut Report
             continue;
         }
         if !veth_aliases.contains(owner.alias()) {
-            no_veth.push(format!("{} held by {}/{}: no host veth", res.ip, res.container, res.ifname));
+            no_veth.push(format!(
+                "{} held by {}/{}: no host veth",
+                res.ip, res.container, res.ifname
+            ));
             continue;
         }
         live.insert((res.container.clone(), res.ifname.clone()));
@@ -1114,7 +1227,9 @@ fn check_pods(r: &RunArgs, links: &[Link], bridge: Option<u32>, rep: &mut Report
         .filter(|l| {
             (l.kind.as_deref() == Some("veth") && bridge.is_some() && l.controller == bridge)
                 || (l.kind.as_deref() == Some("ifb")
-                    && l.alias.as_deref().is_some_and(|a| a.starts_with("ferry-bandwidth:")))
+                    && l.alias
+                        .as_deref()
+                        .is_some_and(|a| a.starts_with("ferry-bandwidth:")))
         })
         .filter(|l| !l.alias.as_deref().is_some_and(|a| explained.contains(a)))
         .map(|l| {
@@ -1122,7 +1237,10 @@ fn check_pods(r: &RunArgs, links: &[Link], bridge: Option<u32>, rep: &mut Report
                 "orphan {} {} ({})",
                 l.kind.as_deref().unwrap_or("link"),
                 l.name,
-                l.alias.as_deref().map(|a| format!("alias {}", calllog::bounded(a, 80))).unwrap_or("no owner alias".into())
+                l.alias
+                    .as_deref()
+                    .map(|a| format!("alias {}", calllog::bounded(a, 80)))
+                    .unwrap_or("no owner alias".into())
             )
         })
         .collect();
@@ -1130,7 +1248,11 @@ fn check_pods(r: &RunArgs, links: &[Link], bridge: Option<u32>, rep: &mut Report
     if problems.is_empty() {
         rep.ok(
             "pods",
-            format!("{} reservations in {}, each with a live netns and a host veth; no orphans", reservations.len(), dir.display()),
+            format!(
+                "{} reservations in {}, each with a live netns and a host veth; no orphans",
+                reservations.len(),
+                dir.display()
+            ),
         );
     } else {
         let mut d = format!(
@@ -1166,13 +1288,20 @@ fn check_nft(
     match (local, conflist) {
         (_, Some(c)) if c.ip_masq && bridge.is_none() => rep.ok(
             "nft.masquerade",
-            format!("no pod yet (no {}): the first ADD creates the masquerade", r.bridge),
+            format!(
+                "no pod yet (no {}): the first ADD creates the masquerade",
+                r.bridge
+            ),
         ),
         (Some(subnet), Some(c)) if c.ip_masq => {
             let elements = nft::map_elements(NftFamily::Inet, table, "masq-v4").unwrap_or_default();
             let key = subnet.network().octets().to_vec();
             let want = ferry_bridge::masq::chain_name(
-                if c.network_name.is_empty() { &r.network_name } else { &c.network_name },
+                if c.network_name.is_empty() {
+                    &r.network_name
+                } else {
+                    &c.network_name
+                },
                 &[IpNetwork::V4(subnet)],
                 &c.masq_exclude,
             );
@@ -1219,12 +1348,21 @@ fn check_nft(
                 })
             });
             if !owner_ok {
-                foreign.push(format!("{map}: {}", e.comment.as_deref().map(|c| calllog::bounded(c, 100)).unwrap_or("no comment".into())));
+                foreign.push(format!(
+                    "{map}: {}",
+                    e.comment
+                        .as_deref()
+                        .map(|c| calllog::bounded(c, 100))
+                        .unwrap_or("no comment".into())
+                ));
             }
         }
     }
     if foreign.is_empty() {
-        rep.ok("nft.hostports", format!("{count} hostPort elements, each of a live pod"));
+        rep.ok(
+            "nft.hostports",
+            format!("{count} hostPort elements, each of a live pod"),
+        );
     } else {
         rep.push(
             "nft.hostports",
@@ -1288,15 +1426,22 @@ fn check_cni_log(r: &RunArgs, rep: &mut Report) {
     if groups.is_empty() {
         rep.ok(
             "cni.log",
-            format!("{}: {} calls logged, no failures in the last hour", path.display(), entries.len()),
+            format!(
+                "{}: {} calls logged, no failures in the last hour",
+                path.display(),
+                entries.len()
+            ),
         );
     } else {
-        groups.sort_by(|a, b| b.1.cmp(&a.1));
+        groups.sort_by_key(|g| std::cmp::Reverse(g.1));
         let lines: Vec<String> = groups
             .iter()
             .take(FIRST_FEW)
             .map(|((verb, who, code), n, msg)| {
-                format!("{verb} for {who} failed {n} time{} with code {code}: {msg}", if *n == 1 { "" } else { "s" })
+                format!(
+                    "{verb} for {who} failed {n} time{} with code {code}: {msg}",
+                    if *n == 1 { "" } else { "s" }
+                )
             })
             .collect();
         rep.push(

@@ -54,7 +54,12 @@ fn free_address(subnet: Ipv4Network, taken: &HashSet<Ipv4Addr>) -> Option<Ipv4Ad
 pub async fn probe(h: &NsHandle, input: ProbeInput<'_>, rep: &mut Report) {
     let name = "probe";
     let Some(local) = input.local else {
-        rep.push(name, Status::Warn, "not run: the node subnet is unknown", "fix etcd and the lease first");
+        rep.push(
+            name,
+            Status::Warn,
+            "not run: the node subnet is unknown",
+            "fix etcd and the lease first",
+        );
         return;
     };
     if input.peers.is_empty() {
@@ -62,11 +67,21 @@ pub async fn probe(h: &NsHandle, input: ProbeInput<'_>, rep: &mut Report) {
         return;
     }
     let Some(src) = free_address(local, &input.taken) else {
-        rep.push(name, Status::Warn, format!("not run: no free address in {local}"), "free an address");
+        rep.push(
+            name,
+            Status::Warn,
+            format!("not run: no free address in {local}"),
+            "free an address",
+        );
         return;
     };
     match run_probe(h, src, input.peers).await {
-        Err(e) => rep.push(name, Status::Warn, format!("could not run: {e}"), "doctor --probe needs root (CAP_NET_ADMIN, CAP_NET_RAW)"),
+        Err(e) => rep.push(
+            name,
+            Status::Warn,
+            format!("could not run: {e}"),
+            "doctor --probe needs root (CAP_NET_ADMIN, CAP_NET_RAW)",
+        ),
         Ok(answered) => {
             let mut down = Vec::new();
             for p in input.peers {
@@ -80,10 +95,22 @@ pub async fn probe(h: &NsHandle, input: ProbeInput<'_>, rep: &mut Report) {
                         p.public_ip
                     ),
                 };
-                down.push(format!("{} ({}) at {}: {at}", p.node, p.subnet(), gateway(p.subnet())));
+                down.push(format!(
+                    "{} ({}) at {}: {at}",
+                    p.node,
+                    p.subnet(),
+                    gateway(p.subnet())
+                ));
             }
             if down.is_empty() {
-                rep.ok(name, format!("{} of {} peers' pod gateways answered from {src}", input.peers.len(), input.peers.len()));
+                rep.ok(
+                    name,
+                    format!(
+                        "{} of {} peers' pod gateways answered from {src}",
+                        input.peers.len(),
+                        input.peers.len()
+                    ),
+                );
             } else {
                 rep.push(
                     name,
@@ -134,9 +161,15 @@ async fn run_probe(
         .await
         .map_err(|e| format!("route to the probe: {e}"))?;
         let inner = NsHandle::new(&ns).map_err(|e| e.to_string())?;
-        let eth0 = inner.require_link("eth0").await.map_err(|e| e.to_string())?;
+        let eth0 = inner
+            .require_link("eth0")
+            .await
+            .map_err(|e| e.to_string())?;
         inner
-            .replace_address_nodad(eth0.index, IpNetwork::V4(Ipv4Network::new(src, 32).expect("/32")))
+            .replace_address_nodad(
+                eth0.index,
+                IpNetwork::V4(Ipv4Network::new(src, 32).expect("/32")),
+            )
             .await
             .map_err(|e| e.to_string())?;
         inner.set_up(eth0.index).await.map_err(|e| e.to_string())?;
@@ -162,7 +195,13 @@ async fn run_probe(
 /// collects the sources of echo replies for [`WAIT`].
 fn ping_all(targets: &[Ipv4Addr]) -> std::io::Result<HashSet<Ipv4Addr>> {
     // SAFETY: plain socket(2); the descriptor is owned below.
-    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::IPPROTO_ICMP) };
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_INET,
+            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
+            libc::IPPROTO_ICMP,
+        )
+    };
     if fd < 0 {
         return Err(std::io::Error::last_os_error());
     }
@@ -183,7 +222,9 @@ fn ping_all(targets: &[Ipv4Addr]) -> std::io::Result<HashSet<Ipv4Addr>> {
         let addr = libc::sockaddr_in {
             sin_family: libc::AF_INET as libc::sa_family_t,
             sin_port: 0,
-            sin_addr: libc::in_addr { s_addr: u32::from(dst).to_be() },
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(dst).to_be(),
+            },
             sin_zero: [0; 8],
         };
         // SAFETY: valid buffer and address of the stated lengths.
@@ -204,20 +245,35 @@ fn ping_all(targets: &[Ipv4Addr]) -> std::io::Result<HashSet<Ipv4Addr>> {
     let mut buf = [0u8; 1500];
     while Instant::now() < deadline && answered.len() < want.len() {
         if round < TRIES && Instant::now() >= next_round {
-            for (i, t) in targets.iter().enumerate().filter(|(_, t)| !answered.contains(*t)) {
+            for (i, t) in targets
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| !answered.contains(*t))
+            {
                 send((round * targets.len() + i) as u16, *t);
             }
             round += 1;
             next_round = Instant::now() + WAIT / (TRIES as u32 + 1);
         }
-        let mut pfd = libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+        let mut pfd = libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
         // SAFETY: one valid pollfd.
         let n = unsafe { libc::poll(&mut pfd, 1, 20) };
         if n <= 0 {
             continue;
         }
         // SAFETY: valid buffer of the stated length.
-        let len = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+        let len = unsafe {
+            libc::recv(
+                sock.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_DONTWAIT,
+            )
+        };
         if len < 28 {
             continue;
         }
@@ -255,11 +311,20 @@ mod tests {
     fn the_probe_takes_the_highest_free_address() {
         let s: Ipv4Network = "10.244.3.0/24".parse().unwrap();
         let mut taken = HashSet::new();
-        assert_eq!(free_address(s, &taken), Some(Ipv4Addr::new(10, 244, 3, 254)));
+        assert_eq!(
+            free_address(s, &taken),
+            Some(Ipv4Addr::new(10, 244, 3, 254))
+        );
         taken.insert(Ipv4Addr::new(10, 244, 3, 254));
-        assert_eq!(free_address(s, &taken), Some(Ipv4Addr::new(10, 244, 3, 253)));
+        assert_eq!(
+            free_address(s, &taken),
+            Some(Ipv4Addr::new(10, 244, 3, 253))
+        );
         let tiny: Ipv4Network = "10.244.3.0/30".parse().unwrap();
-        assert_eq!(free_address(tiny, &HashSet::new()), Some(Ipv4Addr::new(10, 244, 3, 2)));
+        assert_eq!(
+            free_address(tiny, &HashSet::new()),
+            Some(Ipv4Addr::new(10, 244, 3, 2))
+        );
     }
 
     #[test]

@@ -351,7 +351,9 @@ impl Metrics {
     pub fn cni_call(&self, e: &ferry_cni::calllog::Entry) {
         let plugin = if e.plugin.len() <= 32
             && e.plugin.starts_with("ferry-")
-            && e.plugin.bytes().all(|b| b.is_ascii_lowercase() || b == b'-')
+            && e.plugin
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'-')
         {
             e.plugin.clone()
         } else {
@@ -457,11 +459,15 @@ mod tests {
         assert!(std::fs::metadata(t.rotated()).is_ok(), "the test rotated");
         let text = m.render();
         assert!(
-            text.contains(r#"ferry_cni_call_duration_seconds_count{plugin="ferry-bridge",verb="ADD"} 60"#),
+            text.contains(
+                r#"ferry_cni_call_duration_seconds_count{plugin="ferry-bridge",verb="ADD"} 60"#
+            ),
             "{text}"
         );
         assert!(
-            text.contains(r#"ferry_cni_call_errors_total{plugin="ferry-bridge",verb="ADD",code="7"} 6"#),
+            text.contains(
+                r#"ferry_cni_call_errors_total{plugin="ferry-bridge",verb="ADD",code="7"} 6"#
+            ),
             "{text}"
         );
         std::fs::remove_dir_all(&dir).unwrap();

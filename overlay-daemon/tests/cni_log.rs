@@ -72,13 +72,21 @@ fn add_check_del_and_a_failed_add_are_logged_and_counted_on_metrics() {
     };
     for verb in ["ADD", "CHECK", "DEL"] {
         let e = of("ferry-bridge", verb, id);
-        assert_eq!(e.len(), 1, "{verb} of ferry-bridge logged once: {entries:#?}");
+        assert_eq!(
+            e.len(),
+            1,
+            "{verb} of ferry-bridge logged once: {entries:#?}"
+        );
         assert!(e[0].is_ok(), "{:?}", e[0]);
         assert_eq!(e[0].who(), "kube-system/coredns-x");
         assert_eq!(e[0].ifname, "eth0");
         assert!(e[0].ms > 0.0);
     }
-    assert_eq!(of("ferry-ipam", "ADD", id).len(), 1, "the IPAM plugin logs its own call");
+    assert_eq!(
+        of("ferry-ipam", "ADD", id).len(),
+        1,
+        "the IPAM plugin logs its own call"
+    );
     let failed = of("ferry-bridge", "ADD", "logpod2");
     assert_eq!(failed.len(), 1, "{entries:#?}");
     let code = failed[0].code.expect("a failed call has its code");
@@ -91,13 +99,17 @@ fn add_check_del_and_a_failed_add_are_logged_and_counted_on_metrics() {
     // /metrics counts every line, per plugin and verb, and errors per code.
     let mut counts: BTreeMap<(String, String), u64> = BTreeMap::new();
     for e in &entries {
-        *counts.entry((e.plugin.clone(), e.verb.clone())).or_default() += 1;
+        *counts
+            .entry((e.plugin.clone(), e.verb.clone()))
+            .or_default() += 1;
     }
     let all_counted = wait_until(Duration::from_secs(10), || {
         counts.iter().all(|((plugin, verb), n)| {
             lab.metric(
                 0,
-                &format!("ferry_cni_call_duration_seconds_count{{plugin=\"{plugin}\",verb=\"{verb}\"}}"),
+                &format!(
+                    "ferry_cni_call_duration_seconds_count{{plugin=\"{plugin}\",verb=\"{verb}\"}}"
+                ),
             ) == Some(*n as f64)
         })
     });
@@ -195,6 +207,9 @@ fn a_storm_of_concurrent_writers_stays_within_the_bound_without_torn_lines() {
         }
     }
     assert!(lines > 0 && lines <= CALLS, "{lines}");
-    let errors = calllog::read_all(&log).iter().filter(|e| !e.is_ok()).count();
+    let errors = calllog::read_all(&log)
+        .iter()
+        .filter(|e| !e.is_ok())
+        .count();
     assert!(errors > 0, "the failed calls are logged too");
 }

@@ -56,19 +56,24 @@ impl Doctor {
 fn doctor(lab: &Lab, i: usize, extra: &[&str]) -> Doctor {
     let node = &lab.nodes[i];
     let mut cmd = Command::new(bin("ferryd"));
-    cmd.args(["--etcd-endpoints", &etcd_endpoint(), "--node-name", &node.name])
-        .arg("--cni-conf-dir")
-        .arg(node.dir.join("net.d"))
-        .arg("--subnet-file")
-        .arg(node.dir.join("subnet.env"))
-        .arg("--ipam-data-dir")
-        .arg(node.dir.join("ipam"))
-        .arg("--cni-log")
-        .arg(node.dir.join("cni.log"))
-        .args(["--listen", &format!("127.0.0.1:{METRICS_PORT}")])
-        .args(["doctor", "--json"])
-        .args(extra)
-        .stdin(Stdio::null());
+    cmd.args([
+        "--etcd-endpoints",
+        &etcd_endpoint(),
+        "--node-name",
+        &node.name,
+    ])
+    .arg("--cni-conf-dir")
+    .arg(node.dir.join("net.d"))
+    .arg("--subnet-file")
+    .arg(node.dir.join("subnet.env"))
+    .arg("--ipam-data-dir")
+    .arg(node.dir.join("ipam"))
+    .arg("--cni-log")
+    .arg(node.dir.join("cni.log"))
+    .args(["--listen", &format!("127.0.0.1:{METRICS_PORT}")])
+    .args(["doctor", "--json"])
+    .args(extra)
+    .stdin(Stdio::null());
     in_netns_cmd(&mut cmd, node.ns.netns());
     let started = Instant::now();
     let out = cmd.output().expect("run ferryd doctor");
@@ -212,7 +217,13 @@ fn doctor_is_all_ok_on_a_healthy_node_and_names_each_break() {
     // 1. A peer route deleted.
     sh(&lab, "ip", &["route", "del", &peer]);
     assert_names(&lab, "route deleted", "peers.routes", &peer);
-    sh(&lab, "ip", &["route", "add", &peer, "via", &peer_gw0, "dev", "ferry.1", "onlink", "proto", "70"]);
+    sh(
+        &lab,
+        "ip",
+        &[
+            "route", "add", &peer, "via", &peer_gw0, "dev", "ferry.1", "onlink", "proto", "70",
+        ],
+    );
     assert_healthy_but_stopped(&lab, "the route");
 
     // 2. An fdb entry deleted.
@@ -226,15 +237,66 @@ fn doctor_is_all_ok_on_a_healthy_node_and_names_each_break() {
         .and_then(|e| e["mac"].as_str())
         .expect("fdb entry of n2")
         .to_string();
-    sh(&lab, "bridge", &["fdb", "del", &mac, "dev", "ferry.1", "dst", &peer_ip]);
+    sh(
+        &lab,
+        "bridge",
+        &["fdb", "del", &mac, "dev", "ferry.1", "dst", &peer_ip],
+    );
     assert_names(&lab, "fdb deleted", "peers.fdb", &peer_ip);
-    sh(&lab, "bridge", &["fdb", "append", &mac, "dev", "ferry.1", "dst", &peer_ip, "self", "permanent"]);
+    sh(
+        &lab,
+        "bridge",
+        &[
+            "fdb",
+            "append",
+            &mac,
+            "dev",
+            "ferry.1",
+            "dst",
+            &peer_ip,
+            "self",
+            "permanent",
+        ],
+    );
     assert_healthy_but_stopped(&lab, "the fdb entry");
 
     // 3. A neighbour entry changed.
-    sh(&lab, "ip", &["neigh", "replace", &peer_gw0, "lladdr", "02:00:00:00:00:99", "dev", "ferry.1", "nud", "permanent"]);
-    assert_names(&lab, "neighbour changed", "peers.neighbours", "02:00:00:00:00:99");
-    sh(&lab, "ip", &["neigh", "replace", &peer_gw0, "lladdr", &mac, "dev", "ferry.1", "nud", "permanent"]);
+    sh(
+        &lab,
+        "ip",
+        &[
+            "neigh",
+            "replace",
+            &peer_gw0,
+            "lladdr",
+            "02:00:00:00:00:99",
+            "dev",
+            "ferry.1",
+            "nud",
+            "permanent",
+        ],
+    );
+    assert_names(
+        &lab,
+        "neighbour changed",
+        "peers.neighbours",
+        "02:00:00:00:00:99",
+    );
+    sh(
+        &lab,
+        "ip",
+        &[
+            "neigh",
+            "replace",
+            &peer_gw0,
+            "lladdr",
+            &mac,
+            "dev",
+            "ferry.1",
+            "nud",
+            "permanent",
+        ],
+    );
     assert_healthy_but_stopped(&lab, "the neighbour");
 
     // 4. The VXLAN device down (its routes go with it: ferryd restores).
@@ -259,7 +321,14 @@ fn doctor_is_all_ok_on_a_healthy_node_and_names_each_break() {
     let before = sh(&lab, "sysctl", &["-n", "net.ipv4.conf.eth0.rp_filter"]);
     sh(&lab, "sysctl", &["-qw", "net.ipv4.conf.eth0.rp_filter=1"]);
     assert_names(&lab, "rp_filter", "sysctl.rp_filter", "eth0");
-    sh(&lab, "sysctl", &["-qw", &format!("net.ipv4.conf.eth0.rp_filter={}", before.trim())]);
+    sh(
+        &lab,
+        "sysctl",
+        &[
+            "-qw",
+            &format!("net.ipv4.conf.eth0.rp_filter={}", before.trim()),
+        ],
+    );
     assert_healthy_but_stopped(&lab, "rp_filter");
 
     // 8. The conflist deleted.
@@ -297,7 +366,13 @@ fn doctor_is_all_ok_on_a_healthy_node_and_names_each_break() {
     assert_healthy_but_stopped(&lab, "the reservation");
 
     // 13. An orphan host veth on the bridge.
-    sh(&lab, "ip", &["link", "add", "dorph0", "type", "veth", "peer", "name", "dorph1"]);
+    sh(
+        &lab,
+        "ip",
+        &[
+            "link", "add", "dorph0", "type", "veth", "peer", "name", "dorph1",
+        ],
+    );
     sh(&lab, "ip", &["link", "set", "dorph0", "master", "cni0"]);
     assert_names(&lab, "orphan veth", "pods", "dorph0");
     sh(&lab, "ip", &["link", "del", "dorph0"]);
@@ -311,7 +386,18 @@ fn doctor_is_all_ok_on_a_healthy_node_and_names_each_break() {
         .find_map(|l| l.trim().strip_prefix("chain net-"))
         .map(|c| format!("net-{}", c.trim_end_matches(" {").trim()))
         .expect("the masquerade chain");
-    sh(&lab, "nft", &["delete", "element", "inet", "ferry", "masq-v4", &format!("{{ {own} }}")]);
+    sh(
+        &lab,
+        "nft",
+        &[
+            "delete",
+            "element",
+            "inet",
+            "ferry",
+            "masq-v4",
+            &format!("{{ {own} }}"),
+        ],
+    );
     sh(&lab, "nft", &["delete", "chain", "inet", "ferry", &chain]);
     assert_names(&lab, "masquerade deleted", "nft.masquerade", &own);
     // The next ADD puts it back.
@@ -360,14 +446,18 @@ fn probe_pinpoints_a_peer_without_its_fdb_entry_and_leaves_nothing() {
         lab.add_pod(i);
     }
     let links_before = link_names(&lab, 0);
-    let routes_before = lab.nodes[0].ns.exec("ip", &["-4", "route", "show", "table", "all"]);
+    let routes_before = lab.nodes[0]
+        .ns
+        .exec("ip", &["-4", "route", "show", "table", "all"]);
     let d = doctor(&lab, 0, &["--probe"]);
     assert_eq!(d.status("probe"), "OK", "{}", d.raw);
     assert!(d.detail("probe").contains("2 of 2"), "{}", d.raw);
 
     lab.stop_ferryd(0, Signal::SIGTERM);
     let peer_ip = lab.nodes[1].ip.to_string();
-    let fdb = lab.nodes[0].ns.exec("bridge", &["-j", "fdb", "show", "dev", "ferry.1"]);
+    let fdb = lab.nodes[0]
+        .ns
+        .exec("bridge", &["-j", "fdb", "show", "dev", "ferry.1"]);
     let fdb: Value = serde_json::from_str(&fdb).unwrap();
     let mac = fdb
         .as_array()
@@ -377,14 +467,18 @@ fn probe_pinpoints_a_peer_without_its_fdb_entry_and_leaves_nothing() {
         .and_then(|e| e["mac"].as_str())
         .expect("fdb entry of n2")
         .to_string();
-    lab.nodes[0]
-        .ns
-        .exec("bridge", &["fdb", "del", &mac, "dev", "ferry.1", "dst", &peer_ip]);
+    lab.nodes[0].ns.exec(
+        "bridge",
+        &["fdb", "del", &mac, "dev", "ferry.1", "dst", &peer_ip],
+    );
     let d = doctor(&lab, 0, &["--probe"]);
     assert_eq!(d.code, 1, "{}", d.raw);
     assert_eq!(d.status("probe"), "FAIL", "{}", d.raw);
     let detail = d.detail("probe");
-    assert!(detail.contains("1 of 2"), "only n2 is unreachable: {detail}");
+    assert!(
+        detail.contains("1 of 2"),
+        "only n2 is unreachable: {detail}"
+    );
     assert!(
         detail.contains("n2") && detail.contains("fdb entry"),
         "names n2 and the fdb entry: {detail}"
@@ -392,7 +486,9 @@ fn probe_pinpoints_a_peer_without_its_fdb_entry_and_leaves_nothing() {
     assert!(!detail.contains("n3"), "n3 answers: {detail}");
     // Nothing left behind: the same links and routes as before.
     assert_eq!(link_names(&lab, 0), links_before);
-    let routes_after = lab.nodes[0].ns.exec("ip", &["-4", "route", "show", "table", "all"]);
+    let routes_after = lab.nodes[0]
+        .ns
+        .exec("ip", &["-4", "route", "show", "table", "all"]);
     assert_eq!(routes_after, routes_before);
 }
 
@@ -406,9 +502,8 @@ fn doctor_with_1000_peers() {
         return;
     }
     const PEERS: u32 = 1000;
-    let mut lab = Lab::new(
-        r#"{"network":"10.128.0.0/9","subnetLen":24,"backend":{"type":"vxlan","vni":1}}"#,
-    );
+    let mut lab =
+        Lab::new(r#"{"network":"10.128.0.0/9","subnetLen":24,"backend":{"type":"vxlan","vni":1}}"#);
     lab.add_node();
     lab.assert_all_ready(READY);
     ferry_netops::in_netns(lab.underlay.netns(), || {
@@ -429,7 +524,11 @@ fn doctor_with_1000_peers() {
                     "vtepMac": ferryd::lease::Mac::derived(&node).to_string(),
                 });
                 // 10.200.0.0/24 … 10.203.231.0/24: inside 10.128.0.0/9, away from n1's.
-                let key = format!("/ferry/network/subnets/10.{}.{}.0-24", 200 + i / 250, i % 250);
+                let key = format!(
+                    "/ferry/network/subnets/10.{}.{}.0-24",
+                    200 + i / 250,
+                    i % 250
+                );
                 c.put(key, v.to_string(), None).await.expect("put lease");
             }
         });
@@ -445,7 +544,11 @@ fn doctor_with_1000_peers() {
         let d = doctor(&lab, 0, &[]);
         let took = t.elapsed();
         assert!(d.not_ok_except(&[]).is_empty(), "{}", d.raw);
-        assert!(d.detail("peers.routes").contains("1000 of 1000"), "{}", d.raw);
+        assert!(
+            d.detail("peers.routes").contains("1000 of 1000"),
+            "{}",
+            d.raw
+        );
         eprintln!("ferry: doctor with {PEERS} peers took {took:?}");
     }
 }

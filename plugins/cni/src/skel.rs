@@ -762,8 +762,14 @@ mod tests {
         };
         assert_eq!(invoke(&p, &env, &conf).0, 1);
         // STATUS succeeding is not logged (runtimes poll it); VERSION never.
-        assert_eq!(invoke(&Recorder::default(), &full_env("STATUS"), &conf).0, 0);
-        assert_eq!(invoke(&Recorder::default(), &full_env("VERSION"), &conf).0, 0);
+        assert_eq!(
+            invoke(&Recorder::default(), &full_env("STATUS"), &conf).0,
+            0
+        );
+        assert_eq!(
+            invoke(&Recorder::default(), &full_env("VERSION"), &conf).0,
+            0
+        );
         // A config refused before the plugin runs is logged with its code.
         let bad = conf.replace(r#""name":"n""#, r#""name":"""#);
         assert_eq!(invoke(&Recorder::default(), &full_env("DEL"), &bad).0, 1);
@@ -774,7 +780,11 @@ mod tests {
             .collect();
         assert_eq!(
             got,
-            [("ADD", "ok", None), ("ADD", "error", Some(107)), ("DEL", "error", Some(7))]
+            [
+                ("ADD", "ok", None),
+                ("ADD", "error", Some(107)),
+                ("DEL", "error", Some(7))
+            ]
         );
         assert_eq!(entries[1].who(), "kube-system/coredns-x");
         assert_eq!(entries[1].msg, "no bridge");
