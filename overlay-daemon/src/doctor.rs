@@ -206,6 +206,7 @@ pub async fn run(a: &EtcdArgs, r: &RunArgs, probe: bool) -> Result<Report, Strin
     let live = check_pods(r, &links, bridge, &mut rep);
     check_nft(r, bridge, local_subnet, conflist.as_ref(), &live, &mut rep);
     check_pitfalls(&underlay, conflist.as_ref(), &cluster, &mut rep);
+    check_csum_offload(&cluster, vx, &by_index, &mut rep);
     check_cni_log(r, &mut rep);
     if probe {
         let taken = read_reservations(&ipam_dir(r))
@@ -1399,6 +1400,80 @@ fn check_pitfalls(
             Status::Warn,
             "not checked: no conflist MTU",
             "fix the conflist first",
+        ),
+    }
+}
+
+/// `ETHTOOL_GTXCSUM` through `SIOCETHTOOL`: whether `ifname` offloads TX
+/// checksums (any of NETIF_F_IP_CSUM / IPV6_CSUM / HW_CSUM, which is what
+/// `tx-checksum-ip-generic` toggles on a VXLAN device). `None` when the
+/// kernel does not say.
+fn tx_checksum_on(ifname: &str) -> Option<bool> {
+    const SIOCETHTOOL: libc::c_ulong = 0x8946;
+    const ETHTOOL_GTXCSUM: u32 = 0x16;
+    #[repr(C)]
+    struct EthtoolValue {
+        cmd: u32,
+        data: u32,
+    }
+    if ifname.len() >= libc::IFNAMSIZ {
+        return None;
+    }
+    let mut value = EthtoolValue {
+        cmd: ETHTOOL_GTXCSUM,
+        data: 0,
+    };
+    // SAFETY: a zeroed ifreq is valid; the name fits (checked above).
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(ifname.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_data = (&mut value as *mut EthtoolValue).cast();
+    // SAFETY: plain socket(2), closed below.
+    let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: SIOCETHTOOL reads the ifreq and writes `value`, both live here.
+    let rc = unsafe { libc::ioctl(fd, SIOCETHTOOL as _, &mut req) };
+    // SAFETY: our own descriptor.
+    unsafe { libc::close(fd) };
+    (rc == 0).then_some(value.data != 0)
+}
+
+/// The VXLAN UDP checksum offload problem (flannel's known issue: some
+/// kernels and NICs send tunnelled packets with bad checksums while the
+/// device offloads them; ping works, TCP stalls). Whether a driver is hit
+/// cannot be read from the kernel, so doctor reports the setting and the fix.
+fn check_csum_offload(
+    cluster: &Option<Cluster>,
+    vx: Option<u32>,
+    by_index: &HashMap<u32, &Link>,
+    rep: &mut Report,
+) {
+    let name = "pitfall.vxlan_csum";
+    let Some(dev) = vx.and_then(|i| by_index.get(&i)).map(|l| l.name.clone()) else {
+        let detail = match cluster.as_ref().map(|c| c.cfg.backend.kind) {
+            Some(BackendType::HostGw) => "backend host-gw: no VXLAN device",
+            _ => "no VXLAN device to check",
+        };
+        rep.ok(name, detail);
+        return;
+    };
+    match tx_checksum_on(&dev) {
+        Some(true) => rep.ok(
+            name,
+            format!(
+                "{dev} offloads TX checksums (the kernel default). If ping crosses nodes but TCP stalls, the NIC or kernel mangles VXLAN UDP checksums: `ethtool -K {dev} tx-checksum-ip-generic off`"
+            ),
+        ),
+        Some(false) => rep.ok(
+            name,
+            format!("{dev} TX checksum offload is off (the VXLAN checksum workaround is in place)"),
+        ),
+        None => rep.ok(
+            name,
+            format!("{dev}: the kernel does not report its TX checksum offload (ethtool ioctl)"),
         ),
     }
 }

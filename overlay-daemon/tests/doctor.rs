@@ -199,11 +199,19 @@ fn doctor_is_all_ok_on_a_healthy_node_and_names_each_break() {
         "nft.masquerade",
         "nft.hostports",
         "pitfall.underlay_mtu",
+        "pitfall.vxlan_csum",
         "cni.log",
     ] {
         assert_eq!(d.status(name), "OK", "{name}\n{}", d.raw);
     }
     assert!(d.detail("peers.routes").contains("2 of 2"), "{}", d.raw);
+    // The checksum offload setting is read from the kernel (on by default).
+    assert!(
+        d.detail("pitfall.vxlan_csum")
+            .contains("offloads TX checksums"),
+        "{}",
+        d.raw
+    );
 
     // ferryd stopped: doctor says so, and checks everything else.
     lab.stop_ferryd(0, Signal::SIGTERM);
@@ -490,6 +498,42 @@ fn probe_pinpoints_a_peer_without_its_fdb_entry_and_leaves_nothing() {
         .ns
         .exec("ip", &["-4", "route", "show", "table", "all"]);
     assert_eq!(routes_after, routes_before);
+
+    // Killed mid-probe (SIGKILL: no cleanup code runs), it still leaves
+    // nothing: the namespace dies with the process, the veth with it.
+    let node = &lab.nodes[0];
+    let mut cmd = Command::new(bin("ferryd"));
+    cmd.args([
+        "--etcd-endpoints",
+        &etcd_endpoint(),
+        "--node-name",
+        &node.name,
+    ])
+    .arg("--cni-conf-dir")
+    .arg(node.dir.join("net.d"))
+    .arg("--subnet-file")
+    .arg(node.dir.join("subnet.env"))
+    .arg("--ipam-data-dir")
+    .arg(node.dir.join("ipam"))
+    .arg("--cni-log")
+    .arg(node.dir.join("cni.log"))
+    .args(["doctor", "--probe"])
+    .stdin(Stdio::null())
+    .stdout(Stdio::null())
+    .stderr(Stdio::null());
+    in_netns_cmd(&mut cmd, node.ns.netns());
+    let mut child = cmd.spawn().unwrap();
+    // n2 does not answer, so the probe waits: catch its veth in the act.
+    let seen = wait_until(Duration::from_secs(5), || {
+        link_names(&lab, 0).iter().any(|n| n.starts_with("fdprobe"))
+    });
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(seen, "the probe's veth was never seen");
+    let gone = wait_until(Duration::from_secs(10), || {
+        link_names(&lab, 0) == links_before
+    });
+    assert!(gone, "left behind: {:?}", link_names(&lab, 0));
 }
 
 /// `cargo test -p ferryd --test doctor -- --ignored --nocapture
