@@ -395,6 +395,36 @@ fn check_files(
 ) -> Option<Conflist> {
     let hint = "ferryd rewrites it on its next pass: check that ferryd runs and its --cni-conf-dir / --subnet-file";
     let want = own.map(|l| l.subnet());
+    // FERRY_NETWORK and FERRY_MTU against the config (the subnet below).
+    let env_text = calllog::read_regular(&r.subnet_file, 1 << 20).unwrap_or_default();
+    let env_value = |key: &str| {
+        env_text
+            .lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
+            .map(str::trim)
+    };
+    let mut env_wrong = Vec::new();
+    if let Some(c) = cluster {
+        if env_value("FERRY_NETWORK").and_then(|v| v.parse::<Ipv4Network>().ok())
+            != Some(c.cfg.network)
+        {
+            env_wrong.push(format!(
+                "FERRY_NETWORK={} (network {})",
+                env_value("FERRY_NETWORK").unwrap_or("none"),
+                c.cfg.network
+            ));
+        }
+        let pod_mtu = match c.cfg.backend.kind {
+            BackendType::Vxlan => underlay.mtu.saturating_sub(vxlan_overhead(underlay.ip)),
+            BackendType::HostGw => underlay.mtu,
+        };
+        if env_value("FERRY_MTU").and_then(|v| v.parse::<u32>().ok()) != Some(pod_mtu) {
+            env_wrong.push(format!(
+                "FERRY_MTU={} (want {pod_mtu})",
+                env_value("FERRY_MTU").unwrap_or("none")
+            ));
+        }
+    }
     match (env_subnet, want) {
         (None, _) => rep.push(
             "files.subnet_env",
@@ -406,6 +436,16 @@ fn check_files(
             "files.subnet_env",
             Status::Fail,
             format!("{} says {s}, the lease is {w}", r.subnet_file.display()),
+            hint,
+        ),
+        (Some(s), _) if !env_wrong.is_empty() => rep.push(
+            "files.subnet_env",
+            Status::Fail,
+            format!(
+                "{}: {s}, but {}",
+                r.subnet_file.display(),
+                env_wrong.join(", ")
+            ),
             hint,
         ),
         (Some(s), _) => rep.ok(

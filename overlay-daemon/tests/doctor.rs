@@ -419,6 +419,24 @@ fn doctor_is_all_ok_on_a_healthy_node_and_names_each_break() {
     sh(&lab, "ip", &["route", "del", &half, "dev", "eth0"]);
     assert_healthy_but_stopped(&lab, "the foreign route");
 
+    // Doctor that cannot run (no such underlay interface) exits 2.
+    let mut cmd = Command::new(bin("ferryd"));
+    cmd.args([
+        "--etcd-endpoints",
+        &etcd_endpoint(),
+        "--iface",
+        "nosuchdev0",
+        "doctor",
+    ])
+    .stdin(Stdio::null());
+    in_netns_cmd(&mut cmd, lab.nodes[0].ns.netns());
+    let out = cmd.output().unwrap();
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("nosuchdev0"),
+        "{out:?}"
+    );
+
     // And all OK again with ferryd running.
     lab.start_ferryd(0);
     assert!(lab.wait_ready(0, READY));
