@@ -730,6 +730,28 @@ async fn check_peers(
         return broken;
     };
     let peers = cluster_peers(cluster, local);
+    if c.cfg.backend.kind == BackendType::Vxlan && vx.is_none() {
+        // Every tunnel entry hangs off the device: it is the one to fix.
+        for name in ["peers.routes", "peers.neighbours", "peers.fdb"] {
+            rep.push(
+                name,
+                Status::Fail,
+                format!(
+                    "{} peers: not programmable, the VXLAN device is missing",
+                    peers.len()
+                ),
+                "see overlay.device; ferryd recreates the device and every entry",
+            );
+        }
+        rep.push(
+            "routes.stale",
+            Status::Warn,
+            "not checked: the VXLAN device is missing",
+            "see overlay.device",
+        );
+        check_foreign(routes, Some(c.cfg.network), local, by_index, rep);
+        return broken;
+    }
     let ferry: HashMap<Ipv4Network, &IpRoute<Ipv4Addr>> = routes
         .iter()
         .filter(|e| e.kind == RouteKind::MainUnicast && e.route.protocol == FERRY_ROUTE_PROTO)
