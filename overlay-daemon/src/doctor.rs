@@ -201,7 +201,28 @@ pub async fn run(a: &EtcdArgs, r: &RunArgs, probe: bool) -> Result<Report, Strin
         &mut rep,
     )
     .await;
-    check_sysctls(r, vx, &underlay, &by_name, conflist.as_ref(), &mut rep);
+    // The bridge's pod ports (veths) whose hairpin flag is off.
+    let no_hairpin: Vec<String> = match by_name.get(r.bridge.as_str()) {
+        Some(br) => {
+            let hairpin = h.bridge_port_hairpin().await.unwrap_or_default();
+            links
+                .iter()
+                .filter(|l| l.controller == Some(br.index) && l.kind.as_deref() == Some("veth"))
+                .filter(|l| hairpin.get(&l.index) == Some(&false))
+                .map(|l| l.name.clone())
+                .collect()
+        }
+        None => Vec::new(),
+    };
+    check_sysctls(
+        r,
+        vx,
+        &underlay,
+        &by_name,
+        conflist.as_ref(),
+        &no_hairpin,
+        &mut rep,
+    );
     let bridge = check_bridge(&h, r, local_subnet, pod_mtu, &links, &by_name, &mut rep).await;
     let live = check_pods(r, &links, bridge, &mut rep);
     check_nft(r, bridge, local_subnet, conflist.as_ref(), &live, &mut rep);
@@ -999,6 +1020,7 @@ fn check_sysctls(
     underlay: &Underlay,
     by_name: &HashMap<&str, &Link>,
     conflist: Option<&Conflist>,
+    no_hairpin: &[String],
     rep: &mut Report,
 ) {
     let no_pod_yet = !by_name.contains_key(r.bridge.as_str());
@@ -1064,13 +1086,21 @@ fn check_sysctls(
         ),
         Some(v) => {
             let v6 = sysctl("net/bridge/bridge-nf-call-ip6tables").unwrap_or_default();
-            let hairpin = conflist.map(|c| c.hairpin).unwrap_or(false);
-            if !hairpin {
+            let conf_hairpin = conflist.map(|c| c.hairpin).unwrap_or(false);
+            if !no_hairpin.is_empty() || !conf_hairpin {
+                let which = if no_hairpin.is_empty() {
+                    "the conflist asks for no hairpin (hairpinMode false)".to_string()
+                } else {
+                    format!(
+                        "bridge ports without hairpin: {}",
+                        no_hairpin[..no_hairpin.len().min(FIRST_FEW)].join(", ")
+                    )
+                };
                 rep.push(
                     "sysctl.br_netfilter",
                     Status::Warn,
-                    format!("br_netfilter loaded (bridge-nf-call-iptables={v}, ip6tables={v6}) and the bridge ports have no hairpin: a pod reaching itself through a Service VIP gets no answer"),
-                    "set hairpinMode true in the conflist (ferryd writes it so)",
+                    format!("br_netfilter loaded (bridge-nf-call-iptables={v}, ip6tables={v6}) and {which}: a pod reaching itself through a Service VIP gets no answer (the DNATed packet must leave by the port it came in)"),
+                    "set hairpinMode true in the conflist (ferryd writes it so) and recreate those pods, or: ip link set <veth> type bridge_slave hairpin on",
                 );
             } else {
                 rep.ok(

@@ -213,6 +213,47 @@ fn doctor_is_all_ok_on_a_healthy_node_and_names_each_break() {
         d.raw
     );
 
+    // br_netfilter loaded (a host module: only then): a pod port without
+    // hairpin is named, as a WARN (exit 0).
+    if std::path::Path::new("/proc/sys/net/bridge").exists() {
+        let ports = lab.nodes[0].ns.ip_json(&["link", "show", "master", "cni0"]);
+        let veth = ports[0]["ifname"]
+            .as_str()
+            .expect("the pod's veth")
+            .to_string();
+        sh(
+            &lab,
+            "ip",
+            &[
+                "link",
+                "set",
+                &veth,
+                "type",
+                "bridge_slave",
+                "hairpin",
+                "off",
+            ],
+        );
+        let d = doctor(&lab, 0, &[]);
+        assert_eq!(d.status("sysctl.br_netfilter"), "WARN", "{}", d.raw);
+        assert!(d.detail("sysctl.br_netfilter").contains(&veth), "{}", d.raw);
+        assert_eq!(d.code, 0, "a WARN is not a FAIL");
+        sh(
+            &lab,
+            "ip",
+            &[
+                "link",
+                "set",
+                &veth,
+                "type",
+                "bridge_slave",
+                "hairpin",
+                "on",
+            ],
+        );
+        assert_eq!(doctor(&lab, 0, &[]).status("sysctl.br_netfilter"), "OK");
+    }
+
     // ferryd stopped: doctor says so, and checks everything else.
     lab.stop_ferryd(0, Signal::SIGTERM);
     assert_names(&lab, "ferryd stopped", "ferryd", "not running");
