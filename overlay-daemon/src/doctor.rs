@@ -779,10 +779,33 @@ async fn check_peers(
         .map(|e| (e.route.dst, &e.route))
         .collect();
     let (neighs, fdb) = match vx {
-        Some(vx) => (
-            h.neighbours::<Ipv4Addr>(vx).await.unwrap_or_default(),
-            h.fdb_entries(vx).await.unwrap_or_default(),
-        ),
+        Some(vx) => match (h.neighbours::<Ipv4Addr>(vx).await, h.fdb_entries(vx).await) {
+            (Ok(n), Ok(f)) => (n, f),
+            (n, f) => {
+                // Without the dumps every entry would look missing: say why instead.
+                let why = [n.err(), f.err()]
+                    .into_iter()
+                    .flatten()
+                    .map(|e| e.to_string())
+                    .collect::<Vec<_>>()
+                    .join("; ");
+                for name in [
+                    "peers.routes",
+                    "peers.neighbours",
+                    "peers.fdb",
+                    "routes.stale",
+                ] {
+                    rep.push(
+                        name,
+                        Status::Warn,
+                        format!("not checked: {why}"),
+                        "run doctor as root in the node's network namespace",
+                    );
+                }
+                check_foreign(routes, Some(c.cfg.network), local, by_index, rep);
+                return broken;
+            }
+        },
         None => (Vec::new(), Vec::new()),
     };
     let have_neigh: HashMap<Ipv4Addr, Option<[u8; 6]>> = neighs
