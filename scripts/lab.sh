@@ -8,6 +8,8 @@
 #
 #   sudo ./scripts/lab.sh up [--nodes 3] [--backend vxlan|host-gw|vxlan-direct]
 #   sudo ./scripts/lab.sh status     # leases, readiness, matrix again
+#   sudo ./scripts/lab.sh doctor [n1] [--json] [--probe]
+#                                    # `ferryd doctor` inside a node
 #   sudo ./scripts/lab.sh down       # removes everything `up` created
 #
 # `up` builds the binaries as shipped (scripts/build-dist.sh: static plugins,
@@ -70,12 +72,19 @@ start_etcd() {
     die "etcd did not start; see $STATE/etcd/log"
 }
 
+# A node's ferryd flags: the daemon and `ferryd doctor` take the same ones.
+node_flags() { # i
+    local i=$1 d=$STATE/n$1
+    echo --etcd-endpoints "$ETCD" --node-name "n$i" \
+        --cni-conf-dir "$d/net.d" --subnet-file "$d/subnet.env" --ipam-data-dir "$d/ipam" \
+        --cni-log "$d/cni.log" --listen 127.0.0.1:9946
+}
+
 start_ferryd() { # i
     local i=$1 d=$STATE/n$1
     mkdir -p "$d"
-    (daemon_in_ns "$P-n$i" "$BIN/ferryd" --etcd-endpoints "$ETCD" --node-name "n$i" \
-        --cni-conf-dir "$d/net.d" --subnet-file "$d/subnet.env" --ipam-data-dir "$d/ipam" \
-        --listen 127.0.0.1:9946) >>"$d/ferryd.log" 2>&1 &
+    # shellcheck disable=SC2046 # the flags are words without spaces
+    (daemon_in_ns "$P-n$i" "$BIN/ferryd" $(node_flags "$i")) >>"$d/ferryd.log" 2>&1 &
     echo $! >"$d/ferryd.pid"
 }
 
@@ -200,6 +209,16 @@ status() {
     matrix
 }
 
+doctor() { # [nI] [doctor flags]
+    [ -e "$STATE" ] || die "no lab is up"
+    local node=n1
+    if [[ ${1:-} == n[0-9]* ]]; then node=$1; shift; fi
+    local i=${node#n}
+    [ -e "/run/netns/$P-$node" ] || die "no node $node"
+    # shellcheck disable=SC2046
+    in_ns "$P-$node" "$BIN/ferryd" $(node_flags "$i") doctor "$@"
+}
+
 down() {
     local i pid
     if [ -e "$STATE" ]; then
@@ -224,6 +243,7 @@ down() {
 case ${1:-} in
     up) shift; up "$@" ;;
     status) status ;;
+    doctor) shift; doctor "$@" ;;
     down) down ;;
-    *) echo "usage: $0 up [--nodes N] [--backend vxlan|host-gw|vxlan-direct] | status | down" >&2; exit 2 ;;
+    *) echo "usage: $0 up [--nodes N] [--backend vxlan|host-gw|vxlan-direct] | status | doctor [nI] [--json] [--probe] | down" >&2; exit 2 ;;
 esac

@@ -68,6 +68,9 @@ pub struct CniConfOptions {
     /// Where ferryd publishes its readiness ([`readiness_json`]), named in
     /// ferry-bridge's `readinessFile` so STATUS reads it; `None`: no key.
     pub readiness_file: Option<PathBuf>,
+    /// The CNI call log every plugin appends to (`cniLog` in each plugin's
+    /// config); `None` writes no key, and the plugins log nothing.
+    pub cni_log: Option<PathBuf>,
 }
 
 impl Default for CniConfOptions {
@@ -79,6 +82,7 @@ impl Default for CniConfOptions {
             bridge: "cni0".into(),
             ipam_data_dir: None,
             readiness_file: None,
+            cni_log: None,
         }
     }
 }
@@ -134,6 +138,11 @@ pub fn conflist(n: &NodeNetwork, o: &CniConfOptions) -> String {
     let mut doc = doc;
     if let Some(ready) = &o.readiness_file {
         doc["plugins"][0]["readinessFile"] = json!(ready);
+    }
+    if let (Some(log), Some(plugins)) = (&o.cni_log, doc["plugins"].as_array_mut()) {
+        for p in plugins {
+            p[ferry_cni::calllog::PATH_KEY] = json!(log);
+        }
     }
     let mut s = serde_json::to_string_pretty(&doc).expect("conflist serializes");
     s.push('\n');
@@ -302,6 +311,15 @@ mod tests {
         assert_eq!(bridge["ipMasqExclude"][0], "10.244.0.0/16");
         assert_eq!(bridge["ipam"]["ranges"][0][0]["subnet"], "10.244.3.0/24");
         assert_eq!(bridge["ipam"]["dataDir"], "/tmp/x");
+        assert!(bridge.get("cniLog").is_none(), "no log asked: no key");
+        let logged = CniConfOptions {
+            cni_log: Some("/run/ferry/cni.log".into()),
+            ..o
+        };
+        let v: Value = serde_json::from_str(&conflist(&node(), &logged)).unwrap();
+        for p in v["plugins"].as_array().unwrap() {
+            assert_eq!(p["cniLog"], "/run/ferry/cni.log", "every plugin logs: {p}");
+        }
     }
 
     #[test]

@@ -107,6 +107,18 @@ pub enum Command {
     },
     /// Prints the cluster network config and every node's lease.
     Show,
+    /// Checks this node's pod network (read-only) and explains what is
+    /// wrong: takes the daemon's flags before the subcommand. Exit 0 all
+    /// OK, 1 a FAIL, 2 doctor could not run.
+    Doctor {
+        /// `{"checks":[{"name","status","detail","hint"}]}` on stdout.
+        #[arg(long)]
+        json: bool,
+        /// Also send a few packets to each peer's pod gateway from a
+        /// short-lived namespace and say where the path breaks.
+        #[arg(long)]
+        probe: bool,
+    },
     /// Deletes a decommissioned node's lease: every other node removes its
     /// routes, neighbours and fdb entries at once.
     RemoveNode {
@@ -153,6 +165,11 @@ pub struct RunArgs {
     /// (/run/ferry/ready).
     #[arg(long, env = "FERRY_READY_FILE")]
     pub ready_file: Option<PathBuf>,
+    /// The CNI call log every plugin appends to (written into the conflist;
+    /// an empty value turns it off). ferryd counts it on /metrics and
+    /// `ferryd doctor` shows its last failures.
+    #[arg(long, env = "FERRY_CNI_LOG", default_value = "/run/ferry/cni.log")]
+    pub cni_log: PathBuf,
     /// Masquerade pod traffic that leaves the cluster network.
     #[arg(long, env = "FERRY_IP_MASQ", default_value_t = true, action = clap::ArgAction::Set)]
     pub ip_masq: bool,
@@ -238,11 +255,15 @@ pub fn main() -> i32 {
             return 1;
         }
     };
+    if let Some(Command::Doctor { json, probe }) = &cli.command {
+        return rt.block_on(crate::doctor::main(&cli.etcd, &cli.run, *json, *probe));
+    }
     let result = rt.block_on(async {
         match &cli.command {
             Some(Command::SetNetwork { json }) => set_network(&cli.etcd, json).await,
             Some(Command::Show) => show(&cli.etcd).await,
             Some(Command::RemoveNode { node }) => remove_node(&cli.etcd, node).await,
+            Some(Command::Doctor { .. }) => unreachable!("handled above"),
             None => run(&cli.etcd, &cli.run).await,
         }
     });
@@ -255,7 +276,7 @@ pub fn main() -> i32 {
     }
 }
 
-fn store_options(a: &EtcdArgs) -> Result<StoreOptions, DaemonError> {
+pub fn store_options(a: &EtcdArgs) -> Result<StoreOptions, DaemonError> {
     let tls = match (&a.etcd_cafile, &a.etcd_certfile, &a.etcd_keyfile) {
         (None, None, None) => None,
         (Some(ca), cert, key) if cert.is_some() == key.is_some() => Some(TlsFiles {
@@ -360,6 +381,11 @@ async fn remove_node(a: &EtcdArgs, node: &str) -> Result<(), DaemonError> {
     Ok(())
 }
 
+/// The CNI call log's path, `None` when turned off (an empty value).
+pub fn cni_log_path(r: &RunArgs) -> Option<PathBuf> {
+    (!r.cni_log.as_os_str().is_empty()).then(|| r.cni_log.clone())
+}
+
 /// Retries `op` until it succeeds, with capped exponential backoff, counting
 /// each failure. Used for the steps the daemon cannot go on without.
 async fn retry<T, F, Fut>(what: &str, metrics: &Metrics, mut op: F) -> T
@@ -443,6 +469,7 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
         bridge: r.bridge.clone(),
         ipam_data_dir: r.ipam_data_dir.clone(),
         readiness_file: Some(ready_file.path.clone()),
+        cni_log: cni_log_path(r),
     };
     // A file left by an earlier ferryd must not speak for this one.
     ready_file
@@ -465,6 +492,12 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
             metrics.clone(),
         ));
     }
+    let mut cni_log = conf.cni_log.as_ref().map(|p| {
+        if let Some(dir) = p.parent() {
+            let _ = std::fs::create_dir_all(dir);
+        }
+        crate::metrics::CniLogTail::new(p)
+    });
 
     let store = retry("connect to etcd", &metrics, || async {
         Ok(Store::connect(&opts).await?)
@@ -631,6 +664,9 @@ async fn run(a: &EtcdArgs, r: &RunArgs) -> Result<(), DaemonError> {
                         Ok(k) => kernel = Some(k),
                         Err(e) => warn!("reopen the kernel event monitor: {e}"),
                     }
+                }
+                if let Some(tail) = cni_log.as_mut() {
+                    tail.poll(&metrics);
                 }
                 // The files are part of the desired state too: a conflist
                 // deleted or edited by hand comes back.

@@ -11,12 +11,15 @@
 //!   kernel to it.
 //! - [`cniconf`]: the node's conflist and subnet.env.
 //! - [`http`]: /healthz, /readyz, /metrics.
+//! - [`doctor`]: `ferryd doctor`, read-only checks of the node ([`doctor_probe`]: `--probe`).
 //! - [`gc`]: the sweep that cleans up after runtimes that sent no DEL.
 //! - [`daemon`]: ties them together.
 
 pub mod cniconf;
 pub mod daemon;
 pub mod dataplane;
+pub mod doctor;
+pub mod doctor_probe;
 pub mod gc;
 pub mod http;
 pub mod lease;

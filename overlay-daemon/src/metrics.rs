@@ -4,10 +4,112 @@ use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+/// Buckets of the CNI call histogram, in seconds: 1 ms to 30 s.
+const CNI_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+type CniLabels = Vec<(String, String)>;
+
+/// Reads the CNI call log incrementally: each [`CniLogTail::poll`] counts
+/// the lines appended since the last one, following a rotation (the rest of
+/// the old file is read from `<log>.1` first). Reads at most
+/// [`CniLogTail::MAX_PER_POLL`] bytes per call.
+#[derive(Debug)]
+pub struct CniLogTail {
+    path: std::path::PathBuf,
+    /// Inode and offset of what has been read so far.
+    at: Option<(u64, u64)>,
+}
+
+impl CniLogTail {
+    pub const MAX_PER_POLL: u64 = 8 << 20;
+
+    pub fn new(path: impl Into<std::path::PathBuf>) -> CniLogTail {
+        CniLogTail {
+            path: path.into(),
+            at: None,
+        }
+    }
+
+    /// Counts new lines into `m`; returns how many were counted.
+    pub fn poll(&mut self, m: &Metrics) -> usize {
+        use std::os::unix::fs::MetadataExt;
+        let Some(current) = regular_meta(&self.path) else {
+            return 0;
+        };
+        let mut counted = 0;
+        let mut budget = Self::MAX_PER_POLL;
+        let mut offset = match self.at {
+            Some((ino, off)) if ino == current.ino() && off <= current.len() => off,
+            Some((ino, off)) => {
+                // Rotated since the last poll: finish the old file first.
+                let rotated = ferry_cni::calllog::rotated_path(&self.path);
+                if regular_meta(&rotated).is_some_and(|r| r.ino() == ino) {
+                    let (n, _) = read_lines_from(&rotated, off, &mut budget, m);
+                    counted += n;
+                }
+                0
+            }
+            None => 0,
+        };
+        let (n, end) = read_lines_from(&self.path, offset, &mut budget, m);
+        counted += n;
+        offset = end;
+        self.at = Some((current.ino(), offset));
+        counted
+    }
+}
+
+fn regular_meta(path: &std::path::Path) -> Option<std::fs::Metadata> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .filter(|m| m.file_type().is_file())
+}
+
+/// Counts the complete lines of `path` from `offset`; returns the count and
+/// the offset after the last complete line.
+fn read_lines_from(
+    path: &std::path::Path,
+    offset: u64,
+    budget: &mut u64,
+    m: &Metrics,
+) -> (usize, u64) {
+    use std::io::{Read, Seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
+    let Ok(mut f) = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+    else {
+        return (0, offset);
+    };
+    if !f.metadata().is_ok_and(|md| md.file_type().is_file())
+        || f.seek(SeekFrom::Start(offset)).is_err()
+    {
+        return (0, offset);
+    }
+    let mut bytes = Vec::new();
+    if (&mut f).take(*budget).read_to_end(&mut bytes).is_err() {
+        return (0, offset);
+    }
+    let complete = bytes.iter().rposition(|&b| b == b'\n').map_or(0, |i| i + 1);
+    *budget -= complete as u64;
+    let mut n = 0;
+    for line in bytes[..complete].split(|&b| b == b'\n') {
+        if let Ok(e) = serde_json::from_slice::<ferry_cni::calllog::Entry>(line) {
+            m.cni_call(&e);
+            n += 1;
+        }
+    }
+    (n, offset + complete as u64)
+}
 
 /// The most skipped peers /readyz lists one by one.
 pub const MAX_SKIPPED_LINES: usize = 100;
@@ -32,6 +134,10 @@ struct Inner {
     /// The gc sweep's releases by kind, and its failures.
     pub gc_released: Family<Vec<(String, String)>, Counter>,
     pub gc_errors: Counter,
+    /// CNI calls from the call log: duration per plugin and verb, errors
+    /// per plugin, verb and code.
+    cni_calls: Family<CniLabels, Histogram, fn() -> Histogram>,
+    cni_errors: Family<CniLabels, Counter>,
     ready: AtomicBool,
     /// Peers left out of the kernel, one line each, for /readyz.
     skipped: Mutex<Vec<String>>,
@@ -120,8 +226,23 @@ impl Metrics {
             "Other nodes' leases skipped because their values are invalid (a gauge: the leases skipped by the last pass)",
             invalid_leases.clone(),
         );
+        let cni_calls: Family<CniLabels, Histogram, fn() -> Histogram> =
+            Family::new_with_constructor(|| Histogram::new(CNI_BUCKETS));
+        let cni_errors = Family::<CniLabels, Counter>::default();
+        registry.register(
+            "cni_call_duration_seconds",
+            "Duration of CNI plugin calls on this node, per plugin and verb (from the CNI call log)",
+            cni_calls.clone(),
+        );
+        registry.register(
+            "cni_call_errors",
+            "Failed CNI plugin calls on this node, per plugin, verb and CNI error code (from the CNI call log)",
+            cni_errors.clone(),
+        );
         Metrics(Arc::new(Inner {
             registry,
+            cni_calls,
+            cni_errors,
             lease_held,
             peers,
             peers_programmed,
@@ -250,6 +371,42 @@ impl Metrics {
         })
     }
 
+    /// Counts one CNI call read from the call log. Labels come from a file
+    /// any plugin writes: only known verbs and plugin names of ferry's
+    /// shape are kept as they are, the rest is "other", so a forged log
+    /// cannot grow the label set without bound.
+    pub fn cni_call(&self, e: &ferry_cni::calllog::Entry) {
+        let plugin = if e.plugin.len() <= 32
+            && e.plugin.starts_with("ferry-")
+            && e.plugin
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'-')
+        {
+            e.plugin.clone()
+        } else {
+            "other".into()
+        };
+        let verb = match e.verb.as_str() {
+            v @ ("ADD" | "DEL" | "CHECK" | "GC" | "STATUS") => v.to_string(),
+            _ => "other".into(),
+        };
+        let mut labels = vec![("plugin".to_string(), plugin), ("verb".to_string(), verb)];
+        self.0
+            .cni_calls
+            .get_or_create(&labels)
+            .observe((e.ms / 1000.0).max(0.0));
+        if let Some(code) = e.code.filter(|_| !e.is_ok()) {
+            // Codes outside the spec's table and ferry's 100..=199 are "other".
+            let code = if code < 200 || code == 999 {
+                code.to_string()
+            } else {
+                "other".into()
+            };
+            labels.push(("code".to_string(), code));
+            self.0.cni_errors.get_or_create(&labels).inc();
+        }
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -294,6 +451,53 @@ mod tests {
             lines[MAX_SKIPPED_LINES],
             "… and 150 more skipped peers (see the log)"
         );
+    }
+
+    #[test]
+    fn the_cni_log_is_counted_once_across_rotations() {
+        use ferry_cni::calllog::{Call, LogTarget, append, line};
+        let dir = std::env::temp_dir().join(format!("ferryd-cnilog-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let t = LogTarget {
+            path: dir.join("cni.log"),
+            max_bytes: 4096,
+        };
+        let m = Metrics::new();
+        let mut tail = CniLogTail::new(&t.path);
+        assert_eq!(tail.poll(&m), 0, "no log yet");
+        let call = |verb: &'static str| Call {
+            plugin: "ferry-bridge",
+            verb,
+            container: "c1",
+            ifname: "eth0",
+            cni_args: "K8S_POD_NAMESPACE=a;K8S_POD_NAME=b",
+        };
+        let mut total = 0;
+        for i in 0..60 {
+            let outcome = if i % 10 == 0 { Err((7, "bad")) } else { Ok(()) };
+            append(&t, &line(&call("ADD"), Duration::from_millis(3), outcome)).unwrap();
+            if i % 7 == 0 {
+                total += tail.poll(&m);
+            }
+        }
+        total += tail.poll(&m);
+        assert_eq!(total, 60, "each line once, across rotations");
+        assert!(std::fs::metadata(t.rotated()).is_ok(), "the test rotated");
+        let text = m.render();
+        assert!(
+            text.contains(
+                r#"ferry_cni_call_duration_seconds_count{plugin="ferry-bridge",verb="ADD"} 60"#
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                r#"ferry_cni_call_errors_total{plugin="ferry-bridge",verb="ADD",code="7"} 6"#
+            ),
+            "{text}"
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     #[test]

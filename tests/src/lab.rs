@@ -319,6 +319,9 @@ impl Lab {
         .arg(node.dir.join("subnet.env"))
         .arg("--ipam-data-dir")
         .arg(node.dir.join("ipam"))
+        // Each node its own CNI call log (never the host's /run/ferry).
+        .arg("--cni-log")
+        .arg(node.dir.join("cni.log"))
         .args(["--listen", &format!("127.0.0.1:{METRICS_PORT}")])
         .args(&extra)
         .env("FERRY_LOG", "info")

@@ -6,6 +6,7 @@
 //! No kernel code lives here (that is `ferry-netops`).
 
 pub mod args;
+pub mod calllog;
 pub mod config;
 pub mod delegate;
 pub mod error;

@@ -5,6 +5,7 @@
 //! part that reads the real environment and exits.
 
 use crate::args::{CniArgs, validate_container_id, validate_ifname};
+use crate::calllog;
 use crate::config::NetConf;
 use crate::error::{CniError, ErrorCode};
 use crate::result::CniResult;
@@ -124,8 +125,31 @@ pub fn run(
     stdin: &mut dyn Read,
     stdout: &mut dyn Write,
 ) -> i32 {
+    run_named(plugin, None, env, stdin, stdout)
+}
+
+/// [`run`], naming the plugin in the call log `name` (the executable's
+/// name; `None`: the config's `type`).
+pub fn run_named(
+    plugin: &dyn Plugin,
+    name: Option<&str>,
+    env: &dyn Fn(&str) -> Option<String>,
+    stdin: &mut dyn Read,
+    stdout: &mut dyn Write,
+) -> i32 {
+    let started = std::time::Instant::now();
     let mut version_for_errors = SpecVersion::LATEST.as_str().to_string();
-    let outcome = dispatch(plugin, env, stdin, &mut version_for_errors);
+    let mut log = None;
+    let outcome = dispatch(plugin, env, stdin, &mut version_for_errors, &mut log);
+    if let Some((target, plugin_type)) = log {
+        log_call(
+            &target,
+            name.unwrap_or(&plugin_type),
+            env,
+            started.elapsed(),
+            outcome.as_ref().map(|_| ()),
+        );
+    }
     let (json, code) = match outcome {
         Ok(Some(json)) => (Some(json), 0),
         Ok(None) => (None, 0),
@@ -146,11 +170,58 @@ pub fn run(
     code
 }
 
+/// Appends the call's line to the log. STATUS is logged only when it
+/// fails: runtimes poll it every few seconds and would rotate the ADDs away.
+/// A failure to log is ignored: the log never fails a call.
+fn log_call(
+    target: &calllog::LogTarget,
+    plugin: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+    took: std::time::Duration,
+    outcome: Result<(), &CniError>,
+) {
+    let verb = env("CNI_COMMAND").unwrap_or_default();
+    if verb == "STATUS" && outcome.is_ok() {
+        return;
+    }
+    let container = env("CNI_CONTAINERID").unwrap_or_default();
+    let ifname = env("CNI_IFNAME").unwrap_or_default();
+    let cni_args = env("CNI_ARGS").unwrap_or_default();
+    let call = calllog::Call {
+        plugin,
+        verb: &verb,
+        container: &container,
+        ifname: &ifname,
+        cni_args: &cni_args,
+    };
+    let line = calllog::line(
+        &call,
+        took,
+        outcome.map_err(|e| (e.code.as_u32(), e.msg.as_str())),
+    );
+    let _ = calllog::append(target, &line);
+}
+
+/// The call log's target and the plugin's type, from the raw config: read
+/// before the config is validated, so a call refused for a bad config is
+/// logged too.
+fn log_target_of(input: &[u8]) -> Option<(calllog::LogTarget, String)> {
+    let v: serde_json::Value = serde_json::from_slice(input).ok()?;
+    let target = calllog::LogTarget::from_config(&v)?;
+    let plugin_type = v
+        .get("type")
+        .and_then(|t| t.as_str())
+        .unwrap_or("unknown")
+        .to_string();
+    Some((target, plugin_type))
+}
+
 fn dispatch(
     plugin: &dyn Plugin,
     env: &dyn Fn(&str) -> Option<String>,
     stdin: &mut dyn Read,
     version_for_errors: &mut String,
+    log: &mut Option<(calllog::LogTarget, String)>,
 ) -> Result<Option<serde_json::Value>, CniError> {
     let get = |k: &str| env(k).filter(|v| !v.is_empty());
     let command = match get("CNI_COMMAND") {
@@ -167,6 +238,10 @@ fn dispatch(
     stdin
         .read_to_end(&mut input)
         .map_err(|e| CniError::io("error reading from stdin").with_details(e))?;
+
+    if command != Command::Version {
+        *log = log_target_of(&input);
+    }
 
     if command == Command::Version {
         // The reply echoes the caller's version when it is one we speak.
@@ -279,8 +354,13 @@ fn refuse_own_netns(path: &Path) -> Result<(), CniError> {
 /// The process entry point of a plugin binary: real environment, stdin and
 /// stdout, then exit with the code [`run`] returned.
 pub fn main(plugin: &dyn Plugin) -> ! {
-    let code = run(
+    let argv0 = std::env::args_os().next().unwrap_or_default();
+    let name = Path::new(&argv0)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned());
+    let code = run_named(
         plugin,
+        name.as_deref(),
         &|k| std::env::var(k).ok(),
         &mut std::io::stdin().lock(),
         &mut std::io::stdout().lock(),
@@ -658,5 +738,58 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(error_of(&invoke(&p, &full_env("DEL"), CONF).1)["code"], 101);
+    }
+
+    #[test]
+    fn every_call_is_logged_with_its_result_and_pod() {
+        let dir = std::env::temp_dir().join(format!("ferry-skel-log-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("cni.log");
+        let conf = format!(
+            r#"{{"cniVersion":"1.1.0","name":"n","type":"ferry-loopback","cniLog":"{}"}}"#,
+            log.display()
+        );
+        let mut env = full_env("ADD");
+        env.insert(
+            "CNI_ARGS".into(),
+            "K8S_POD_NAMESPACE=kube-system;K8S_POD_NAME=coredns-x".into(),
+        );
+        assert_eq!(invoke(&Recorder::default(), &env, &conf).0, 0);
+        let p = Recorder {
+            fail_with: Some(plugin_error(107, "no bridge")),
+            ..Default::default()
+        };
+        assert_eq!(invoke(&p, &env, &conf).0, 1);
+        // STATUS succeeding is not logged (runtimes poll it); VERSION never.
+        assert_eq!(
+            invoke(&Recorder::default(), &full_env("STATUS"), &conf).0,
+            0
+        );
+        assert_eq!(
+            invoke(&Recorder::default(), &full_env("VERSION"), &conf).0,
+            0
+        );
+        // A config refused before the plugin runs is logged with its code.
+        let bad = conf.replace(r#""name":"n""#, r#""name":"""#);
+        assert_eq!(invoke(&Recorder::default(), &full_env("DEL"), &bad).0, 1);
+        let entries = crate::calllog::read_all(&log);
+        let got: Vec<_> = entries
+            .iter()
+            .map(|e| (e.verb.as_str(), e.result.as_str(), e.code))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("ADD", "ok", None),
+                ("ADD", "error", Some(107)),
+                ("DEL", "error", Some(7))
+            ]
+        );
+        assert_eq!(entries[1].who(), "kube-system/coredns-x");
+        assert_eq!(entries[1].msg, "no bridge");
+        assert_eq!(entries[0].plugin, "ferry-loopback");
+        assert_eq!(entries[0].container, "abc123");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

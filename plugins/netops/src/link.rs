@@ -212,13 +212,50 @@ impl NsHandle {
     pub async fn links(&self) -> Result<Vec<Link>> {
         let mut stream = self.handle.link().get().execute();
         let mut out = Vec::new();
-        loop {
-            match stream.try_next().await {
-                Ok(Some(msg)) => out.push(Link::from_message(msg)),
-                Ok(None) => return Ok(out),
-                Err(e) => return Err(self.err("list links", "all", e)),
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(|e| self.err("list links", "all", e))?
+        {
+            out.push(Link::from_message(msg));
+        }
+        Ok(out)
+    }
+
+    /// Each bridge port's hairpin flag (`IFLA_BRPORT_MODE` in the
+    /// AF_BRIDGE link dump), by ifindex: one dump for every port of every
+    /// bridge. Ports whose message carries no flag are left out.
+    pub async fn bridge_port_hairpin(&self) -> Result<std::collections::HashMap<u32, bool>> {
+        use netlink_packet_core::Nla;
+        use netlink_packet_route::AddressFamily;
+        use netlink_packet_route::link::LinkProtoInfoBridge;
+        const IFLA_BRPORT_MODE: u16 = 4;
+        let mut req = self.handle.link().get();
+        req.message_mut().header.interface_family = AddressFamily::Bridge;
+        let mut stream = req.execute();
+        let mut out = std::collections::HashMap::new();
+        while let Some(msg) = stream
+            .try_next()
+            .await
+            .map_err(|e| self.err("list bridge ports", "all", e))?
+        {
+            for attr in &msg.attributes {
+                let LinkAttribute::ProtoInfoBridge(infos) = attr else {
+                    continue;
+                };
+                for info in infos {
+                    if let LinkProtoInfoBridge::Other(nla) = info
+                        && nla.kind() & 0x3fff == IFLA_BRPORT_MODE
+                        && nla.value_len() >= 1
+                    {
+                        let mut v = vec![0u8; nla.value_len()];
+                        nla.emit_value(&mut v);
+                        out.insert(msg.header.index, v[0] != 0);
+                    }
+                }
             }
         }
+        Ok(out)
     }
 
     /// The link with ifindex `index`, or `None`.

@@ -330,7 +330,10 @@ impl NsHandle {
                     ifindex,
                     mac,
                     dst,
-                    permanent: m.header.state == NeighbourState::Permanent,
+                    // A bit, not equality: iproute2's `bridge fdb add … permanent`
+                    // also sets NUD_NOARP (state 0xc0), still a permanent entry.
+                    permanent: u16::from(m.header.state) & u16::from(NeighbourState::Permanent)
+                        != 0,
                     is_self: m.header.flags.contains(NeighbourFlags::Own),
                 });
             }
