@@ -15,11 +15,11 @@ use crate::network::{BackendType, NetworkConfig, overlaps};
 use crate::store::Store;
 use ferry_cni::calllog;
 use ferry_netops::{FERRY_ROUTE_PROTO, IpRoute, Link, NeighState, NsHandle, RouteEntry, RouteKind};
-use ipnetwork::{IpNetwork, Ipv4Network};
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use serde::Serialize;
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream};
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
@@ -201,6 +201,7 @@ pub async fn run(a: &EtcdArgs, r: &RunArgs, probe: bool) -> Result<Report, Strin
         &mut rep,
     )
     .await;
+    check_peers6(&h, &cluster, local_subnet, &underlay, vx, &mut rep).await;
     // The bridge's pod ports (veths) whose hairpin flag is off.
     let no_hairpin: Vec<String> = match by_name.get(r.bridge.as_str()) {
         Some(br) => {
@@ -917,6 +918,128 @@ async fn check_peers(
     }
     check_foreign(routes, Some(c.cfg.network), local, by_index, rep);
     broken
+}
+
+/// The IPv6 half of a dual-stack network: each peer's IPv6 route (via the
+/// first address of its IPv6 subnet, onlink on the VXLAN device, or via its
+/// IPv6 underlay address where directRouting routes IPv6 directly) and, over
+/// the tunnel, its permanent IPv6 neighbour. The fdb entry is the one
+/// [`check_peers`] checked (shared by both families).
+async fn check_peers6(
+    h: &NsHandle,
+    cluster: &Option<Cluster>,
+    local: Option<Ipv4Network>,
+    underlay: &Underlay,
+    vx: Option<u32>,
+    rep: &mut Report,
+) {
+    let Some(c) = cluster else { return };
+    if c.cfg.ipv6_network.is_none() {
+        return;
+    }
+    const NAMES: [&str; 2] = ["peers.routes6", "peers.neighbours6"];
+    if c.cfg.backend.kind != BackendType::Vxlan {
+        for name in NAMES {
+            rep.ok(
+                name,
+                "backend host-gw routes IPv4 only: no IPv6 peer entries",
+            );
+        }
+        return;
+    }
+    let Some(vx) = vx else {
+        for name in NAMES {
+            rep.push(
+                name,
+                Status::Fail,
+                "not programmable: the VXLAN device is missing",
+                "see overlay.device",
+            );
+        }
+        return;
+    };
+    let (routes, neighs) = match (
+        h.route_entries::<Ipv6Addr>().await,
+        h.neighbours::<Ipv6Addr>(vx).await,
+    ) {
+        (Ok(r), Ok(n)) => (r, n),
+        (r, n) => {
+            let why = [r.err(), n.err()]
+                .into_iter()
+                .flatten()
+                .map(|e| e.to_string())
+                .collect::<Vec<_>>()
+                .join("; ");
+            for name in NAMES {
+                rep.push(
+                    name,
+                    Status::Warn,
+                    format!("not checked: {why}"),
+                    "run doctor as root in the node's network namespace",
+                );
+            }
+            return;
+        }
+    };
+    let ferry: HashMap<Ipv6Network, &IpRoute<Ipv6Addr>> = routes
+        .iter()
+        .filter(|e| e.kind == RouteKind::MainUnicast && e.route.protocol == FERRY_ROUTE_PROTO)
+        .map(|e| (e.route.dst, &e.route))
+        .collect();
+    let have_neigh: HashMap<Ipv6Addr, Option<[u8; 6]>> = neighs
+        .iter()
+        .filter(|n| n.state == NeighState::Permanent)
+        .map(|n| (n.ip, n.mac))
+        .collect();
+    let (mut bad_route, mut bad_neigh) = (Vec::new(), Vec::new());
+    let (mut total, mut tunnelled) = (0, 0);
+    for p in cluster_peers(cluster, local) {
+        // Leases of nodes that predate dual stack carry no IPv6 subnet.
+        let Some(subnet6) = p.ipv6_subnet else {
+            continue;
+        };
+        total += 1;
+        let who = format!("{subnet6} ({})", p.node);
+        let gw6 = subnet6.network();
+        let direct = |r: &IpRoute<Ipv6Addr>| matches!(p.public_ip, IpAddr::V6(pub6) if r.gw == Some(pub6) && r.oif == underlay.index);
+        match ferry.get(&subnet6) {
+            Some(r) if direct(r) => continue,
+            Some(r) if r.gw == Some(gw6) && r.oif == vx && r.onlink => {}
+            Some(r) => bad_route.push(format!(
+                "{who}: route {} (want via {gw6} onlink dev #{vx})",
+                r.describe()
+            )),
+            None => bad_route.push(format!("{who}: no route")),
+        }
+        tunnelled += 1;
+        let Some(mac) = p.vtep_mac.map(|m| m.0) else {
+            bad_neigh.push(format!("{who}: the lease has no VTEP MAC"));
+            continue;
+        };
+        match have_neigh.get(&gw6) {
+            Some(Some(m)) if *m == mac => {}
+            Some(m) => bad_neigh.push(format!(
+                "{who}: neighbour {gw6} is {} (want {})",
+                m.map(|m| mac_str(&m)).unwrap_or("incomplete".into()),
+                mac_str(&mac)
+            )),
+            None => bad_neigh.push(format!("{who}: no permanent neighbour {gw6}")),
+        }
+    }
+    report_entries(
+        rep,
+        "peers.routes6",
+        total,
+        &bad_route,
+        "ferryd puts it back within a pass; if it keeps vanishing, find who deletes it (ip -6 monitor route)",
+    );
+    report_entries(
+        rep,
+        "peers.neighbours6",
+        tunnelled,
+        &bad_neigh,
+        "ferryd rewrites it (permanent, the peer's VTEP MAC); check ferryd runs",
+    );
 }
 
 #[allow(clippy::too_many_arguments)]

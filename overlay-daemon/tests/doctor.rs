@@ -655,3 +655,64 @@ fn doctor_with_1000_peers() {
         eprintln!("ferry: doctor with {PEERS} peers took {took:?}");
     }
 }
+
+/// A dual-stack network: the IPv6 half of every peer (route, neighbour) is
+/// checked too, and a break there is named as such.
+#[test]
+fn doctor_checks_the_ipv6_half_of_a_dual_stack_network() {
+    if !can_run() {
+        return;
+    }
+    let mut lab = Lab::new(
+        r#"{"network":"10.244.0.0/16","subnetLen":24,"ipv6Network":"fd00:244::/56","backend":{"type":"vxlan","vni":1}}"#,
+    );
+    for _ in 0..2 {
+        lab.add_node();
+    }
+    lab.assert_all_ready(READY);
+    let d = doctor(&lab, 0, &[]);
+    assert!(d.not_ok_except(&[]).is_empty(), "{}", d.raw);
+    for name in ["peers.routes6", "peers.neighbours6"] {
+        assert_eq!(d.status(name), "OK", "{}", d.raw);
+        assert!(d.detail(name).contains('1'), "one peer counted: {}", d.raw);
+    }
+    lab.stop_ferryd(0, Signal::SIGTERM);
+
+    // The peer's IPv6 route, deleted by hand.
+    let route = sh(&lab, "ip", &["-6", "route", "show", "proto", "70"]);
+    let dst = route
+        .split_whitespace()
+        .next()
+        .unwrap_or_else(|| panic!("no ferry IPv6 route on n1: {route:?}"))
+        .to_string();
+    sh(&lab, "ip", &["-6", "route", "del", &dst, "proto", "70"]);
+    assert_names(&lab, "an IPv6 peer route deleted", "peers.routes6", &dst);
+    assert_eq!(
+        doctor(&lab, 0, &[]).status("peers.routes"),
+        "OK",
+        "the IPv4 half is intact"
+    );
+    repair_with_ferryd(&mut lab, "the IPv6 route");
+
+    // The peer's IPv6 neighbour, pointed at another MAC.
+    let gw6 = dst.split('/').next().unwrap().to_string();
+    sh(
+        &lab,
+        "ip",
+        &[
+            "-6",
+            "neigh",
+            "replace",
+            &gw6,
+            "lladdr",
+            "02:00:00:00:00:01",
+            "dev",
+            "ferry.1",
+            "nud",
+            "permanent",
+        ],
+    );
+    assert_names(&lab, "an IPv6 neighbour changed", "peers.neighbours6", &gw6);
+    repair_with_ferryd(&mut lab, "the IPv6 neighbour");
+    assert_healthy_but_stopped(&lab, "the IPv6 neighbour");
+}
