@@ -77,7 +77,7 @@ node_flags() { # i
     local i=$1 d=$STATE/n$1
     echo --etcd-endpoints "$ETCD" --node-name "n$i" \
         --cni-conf-dir "$d/net.d" --subnet-file "$d/subnet.env" --ipam-data-dir "$d/ipam" \
-        --cni-log "$d/cni.log" --listen 127.0.0.1:9946
+        --cni-log "$d/cni.log" --cni-bin-dir "$BIN" --listen 127.0.0.1:9946
 }
 
 start_ferryd() { # i
