@@ -502,8 +502,9 @@ fn check_files(
         }
         if !conf.masq_exclude.contains(&IpNetwork::V4(c.cfg.network)) {
             wrong.push(format!(
-                "ipMasqExclude {:?} lacks the network {}",
-                conf.masq_exclude, c.cfg.network
+                "ipMasqExclude [{}] lacks the network {}",
+                nets(&conf.masq_exclude),
+                c.cfg.network
             ));
         }
     }
@@ -713,6 +714,17 @@ fn report_entries(rep: &mut Report, name: &str, total: usize, wrong: &[String], 
         }
         rep.push(name, Status::Fail, d, hint);
     }
+}
+
+/// `10.244.0.0/16, fd00::/56` (or `nothing`), for details.
+fn nets(list: &[IpNetwork]) -> String {
+    if list.is_empty() {
+        return "nothing".into();
+    }
+    list.iter()
+        .map(|n| n.to_string())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn mac_str(m: &[u8]) -> String {
@@ -1555,13 +1567,13 @@ fn check_nft(
                 Some(e) if e.chain.as_deref() != Some(&want) => rep.push(
                     "nft.masquerade",
                     Status::Fail,
-                    format!("{subnet} jumps to {:?}, not to the chain of this config ({want}: excluding {:?})", e.chain, c.masq_exclude),
+                    format!("{subnet} jumps to {}, not to the chain of this config ({want}: excluding {})", e.chain.as_deref().unwrap_or("nothing"), nets(&c.masq_exclude)),
                     hint,
                 ),
                 Some(_) => match nft::chain_exists(NftFamily::Inet, table, &want) {
                     Ok(true) => rep.ok(
                         "nft.masquerade",
-                        format!("{subnet} masqueraded by chain {want}, excluding {:?}", c.masq_exclude),
+                        format!("{subnet} masqueraded by chain {want}, excluding {}", nets(&c.masq_exclude)),
                     ),
                     _ => rep.push("nft.masquerade", Status::Fail, format!("chain {want} is missing"), hint),
                 },
