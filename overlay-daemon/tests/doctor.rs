@@ -156,6 +156,22 @@ fn assert_names(lab: &Lab, what: &str, check: &str, needle: &str) {
     );
 }
 
+/// Waits until node `i` has a ferry route to each of its `peers`: a node
+/// that has not yet seen the others' leases is "ready" with fewer peers.
+fn wait_peers_programmed(lab: &Lab, i: usize, peers: usize) {
+    assert!(
+        wait_until(READY, || {
+            lab.nodes[i]
+                .ns
+                .exec("ip", &["-4", "route", "show", "proto", "70"])
+                .lines()
+                .count()
+                == peers
+        }),
+        "node {i} never programmed its {peers} peers"
+    );
+}
+
 fn sh(lab: &Lab, program: &str, args: &[&str]) -> String {
     lab.nodes[0].ns.exec(program, args)
 }
@@ -174,6 +190,7 @@ fn doctor_is_all_ok_on_a_healthy_node_and_names_each_break() {
     for i in 0..3 {
         lab.add_pod(i);
     }
+    wait_peers_programmed(&lab, 0, 2);
 
     // Healthy: all OK, exit 0, --json with the stable fields.
     let d = doctor(&lab, 0, &[]);
@@ -512,6 +529,7 @@ fn probe_pinpoints_a_peer_without_its_fdb_entry_and_leaves_nothing() {
     for i in 0..3 {
         lab.add_pod(i);
     }
+    wait_peers_programmed(&lab, 0, 2);
     let links_before = link_names(&lab, 0);
     let routes_before = lab.nodes[0]
         .ns
@@ -670,6 +688,7 @@ fn doctor_checks_the_ipv6_half_of_a_dual_stack_network() {
         lab.add_node();
     }
     lab.assert_all_ready(READY);
+    wait_peers_programmed(&lab, 0, 1);
     let d = doctor(&lab, 0, &[]);
     assert!(d.not_ok_except(&[]).is_empty(), "{}", d.raw);
     for name in ["peers.routes6", "peers.neighbours6"] {
