@@ -270,8 +270,9 @@ impl Sweeper {
             }
             match self.del_chain(&conf, &id, &ifname, meta.as_ref()) {
                 Ok(()) => {
-                    info!(kind = kind.as_str(), container = %id, ifname = %ifname, pod = %pod, %why, "gc: released");
+                    // Counted before the log line: whoever reads the line sees the count.
                     self.metrics.gc_released(kind.as_str());
+                    info!(kind = kind.as_str(), container = %id, ifname = %ifname, pod = %pod, %why, "gc: released");
                     self.first_seen
                         .retain(|(_, a), _| *a != (id.clone(), ifname.clone()));
                     report.released.push((kind, id, ifname));

@@ -217,6 +217,14 @@ fn released_in_log(lab: &Lab) -> Vec<String> {
         .collect()
 }
 
+/// [`released_in_log`] once it names at least `n` releases (or after 10 s):
+/// the sweep logs a release after the objects are gone, so the log may
+/// trail the state a test waited for.
+fn released_in_log_at_least(lab: &Lab, n: usize) -> Vec<String> {
+    wait_until(Duration::from_secs(10), || released_in_log(lab).len() >= n);
+    released_in_log(lab)
+}
+
 fn metric_sum(lab: &Lab, prefix: &str) -> f64 {
     let Some((_, body)) = lab.http(0, "/metrics") else {
         return 0.0;
@@ -296,7 +304,7 @@ fn pods_left_without_del_are_fully_cleaned() {
         live.ping(gateway_of(live_ip), 3),
         "live pod lost connectivity"
     );
-    let mut released = released_in_log(&lab);
+    let mut released = released_in_log_at_least(&lab, ids.len());
     released.sort();
     let mut want = ids.clone();
     want.sort();
@@ -579,7 +587,7 @@ fn churn_with_adds_in_flight() {
         lab.ferryd_log(0)
     );
     assert_eq!(
-        released_in_log(&lab).len(),
+        released_in_log_at_least(&lab, PODS as usize).len(),
         PODS as usize,
         "each pod released once"
     );
@@ -616,12 +624,17 @@ fn orphans_without_a_reservation_are_removed() {
         node_state(&lab),
         lab.ferryd_log(0)
     );
-    let log = lab.ferryd_log(0);
+    // The sweep logs a release after its last object is gone: the line may
+    // trail the state the wait above saw.
+    let logged = || {
+        lab.ferryd_log(0).lines().any(|l| {
+            l.contains("gc: released") && l.contains(&id) && !l.contains("kind=reservation")
+        })
+    };
     assert!(
-        log.lines().any(|l| l.contains("gc: released")
-            && l.contains(&id)
-            && !l.contains("kind=reservation")),
-        "{log}"
+        wait_until(Duration::from_secs(10), logged),
+        "{}",
+        lab.ferryd_log(0)
     );
     assert!(metric_sum(&lab, "ferry_gc_released_total") >= 1.0);
 }
