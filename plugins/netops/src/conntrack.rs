@@ -18,7 +18,7 @@
 //! rule as [`crate::nft`]. Acts in the caller's network namespace (a plugin
 //! runs in the node's).
 
-use crate::nft::{MAX_ATTR_PAYLOAD, TooLong};
+use crate::nft::{TooLong, attributes, messages, push_attr, push_message};
 use crate::{NetopsError, Result};
 use ipnetwork::IpNetwork;
 use rtnetlink::sys::{Socket, SocketAddr};
@@ -242,10 +242,11 @@ fn dump_request(
     let mut msg = Vec::new();
     push_message(
         &mut msg,
-        IPCTNL_MSG_CT_GET,
+        (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_GET,
         NLM_F_REQUEST | NLM_F_DUMP,
         1,
         family,
+        0,
         &attrs,
     )?;
     Ok(msg)
@@ -312,10 +313,11 @@ fn delete_request(family: u8, seq: u32, e: &Entry) -> std::result::Result<Vec<u8
     let mut msg = Vec::new();
     push_message(
         &mut msg,
-        IPCTNL_MSG_CT_DELETE,
+        (NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_DELETE,
         NLM_F_REQUEST | NLM_F_ACK,
         seq,
         family,
+        0,
         &attrs,
     )?;
     Ok(msg)
@@ -463,92 +465,10 @@ fn parse_tuple(data: &[u8]) -> Option<Tuple> {
     })
 }
 
-/// Appends one attribute (header, payload, padding to 4 bytes); a payload
-/// longer than [`MAX_ATTR_PAYLOAD`] is refused, with nothing appended.
-fn push_attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) -> std::result::Result<(), TooLong> {
-    let len = u16::try_from(4 + data.len()).map_err(|_| TooLong {
-        what: format!("attribute {}", kind & 0x3fff),
-        field: "attribute",
-        len: data.len(),
-        max: MAX_ATTR_PAYLOAD,
-    })?;
-    buf.extend_from_slice(&len.to_ne_bytes());
-    buf.extend_from_slice(&kind.to_ne_bytes());
-    buf.extend_from_slice(data);
-    while buf.len() % 4 != 0 {
-        buf.push(0);
-    }
-    Ok(())
-}
-
-/// A ctnetlink message with its nfgenmsg header (NFNETLINK_V0, res_id 0);
-/// one whose length does not fit the header's u32 is refused.
-fn push_message(
-    out: &mut Vec<u8>,
-    msg_type: u16,
-    flags: u16,
-    seq: u32,
-    family: u8,
-    attrs: &[u8],
-) -> std::result::Result<(), TooLong> {
-    let len = u32::try_from(16 + 4 + attrs.len()).map_err(|_| TooLong {
-        what: "message".into(),
-        field: "message",
-        len: attrs.len(),
-        max: u32::MAX as usize - 20,
-    })?;
-    out.extend_from_slice(&len.to_ne_bytes());
-    out.extend_from_slice(&((NFNL_SUBSYS_CTNETLINK << 8) | msg_type).to_ne_bytes());
-    out.extend_from_slice(&flags.to_ne_bytes());
-    out.extend_from_slice(&seq.to_ne_bytes());
-    out.extend_from_slice(&0u32.to_ne_bytes()); // port id: the kernel fills it
-    out.push(family);
-    out.push(0); // NFNETLINK_V0
-    out.extend_from_slice(&0u16.to_be_bytes()); // res_id
-    out.extend_from_slice(attrs);
-    Ok(())
-}
-
-/// The netlink messages of one read as (type, whole message); an error for
-/// a malformed one, and nothing after it.
-fn messages(buf: &[u8]) -> impl Iterator<Item = io::Result<(u16, &[u8])>> {
-    let mut off = 0;
-    std::iter::from_fn(move || {
-        if off + 16 > buf.len() {
-            return None;
-        }
-        let mlen = u32::from_ne_bytes(buf[off..off + 4].try_into().expect("4 bytes")) as usize;
-        let mtype = u16::from_ne_bytes(buf[off + 4..off + 6].try_into().expect("2 bytes"));
-        if mlen < 16 || off + mlen > buf.len() {
-            off = buf.len();
-            return Some(Err(io::Error::from(io::ErrorKind::InvalidData)));
-        }
-        let m = &buf[off..off + mlen];
-        off += (mlen + 3) & !3;
-        Some(Ok((mtype, m)))
-    })
-}
-
-/// The attributes of `buf` as (type without flag bits, payload); stops at
-/// the first malformed one.
-fn attributes(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
-    let mut off = 0;
-    std::iter::from_fn(move || {
-        let hdr = buf.get(off..off + 4)?;
-        let len = u16::from_ne_bytes([hdr[0], hdr[1]]) as usize;
-        if len < 4 {
-            return None;
-        }
-        let kind = u16::from_ne_bytes([hdr[2], hdr[3]]) & 0x3fff;
-        let data = buf.get(off + 4..off + len)?;
-        off += (len + 3) & !3;
-        Some((kind, data))
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::nft::MAX_ATTR_PAYLOAD;
 
     fn ne(v: u16) -> [u8; 2] {
         v.to_ne_bytes()

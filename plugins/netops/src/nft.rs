@@ -188,7 +188,11 @@ pub fn chain_rules(family: NftFamily, table: &str, chain: &str) -> Result<Vec<Ve
 
 /// Appends one attribute (header, payload, padding to 4 bytes); a payload
 /// longer than [`MAX_ATTR_PAYLOAD`] is refused, with nothing appended.
-fn push_attr(buf: &mut Vec<u8>, kind: u16, data: &[u8]) -> std::result::Result<(), TooLong> {
+pub(crate) fn push_attr(
+    buf: &mut Vec<u8>,
+    kind: u16,
+    data: &[u8],
+) -> std::result::Result<(), TooLong> {
     let len = u16::try_from(4 + data.len()).map_err(|_| TooLong {
         what: format!("attribute {}", kind & 0x3fff),
         field: "attribute",
@@ -275,7 +279,7 @@ fn query(
 /// The netlink messages in `buf` (one read from the socket) as (type, the
 /// whole message, header included); an error for a malformed one, and
 /// nothing after it.
-fn messages(buf: &[u8]) -> impl Iterator<Item = io::Result<(u16, &[u8])>> {
+pub(crate) fn messages(buf: &[u8]) -> impl Iterator<Item = io::Result<(u16, &[u8])>> {
     let mut off = 0;
     std::iter::from_fn(move || {
         if off + 16 > buf.len() {
@@ -357,15 +361,19 @@ fn c_string(b: &[u8]) -> String {
 }
 
 /// The netlink attributes in `buf` as (type without flag bits, payload);
-/// stops at the first malformed one.
-fn attributes(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
+/// stops at the first malformed one (shorter than its header, or longer
+/// than what is left).
+pub(crate) fn attributes(buf: &[u8]) -> impl Iterator<Item = (u16, &[u8])> {
     let mut off = 0;
     std::iter::from_fn(move || {
         let hdr = buf.get(off..off + 4)?;
         let len = u16::from_ne_bytes([hdr[0], hdr[1]]) as usize;
+        if len < 4 {
+            return None;
+        }
         let kind = u16::from_ne_bytes([hdr[2], hdr[3]]) & 0x3fff;
-        let data = buf.get(off + 4..off + len.max(4))?;
-        off += (len.max(4) + 3) & !3;
+        let data = buf.get(off + 4..off + len)?;
+        off += (len + 3) & !3;
         Some((kind, data))
     })
 }
@@ -858,9 +866,10 @@ fn element_attr(e: &SetElement, with_values: bool) -> std::result::Result<Vec<u8
     Ok(out)
 }
 
-/// A netlink message with an nfgenmsg header; one whose length does not fit
-/// the header's u32 is refused, with nothing appended.
-fn push_message(
+/// A netlink message with an nfgenmsg header (`msg_type` with its subsystem
+/// in the high byte); one whose length does not fit the header's u32 is
+/// refused, with nothing appended.
+pub(crate) fn push_message(
     out: &mut Vec<u8>,
     msg_type: u16,
     flags: u16,
