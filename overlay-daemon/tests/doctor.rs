@@ -10,7 +10,7 @@
 //! waiting until doctor finds the node healthy, and stopping it again.
 
 use ferry_tests::etcd::require_etcd;
-use ferry_tests::lab::{Lab, METRICS_PORT, etcd_endpoint};
+use ferry_tests::lab::{Lab, etcd_endpoint};
 use ferry_tests::{bin, in_netns_cmd, require_root, wait_until};
 use nix::sys::signal::Signal;
 use serde_json::Value;
@@ -54,27 +54,10 @@ impl Doctor {
 
 /// `ferryd <node flags> doctor --json [extra]` inside node `i`.
 fn doctor(lab: &Lab, i: usize, extra: &[&str]) -> Doctor {
-    let node = &lab.nodes[i];
-    let mut cmd = Command::new(bin("ferryd"));
-    cmd.args([
-        "--etcd-endpoints",
-        &etcd_endpoint(),
-        "--node-name",
-        &node.name,
-    ])
-    .arg("--cni-conf-dir")
-    .arg(node.dir.join("net.d"))
-    .arg("--subnet-file")
-    .arg(node.dir.join("subnet.env"))
-    .arg("--ipam-data-dir")
-    .arg(node.dir.join("ipam"))
-    .arg("--cni-log")
-    .arg(node.dir.join("cni.log"))
-    .args(["--listen", &format!("127.0.0.1:{METRICS_PORT}")])
-    .args(["doctor", "--json"])
-    .args(extra)
-    .stdin(Stdio::null());
-    in_netns_cmd(&mut cmd, node.ns.netns());
+    let mut cmd = lab.nodes[i].ferryd_command();
+    cmd.args(["doctor", "--json"])
+        .args(extra)
+        .stdin(Stdio::null());
     let started = Instant::now();
     let out = cmd.output().expect("run ferryd doctor");
     let took = started.elapsed();
@@ -578,27 +561,11 @@ fn probe_pinpoints_a_peer_without_its_fdb_entry_and_leaves_nothing() {
 
     // Killed mid-probe (SIGKILL: no cleanup code runs), it still leaves
     // nothing: the namespace dies with the process, the veth with it.
-    let node = &lab.nodes[0];
-    let mut cmd = Command::new(bin("ferryd"));
-    cmd.args([
-        "--etcd-endpoints",
-        &etcd_endpoint(),
-        "--node-name",
-        &node.name,
-    ])
-    .arg("--cni-conf-dir")
-    .arg(node.dir.join("net.d"))
-    .arg("--subnet-file")
-    .arg(node.dir.join("subnet.env"))
-    .arg("--ipam-data-dir")
-    .arg(node.dir.join("ipam"))
-    .arg("--cni-log")
-    .arg(node.dir.join("cni.log"))
-    .args(["doctor", "--probe"])
-    .stdin(Stdio::null())
-    .stdout(Stdio::null())
-    .stderr(Stdio::null());
-    in_netns_cmd(&mut cmd, node.ns.netns());
+    let mut cmd = lab.nodes[0].ferryd_command();
+    cmd.args(["doctor", "--probe"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
     let mut child = cmd.spawn().unwrap();
     // n2 does not answer, so the probe waits: catch its veth in the act.
     let seen = wait_until(Duration::from_secs(5), || {

@@ -73,6 +73,32 @@ pub struct LabNode {
     pub pods: Vec<LabPod>,
 }
 
+impl LabNode {
+    /// `ferryd` with this node's flags (etcd, name, its own files, its own
+    /// CNI call log, never the host's /run/ferry; the metrics port), run in
+    /// the node's namespace: the daemon with more flags, or a subcommand.
+    pub fn ferryd_command(&self) -> Command {
+        let mut cmd = Command::new(bin("ferryd"));
+        cmd.args([
+            "--etcd-endpoints",
+            &etcd_endpoint(),
+            "--node-name",
+            &self.name,
+        ])
+        .arg("--cni-conf-dir")
+        .arg(self.dir.join("net.d"))
+        .arg("--subnet-file")
+        .arg(self.dir.join("subnet.env"))
+        .arg("--ipam-data-dir")
+        .arg(self.dir.join("ipam"))
+        .arg("--cni-log")
+        .arg(self.dir.join("cni.log"))
+        .args(["--listen", &format!("127.0.0.1:{METRICS_PORT}")]);
+        in_netns_cmd(&mut cmd, self.ns.netns());
+        cmd
+    }
+}
+
 pub struct LabPod {
     pub id: String,
     pub ns: TestNetns,
@@ -306,29 +332,12 @@ impl Lab {
             .append(true)
             .open(node.dir.join("ferryd.log"))
             .expect("ferryd log");
-        let mut cmd = Command::new(bin("ferryd"));
-        cmd.args([
-            "--etcd-endpoints",
-            &etcd_endpoint(),
-            "--node-name",
-            &node.name,
-        ])
-        .arg("--cni-conf-dir")
-        .arg(node.dir.join("net.d"))
-        .arg("--subnet-file")
-        .arg(node.dir.join("subnet.env"))
-        .arg("--ipam-data-dir")
-        .arg(node.dir.join("ipam"))
-        // Each node its own CNI call log (never the host's /run/ferry).
-        .arg("--cni-log")
-        .arg(node.dir.join("cni.log"))
-        .args(["--listen", &format!("127.0.0.1:{METRICS_PORT}")])
-        .args(&extra)
-        .env("FERRY_LOG", "info")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("dup log"))
-        .stderr(log);
-        in_netns_cmd(&mut cmd, node.ns.netns());
+        let mut cmd = node.ferryd_command();
+        cmd.args(&extra)
+            .env("FERRY_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log);
         die_with_parent(&mut cmd);
         node.ferryd = Some(cmd.spawn().expect("spawn ferryd"));
     }
