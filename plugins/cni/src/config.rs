@@ -67,7 +67,13 @@ impl NetConf {
     /// a missing `name` or `type` is code 7. `cniVersion` is not checked here
     /// (the skeleton negotiates it, and VERSION must work without it).
     pub fn parse(bytes: &[u8]) -> Result<NetConf, CniError> {
-        let raw: Value = serde_json::from_slice(bytes).map_err(|e| {
+        Self::from_parsed(serde_json::from_slice(bytes))
+    }
+
+    /// [`NetConf::parse`] for stdin the caller has already decoded (the
+    /// skeleton reads the call log's target from the same value).
+    pub fn from_parsed(parsed: serde_json::Result<Value>) -> Result<NetConf, CniError> {
+        let raw = parsed.map_err(|e| {
             CniError::decoding("error unmarshalling network config").with_details(e)
         })?;
         Self::from_value(raw)

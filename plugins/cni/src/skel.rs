@@ -205,9 +205,8 @@ fn log_call(
 /// The call log's target and the plugin's type, from the raw config: read
 /// before the config is validated, so a call refused for a bad config is
 /// logged too.
-fn log_target_of(input: &[u8]) -> Option<(calllog::LogTarget, String)> {
-    let v: serde_json::Value = serde_json::from_slice(input).ok()?;
-    let target = calllog::LogTarget::from_config(&v)?;
+fn log_target_of(v: &serde_json::Value) -> Option<(calllog::LogTarget, String)> {
+    let target = calllog::LogTarget::from_config(v)?;
     let plugin_type = v
         .get("type")
         .and_then(|t| t.as_str())
@@ -239,13 +238,18 @@ fn dispatch(
         .read_to_end(&mut input)
         .map_err(|e| CniError::io("error reading from stdin").with_details(e))?;
 
+    // Parsed once: the log's target, VERSION's echo and the config all
+    // come from this value. Undecodable stdin is code 6 below, once the
+    // environment has been checked.
+    let parsed = serde_json::from_slice::<serde_json::Value>(&input);
     if command != Command::Version {
-        *log = log_target_of(&input);
+        *log = parsed.as_ref().ok().and_then(log_target_of);
     }
 
     if command == Command::Version {
         // The reply echoes the caller's version when it is one we speak.
-        let asked = serde_json::from_slice::<serde_json::Value>(&input)
+        let asked = parsed
+            .as_ref()
             .ok()
             .and_then(|v| v.get("cniVersion")?.as_str().and_then(SpecVersion::parse));
         let v = asked.unwrap_or(SpecVersion::LATEST);
@@ -263,7 +267,7 @@ fn dispatch(
         )));
     }
 
-    let conf = NetConf::parse(&input)?;
+    let conf = NetConf::from_parsed(parsed)?;
     let version = SpecVersion::negotiate(&conf.cni_version)?;
     *version_for_errors = version.as_str().to_string();
     conf.validate()?;
